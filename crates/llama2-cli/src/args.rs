@@ -1,0 +1,119 @@
+//! Command-line flags. llama2.c's exact form (`llama2 model.bin -t 0.8 -n 256
+//! -i "prompt"`) is the top level; tools are subcommands. Values are parsed
+//! here and clamped the way run.c clamps them in `run.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "llama2",
+    version,
+    about = "Run Llama-architecture models from llama2.c checkpoints, on CPU or NVIDIA GPUs",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Example: llama2 stories15M.bin -t 0.8 -n 256 -i \"One day, Lily met a Shoggoth\""
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the token ids of a text (BOS first), as generation encodes it.
+    Tokenize(TokenizeArgs),
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// CUDA when a usable GPU is present, else the CPU (saying why).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Generate,
+    Chat,
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where to run: auto, cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Weight precision on the device: f32, f16, bf16 or q8 (default: as stored).
+    #[arg(long)]
+    pub dtype: Option<llama2::DType>,
+    /// CPU threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// llama2.c's `run` flags.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Model checkpoint (llama2.c version 0, 1 or 2).
+    #[arg(required = true)]
+    pub checkpoint: Option<PathBuf>,
+    /// Temperature; 0 is greedy, negative becomes 0.
+    #[arg(
+        short = 't',
+        long,
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub temperature: f32,
+    /// Top-p (nucleus) mass; outside [0, 1] becomes 0.9.
+    #[arg(
+        short = 'p',
+        long,
+        default_value_t = 0.9,
+        allow_negative_numbers = true
+    )]
+    pub topp: f32,
+    /// Random seed; 0 uses the current time.
+    #[arg(short = 's', long, default_value_t = 0)]
+    pub seed: u64,
+    /// Positions to run (prompt included); 0 or more than the context means the context.
+    #[arg(
+        short = 'n',
+        long,
+        default_value_t = 256,
+        allow_negative_numbers = true
+    )]
+    pub steps: i64,
+    /// Prompt (generate) or first user message (chat).
+    #[arg(short = 'i', long)]
+    pub prompt: Option<String>,
+    /// tokenizer.bin (default: beside the checkpoint, then ./tokenizer.bin).
+    #[arg(short = 'z', long)]
+    pub tokenizer: Option<PathBuf>,
+    /// generate or chat.
+    #[arg(short = 'm', long, value_enum, default_value_t = Mode::Generate)]
+    pub mode: Mode,
+    /// System prompt (chat).
+    #[arg(short = 'y', long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// tokenizer.bin to use.
+    #[arg(short = 'z', long)]
+    pub tokenizer: PathBuf,
+    /// Vocabulary size (default: the number of entries in the file).
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// The text to encode.
+    pub text: String,
+}

@@ -1,0 +1,125 @@
+//! The `Backend` trait: the ops one forward pass needs, and nothing else.
+//! `model.rs` writes the transformer once over these ops; the CPU backend
+//! (`cpu/`) and the CUDA backend (crate `llama2-cuda`) implement them.
+//!
+//! Every op works on a batch of `rows` tokens at consecutive positions
+//! `pos0..pos0 + rows`: decoding is a batch of one, prompt prefill a batch of
+//! many (weights are then read once for the whole batch). Activation buffers
+//! are row-major `[rows][width]` in the backend's own memory.
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::tensor::HostMatrix;
+
+/// A compute device able to run the transformer's ops.
+pub trait Backend {
+    /// A weight matrix `[rows][cols]` in the backend's memory and storage type.
+    type Matrix;
+    /// An f32 vector in the backend's memory (norm gains).
+    type Vector;
+    /// An activation buffer of f32 values, `[rows][width]`.
+    type Buffer;
+    /// The key and value caches of all layers, `[L][S][KV]` each.
+    type KvCache;
+
+    /// A one-line description, e.g. "cpu (2 threads, avx2)".
+    fn describe(&self) -> String;
+
+    /// The largest batch the ops accept at once; longer prompts are fed in
+    /// chunks of this many tokens.
+    fn max_batch(&self) -> usize;
+
+    /// Copies a weight matrix to the backend, converting its storage type if
+    /// the backend computes in another precision.
+    fn upload_matrix(&mut self, m: &HostMatrix) -> Result<Self::Matrix>;
+    /// Copies an f32 vector to the backend.
+    fn upload_vector(&mut self, v: &[f32]) -> Result<Self::Vector>;
+    /// A zeroed activation buffer of `len` f32 values.
+    fn buffer(&mut self, len: usize) -> Result<Self::Buffer>;
+    /// Zeroed key/value caches for `config`.
+    fn kv_cache(&mut self, config: &Config) -> Result<Self::KvCache>;
+
+    /// Runs one forward step over `tokens` at `pos0..`. `ops` issues the
+    /// step's ops; a backend may record them once and replay the recording
+    /// for later steps of the same batch size (CUDA graphs), taking the
+    /// tokens and position from here, so `ops` must do nothing but call ops.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        pos0: usize,
+        ops: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        let _ = (tokens, pos0);
+        ops(self)
+    }
+
+    /// `out[r] = table[tokens[r]]` for each row: the token embedding lookup.
+    fn embed(&mut self, out: &mut Self::Buffer, table: &Self::Matrix, tokens: &[u32])
+        -> Result<()>;
+
+    /// `out[r] = x[r] / sqrt(mean(x[r]^2) + 1e-5) * weight` for `rows` rows of
+    /// the weight's width.
+    fn rmsnorm(
+        &mut self,
+        out: &mut Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Vector,
+        rows: usize,
+    ) -> Result<()>;
+
+    /// For each `(w, out)` pair: `out[r] = w · x[r]` for `rows` rows. Pairs
+    /// share the input, so a backend can quantize or stage it once and run
+    /// the products together (QKV, w1/w3).
+    fn matmul(
+        &mut self,
+        x: &Self::Buffer,
+        rows: usize,
+        outs: &mut [(&Self::Matrix, &mut Self::Buffer)],
+    ) -> Result<()>;
+
+    /// Rotary position embedding on `q` `[rows][D]` and `k` `[rows][KV]`,
+    /// row `r` at position `pos0 + r`.
+    fn rope(
+        &mut self,
+        q: &mut Self::Buffer,
+        k: &mut Self::Buffer,
+        rows: usize,
+        pos0: usize,
+        config: &Config,
+    ) -> Result<()>;
+
+    /// Stores `k` and `v` `[rows][KV]` into `layer` of the cache at
+    /// `pos0..pos0 + rows`, then computes causal multi-head attention of `q`
+    /// `[rows][D]` over positions `0..=pos0 + r` into `out` `[rows][D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        out: &mut Self::Buffer,
+        q: &Self::Buffer,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        rows: usize,
+        pos0: usize,
+        config: &Config,
+    ) -> Result<()>;
+
+    /// `gate[i] = silu(gate[i]) * up[i]` for the first `len` values.
+    fn silu_mul(&mut self, gate: &mut Self::Buffer, up: &Self::Buffer, len: usize) -> Result<()>;
+
+    /// `x[i] += y[i]` for the first `len` values: the residual connection.
+    fn add(&mut self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize) -> Result<()>;
+
+    /// Copies row `row` of `src` (rows of `width`) into row 0 of `dst`.
+    fn copy_row(
+        &mut self,
+        dst: &mut Self::Buffer,
+        src: &Self::Buffer,
+        row: usize,
+        width: usize,
+    ) -> Result<()>;
+
+    /// Copies the first `out.len()` values of `src` to the host.
+    fn read(&mut self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
+}

@@ -1,0 +1,88 @@
+//! Checkpoints: the three llama2.c file formats, read from a memory map with
+//! every size checked against the header before any weight is touched, and
+//! written back (for tests, quantization and `synth`).
+//!
+//! - version 0: llama2.c's legacy fp32 layout (28-byte header);
+//! - version 1: fp32 with a 256-byte `ak42` header;
+//! - version 2: Q8_0 int8 with a 256-byte `ak42` header and a group size.
+//!
+//! The byte layouts are documented in `shared/docs/FORMATS.md`.
+
+mod read;
+mod write;
+
+pub use read::load;
+pub use write::{write, FileFormat};
+
+use crate::config::Config;
+use crate::tensor::{HostMatrix, Storage};
+
+/// Magic number of version 1 and 2 files: the bytes "ak42" read as little-endian u32.
+pub const MAGIC: u32 = 0x616b_3432;
+/// Size of the version 1/2 header.
+pub const HEADER_V1_BYTES: usize = 256;
+/// Size of the version 0 header: seven int32.
+pub const HEADER_V0_BYTES: usize = 28;
+
+/// The weights of one transformer block.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// Attention RMSNorm gain `[D]`.
+    pub rms_att: Storage<f32>,
+    /// Query projection `[D][D]`.
+    pub wq: HostMatrix,
+    /// Key projection `[KV][D]`.
+    pub wk: HostMatrix,
+    /// Value projection `[KV][D]`.
+    pub wv: HostMatrix,
+    /// Attention output projection `[D][D]`.
+    pub wo: HostMatrix,
+    /// Feed-forward RMSNorm gain `[D]`.
+    pub rms_ffn: Storage<f32>,
+    /// Gate projection `[H][D]`.
+    pub w1: HostMatrix,
+    /// Down projection `[D][H]`.
+    pub w2: HostMatrix,
+    /// Up projection `[H][D]`.
+    pub w3: HostMatrix,
+}
+
+/// A whole model as read from a checkpoint, on the host.
+#[derive(Clone, Debug)]
+pub struct ModelWeights {
+    pub config: Config,
+    /// Which file format it came from.
+    pub format: FileFormat,
+    /// Token embedding `[V][D]`, in the file's storage type (Q8 for version 2;
+    /// rows are dequantized when looked up).
+    pub token_embedding: HostMatrix,
+    /// The transformer blocks, `L` of them.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm gain `[D]`.
+    pub rms_final: Storage<f32>,
+    /// Classifier `[V][D]`; `None` when it is the token embedding.
+    pub classifier: Option<HostMatrix>,
+}
+
+impl ModelWeights {
+    /// The classifier matrix `[V][D]`, shared or separate.
+    pub fn classifier(&self) -> &HostMatrix {
+        self.classifier.as_ref().unwrap_or(&self.token_embedding)
+    }
+
+    /// Bytes of weights one decoded token streams: every matrix and norm once.
+    pub fn bytes_per_token(&self) -> u64 {
+        let norms = (self.config.n_layers * 2 + 1) * self.config.dim * 4;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3]
+                    .iter()
+                    .map(|m| m.byte_size())
+                    .sum::<usize>()
+            })
+            .sum();
+        (norms + layers + self.classifier().byte_size()) as u64
+    }
+}

@@ -1,0 +1,229 @@
+//! The generation and chat loops of llama2.c, independent of the backend.
+//! They print exactly what `run.c` prints for the same flags and seed (plus
+//! the UTF-8 characters it drops), but feed each prompt through the model as
+//! one batch instead of one token at a time.
+
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::model::LanguageModel;
+use crate::sampler::Sampler;
+use crate::tokenizer::{Tokenizer, Utf8Stream, BOS, EOS};
+
+/// Timings of one generation, for the report on stderr.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Prompt tokens fed in the first (batched) step.
+    pub prompt_tokens: usize,
+    /// Time of that first step.
+    pub prefill: Duration,
+    /// Single-token steps after the first step.
+    pub decoded_tokens: usize,
+    /// Time of those steps.
+    pub decode: Duration,
+}
+
+impl Stats {
+    /// Decode speed, timed from after the first step as run.c does.
+    pub fn decode_tokens_per_second(&self) -> Option<f64> {
+        (self.decoded_tokens > 0 && !self.decode.is_zero())
+            .then(|| self.decoded_tokens as f64 / self.decode.as_secs_f64())
+    }
+}
+
+/// Writes one decoded piece, keeping the output valid UTF-8, and flushes.
+fn emit(
+    out: &mut dyn Write,
+    stream: &mut Utf8Stream,
+    tok: &Tokenizer,
+    prev: u32,
+    next: u32,
+) -> Result<()> {
+    let mut bytes = Vec::new();
+    stream.push(tok.decode(prev, next), &mut bytes);
+    if !bytes.is_empty() {
+        out.write_all(&bytes)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Encodes `text` with BOS and checks it fits in `room` positions.
+fn encode_prompt(tok: &Tokenizer, text: &str, room: usize, context: usize) -> Result<Vec<u32>> {
+    let tokens = tok.encode(text, true, false);
+    if tokens.len() > room {
+        return Err(Error::PromptTooLong {
+            tokens: tokens.len() + (context - room),
+            context,
+        });
+    }
+    Ok(tokens)
+}
+
+/// run.c's `generate`: echo the prompt, then sample until BOS or `steps`
+/// positions. `steps` must already be clamped to 1..=seq_len.
+pub fn generate(
+    model: &mut dyn LanguageModel,
+    tok: &Tokenizer,
+    sampler: &mut Sampler,
+    prompt: &str,
+    steps: usize,
+    out: &mut dyn Write,
+) -> Result<Stats> {
+    let seq_len = model.config().seq_len;
+    let prompt_tokens = encode_prompt(tok, prompt, seq_len, seq_len)?;
+    let np = prompt_tokens.len();
+    let n_pre = np.min(steps);
+    let mut stats = Stats {
+        prompt_tokens: n_pre,
+        ..Stats::default()
+    };
+    let mut stream = Utf8Stream::new();
+
+    let started = Instant::now();
+    let mut logits = model.forward(&prompt_tokens[..n_pre], 0)?.to_vec();
+    stats.prefill = started.elapsed();
+    let decode_start = Instant::now();
+
+    let mut token = prompt_tokens[0];
+    for pos in 0..steps {
+        if pos >= n_pre {
+            logits.copy_from_slice(model.forward(&[token], pos)?);
+            stats.decoded_tokens += 1;
+        }
+        let next = if pos + 1 < np {
+            prompt_tokens[pos + 1]
+        } else {
+            sampler.sample(&mut logits)
+        };
+        if next == BOS {
+            break;
+        }
+        emit(out, &mut stream, tok, token, next)?;
+        token = next;
+    }
+    out.write_all(b"\n")?;
+    out.flush()?;
+    stats.decode = decode_start.elapsed();
+    Ok(stats)
+}
+
+/// Where chat turns come from.
+pub struct ChatInput<'a> {
+    /// System prompt from the command line (`-y`); asked for when absent.
+    pub system: Option<String>,
+    /// First user turn from the command line (`-i`); asked for when absent.
+    pub user: Option<String>,
+    /// Further turns, one per line.
+    pub lines: &'a mut dyn BufRead,
+}
+
+/// Reads one line after printing `guide`; `None` when input has ended.
+fn read_line(input: &mut dyn BufRead, out: &mut dyn Write, guide: &str) -> Result<Option<String>> {
+    out.write_all(guide.as_bytes())?;
+    out.flush()?;
+    let mut line = String::new();
+    if input.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    if line.ends_with('\n') {
+        line.pop();
+    }
+    Ok(Some(line))
+}
+
+/// The Llama 2 chat template for one user turn.
+fn render_turn(system: Option<&str>, user: &str) -> String {
+    match system {
+        Some(sys) if !sys.is_empty() => {
+            format!("[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{user} [/INST]")
+        }
+        _ => format!("[INST] {user} [/INST]"),
+    }
+}
+
+/// run.c's `chat`: user turns in the Llama 2 template, the assistant's
+/// answer streamed until EOS, for up to `steps` positions or until the input
+/// ends. Like run.c, a token is sampled at every position (also inside the
+/// prompt, which consumes random numbers) and the token after EOS is printed.
+pub fn chat(
+    model: &mut dyn LanguageModel,
+    tok: &Tokenizer,
+    sampler: &mut Sampler,
+    input: ChatInput<'_>,
+    steps: usize,
+    out: &mut dyn Write,
+) -> Result<Stats> {
+    let seq_len = model.config().seq_len;
+    let mut stats = Stats::default();
+    let mut stream = Utf8Stream::new();
+    let mut system = input.system;
+    let mut first_user = input.user;
+    let mut pos = 0;
+    let mut user_turn = true;
+    let mut next = 0u32;
+    let mut logits = Vec::new();
+    let decode_start = Instant::now();
+    while pos < steps {
+        if user_turn {
+            if pos == 0 && system.is_none() {
+                system = read_line(input.lines, out, "Enter system prompt (optional): ")?;
+                if system.is_none() {
+                    break;
+                }
+            }
+            let user = match first_user.take().filter(|_| pos == 0) {
+                Some(u) => u,
+                None => match read_line(input.lines, out, "User: ")? {
+                    Some(u) => u,
+                    None => break,
+                },
+            };
+            let rendered = render_turn(system.as_deref().filter(|_| pos == 0), &user);
+            let prompt = encode_prompt(tok, &rendered, seq_len - pos, seq_len)?;
+            out.write_all(b"Assistant: ")?;
+            user_turn = false;
+            let n = prompt.len().min(steps - pos);
+            let started = Instant::now();
+            let all = model.forward_all(&prompt[..n], pos)?;
+            stats.prompt_tokens += n;
+            stats.prefill += started.elapsed();
+            let vocab = tok.vocab_size();
+            for (i, &token) in prompt[..n].iter().enumerate() {
+                if token == EOS {
+                    user_turn = true;
+                }
+                logits.clear();
+                logits.extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
+                next = sampler.sample(&mut logits);
+                pos += 1;
+                if i + 1 == prompt.len() && next != EOS {
+                    emit(out, &mut stream, tok, token, next)?;
+                }
+                if next == EOS {
+                    out.write_all(b"\n")?;
+                }
+            }
+            continue;
+        }
+        let token = next;
+        if token == EOS {
+            user_turn = true;
+        }
+        logits.clear();
+        logits.extend_from_slice(model.forward(&[token], pos)?);
+        stats.decoded_tokens += 1;
+        next = sampler.sample(&mut logits);
+        pos += 1;
+        if next != EOS {
+            emit(out, &mut stream, tok, token, next)?;
+        } else {
+            out.write_all(b"\n")?;
+        }
+    }
+    out.write_all(b"\n")?;
+    out.flush()?;
+    stats.decode = decode_start.elapsed() - stats.prefill;
+    Ok(stats)
+}

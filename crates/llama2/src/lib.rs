@@ -1,0 +1,39 @@
+//! llama2: inference for Llama-architecture models in llama2.c's file
+//! formats. This crate holds everything but the devices' own code:
+//!
+//! | file            | owns                                                      |
+//! |-----------------|-----------------------------------------------------------|
+//! | `config.rs`     | hyper-parameters, their validation, derived sizes          |
+//! | `checkpoint/`   | reading and writing version 0, 1 and 2 checkpoints         |
+//! | `tensor.rs`     | weight storage: f32, f16, bf16, Q8_0; mmap-backed          |
+//! | `quant.rs`      | Q8_0 quantization                                          |
+//! | `tokenizer.rs`  | BPE encode/decode, UTF-8-safe output streaming              |
+//! | `sampler.rs`    | xorshift RNG, argmax, multinomial, top-p                    |
+//! | `backend.rs`    | the `Backend` trait: the ops a forward pass needs           |
+//! | `model.rs`      | the forward pass, once, over a `Backend`                   |
+//! | `cpu/`          | the CPU backend: scalar reference ops and fast ops          |
+//! | `generate.rs`   | generation and chat loops                                  |
+//!
+//! It deliberately knows nothing of CUDA (crate `llama2-cuda`) or of command
+//! lines (crate `llama2-cli`).
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod quant;
+pub mod sampler;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use backend::Backend;
+pub use checkpoint::{FileFormat, ModelWeights};
+pub use config::Config;
+pub use cpu::CpuBackend;
+pub use error::{Error, Result};
+pub use model::{LanguageModel, Logits, Transformer};
+pub use tensor::{DType, HostMatrix};
+pub use tokenizer::Tokenizer;

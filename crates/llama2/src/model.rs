@@ -1,0 +1,301 @@
+//! The transformer, written once over the `Backend` ops, in dataflow order.
+//! There is no device-specific code here: the CPU and CUDA backends run this
+//! same function, for one decoded token or a whole batch of prompt tokens.
+
+use crate::backend::Backend;
+use crate::checkpoint::ModelWeights;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+// ----------------------------------------------------------------------------
+// Weights on the backend
+
+/// One transformer block's weights, on the backend.
+struct Layer<B: Backend> {
+    rms_att: B::Vector, // [D]
+    wq: B::Matrix,      // [D][D]
+    wk: B::Matrix,      // [KV][D]
+    wv: B::Matrix,      // [KV][D]
+    wo: B::Matrix,      // [D][D]
+    rms_ffn: B::Vector, // [D]
+    w1: B::Matrix,      // [H][D]
+    w2: B::Matrix,      // [D][H]
+    w3: B::Matrix,      // [H][D]
+}
+
+/// All weights, on the backend.
+struct Weights<B: Backend> {
+    token_embedding: B::Matrix,    // [V][D]
+    layers: Vec<Layer<B>>,         // L of them
+    rms_final: B::Vector,          // [D]
+    classifier: Option<B::Matrix>, // [V][D]; None: shares token_embedding
+}
+
+impl<B: Backend> Weights<B> {
+    fn upload(b: &mut B, w: &ModelWeights) -> Result<Self> {
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    rms_att: b.upload_vector(&l.rms_att)?,
+                    wq: b.upload_matrix(&l.wq)?,
+                    wk: b.upload_matrix(&l.wk)?,
+                    wv: b.upload_matrix(&l.wv)?,
+                    wo: b.upload_matrix(&l.wo)?,
+                    rms_ffn: b.upload_vector(&l.rms_ffn)?,
+                    w1: b.upload_matrix(&l.w1)?,
+                    w2: b.upload_matrix(&l.w2)?,
+                    w3: b.upload_matrix(&l.w3)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights {
+            token_embedding: b.upload_matrix(&w.token_embedding)?,
+            layers,
+            rms_final: b.upload_vector(&w.rms_final)?,
+            classifier: w
+                .classifier
+                .as_ref()
+                .map(|m| b.upload_matrix(m))
+                .transpose()?,
+        })
+    }
+
+    fn classifier(&self) -> &B::Matrix {
+        self.classifier.as_ref().unwrap_or(&self.token_embedding)
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Activations
+
+/// Activation buffers for a batch of up to `B` = `max_batch` tokens, and the
+/// KV cache.
+struct State<B: Backend> {
+    x: B::Buffer,      // [B][D] residual stream
+    xb: B::Buffer,     // [B][D] normalized input of a sub-layer
+    q: B::Buffer,      // [B][D] queries
+    k: B::Buffer,      // [B][KV] keys of the batch
+    v: B::Buffer,      // [B][KV] values of the batch
+    att: B::Buffer,    // [B][D] attention output, before wo
+    proj: B::Buffer,   // [B][D] output of wo or w2, added to x
+    gate: B::Buffer,   // [B][H] w1 output, then silu(w1) * w3
+    up: B::Buffer,     // [B][H] w3 output
+    last: B::Buffer,   // [1][D] final-normed last row, for decode logits
+    logits: B::Buffer, // [B][V]
+    cache: B::KvCache, // [L][S][KV] keys and values
+}
+
+impl<B: Backend> State<B> {
+    fn new(b: &mut B, c: &Config, batch: usize) -> Result<Self> {
+        let (d, kv, h, v) = (c.dim, c.kv_dim(), c.hidden_dim, c.vocab_size);
+        Ok(State {
+            x: b.buffer(batch * d)?,
+            xb: b.buffer(batch * d)?,
+            q: b.buffer(batch * d)?,
+            k: b.buffer(batch * kv)?,
+            v: b.buffer(batch * kv)?,
+            att: b.buffer(batch * d)?,
+            proj: b.buffer(batch * d)?,
+            gate: b.buffer(batch * h)?,
+            up: b.buffer(batch * h)?,
+            last: b.buffer(d)?,
+            logits: b.buffer(batch * v)?,
+            cache: b.kv_cache(c)?,
+        })
+    }
+}
+
+/// Which logits a forward step computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity, chat parity, checks).
+    All,
+}
+
+// ----------------------------------------------------------------------------
+// The forward pass
+
+/// One forward step of `tokens` at positions `pos0..`, leaving the requested
+/// logits in `s.logits`.
+fn forward<B: Backend>(
+    b: &mut B,
+    c: &Config,
+    w: &Weights<B>,
+    s: &mut State<B>,
+    tokens: &[u32],
+    pos0: usize,
+    want: Logits,
+) -> Result<()> {
+    let n = tokens.len();
+    let (d, h) = (c.dim, c.hidden_dim);
+    b.embed(&mut s.x, &w.token_embedding, tokens)?;
+    for (l, layer) in w.layers.iter().enumerate() {
+        // Attention block: x += wo · attention(rope(wq·xb), rope(wk·xb), wv·xb)
+        b.rmsnorm(&mut s.xb, &s.x, &layer.rms_att, n)?;
+        b.matmul(
+            &s.xb,
+            n,
+            &mut [
+                (&layer.wq, &mut s.q),
+                (&layer.wk, &mut s.k),
+                (&layer.wv, &mut s.v),
+            ],
+        )?;
+        b.rope(&mut s.q, &mut s.k, n, pos0, c)?;
+        b.attention(&mut s.att, &s.q, &s.k, &s.v, &mut s.cache, l, n, pos0, c)?;
+        b.matmul(&s.att, n, &mut [(&layer.wo, &mut s.proj)])?;
+        b.add(&mut s.x, &s.proj, n * d)?;
+
+        // Feed-forward block: x += w2 · (silu(w1·xb) * (w3·xb))
+        b.rmsnorm(&mut s.xb, &s.x, &layer.rms_ffn, n)?;
+        b.matmul(
+            &s.xb,
+            n,
+            &mut [(&layer.w1, &mut s.gate), (&layer.w3, &mut s.up)],
+        )?;
+        b.silu_mul(&mut s.gate, &s.up, n * h)?;
+        b.matmul(&s.gate, n, &mut [(&layer.w2, &mut s.proj)])?;
+        b.add(&mut s.x, &s.proj, n * d)?;
+    }
+    match want {
+        Logits::All => {
+            b.rmsnorm(&mut s.xb, &s.x, &w.rms_final, n)?;
+            b.matmul(&s.xb, n, &mut [(w.classifier(), &mut s.logits)])
+        }
+        Logits::Last => {
+            b.copy_row(&mut s.last, &s.x, n - 1, d)?;
+            b.rmsnorm(&mut s.xb, &s.last, &w.rms_final, 1)?;
+            b.matmul(&s.xb, 1, &mut [(w.classifier(), &mut s.logits)])
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The model as the rest of the program sees it
+
+/// A loaded model that turns tokens into logits, whatever the backend.
+/// Generation, chat, perplexity and checks are written against this.
+pub trait LanguageModel {
+    fn config(&self) -> &Config;
+    /// A description of the backend running it.
+    fn describe(&self) -> String;
+    /// Runs `tokens` at positions `pos0..` and returns the last token's
+    /// logits `[V]`. Long inputs are processed in batches.
+    fn forward(&mut self, tokens: &[u32], pos0: usize) -> Result<&[f32]>;
+    /// Runs `tokens` at positions `pos0..` and returns every token's logits
+    /// `[tokens.len()][V]`.
+    fn forward_all(&mut self, tokens: &[u32], pos0: usize) -> Result<&[f32]>;
+}
+
+/// The transformer on backend `B`.
+pub struct Transformer<B: Backend> {
+    config: Config,
+    backend: B,
+    weights: Weights<B>,
+    state: State<B>,
+    batch: usize,
+    /// Host copy of logits, `[n][V]`.
+    logits: Vec<f32>,
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Uploads `weights` to `backend` and allocates the activations.
+    pub fn new(mut backend: B, weights: &ModelWeights) -> Result<Self> {
+        let config = weights.config;
+        let batch = backend.max_batch().clamp(1, config.seq_len);
+        let w = Weights::upload(&mut backend, weights)?;
+        let state = State::new(&mut backend, &config, batch)?;
+        Ok(Transformer {
+            config,
+            backend,
+            weights: w,
+            state,
+            batch,
+            logits: Vec::new(),
+        })
+    }
+
+    /// The backend, for backend-specific reporting.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn check_range(&self, tokens: &[u32], pos0: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("forward needs at least one token".into()));
+        }
+        let end = pos0 + tokens.len();
+        if end > self.config.seq_len {
+            return Err(Error::PromptTooLong {
+                tokens: end,
+                context: self.config.seq_len,
+            });
+        }
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the model's vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn run_chunk(&mut self, chunk: &[u32], pos0: usize, want: Logits) -> Result<()> {
+        let Transformer {
+            config,
+            backend,
+            weights,
+            state,
+            ..
+        } = self;
+        backend.step(chunk, pos0, &mut |b| {
+            forward(b, config, weights, state, chunk, pos0, want)
+        })
+    }
+}
+
+impl<B: Backend> LanguageModel for Transformer<B> {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos0: usize) -> Result<&[f32]> {
+        self.check_range(tokens, pos0)?;
+        let v = self.config.vocab_size;
+        let mut pos = pos0;
+        for chunk in tokens.chunks(self.batch) {
+            self.run_chunk(chunk, pos, Logits::Last)?;
+            pos += chunk.len();
+        }
+        self.logits.resize(v, 0.0);
+        self.backend
+            .read(&self.state.logits, &mut self.logits[..v])?;
+        Ok(&self.logits[..v])
+    }
+
+    fn forward_all(&mut self, tokens: &[u32], pos0: usize) -> Result<&[f32]> {
+        self.check_range(tokens, pos0)?;
+        let v = self.config.vocab_size;
+        self.logits.resize(tokens.len() * v, 0.0);
+        let mut pos = pos0;
+        for chunk in tokens.chunks(self.batch) {
+            self.run_chunk(chunk, pos, Logits::All)?;
+            let at = (pos - pos0) * v;
+            let out = &mut self.logits[at..at + chunk.len() * v];
+            self.backend.read(&self.state.logits, out)?;
+            pos += chunk.len();
+        }
+        Ok(&self.logits)
+    }
+}

@@ -1,0 +1,225 @@
+//! Host-side weight storage. A weight knows its own type: f32, half precision,
+//! or Q8_0 with its group size, so a matmul dispatches on the weight itself
+//! and mixed models need no global settings. Data is borrowed straight from
+//! the memory-mapped checkpoint when it is aligned, and copied once when not.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use bytemuck::Pod;
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+/// A read-only array of `T`: a window of a mapped file, or an owned vector.
+/// Clones are cheap (reference counted) in both cases.
+#[derive(Clone)]
+pub enum Storage<T: Pod> {
+    /// `len` elements starting at byte `offset` of `map`; `offset` is
+    /// checked to be aligned for `T` when the window is created.
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    Owned(Arc<Vec<T>>),
+}
+
+impl<T: Pod> Storage<T> {
+    /// A window of `len` elements at `offset` in `map`, borrowed when aligned
+    /// and copied otherwise. The caller has checked that it lies in the map.
+    pub fn from_map(map: &Arc<Mmap>, offset: usize, len: usize) -> Self {
+        let bytes = &map[offset..offset + len * std::mem::size_of::<T>()];
+        if bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0 {
+            Storage::Mapped {
+                map: map.clone(),
+                offset,
+                len,
+            }
+        } else {
+            Storage::Owned(Arc::new(bytemuck::pod_collect_to_vec(bytes)))
+        }
+    }
+
+    /// Takes ownership of `data`.
+    pub fn owned(data: Vec<T>) -> Self {
+        Storage::Owned(Arc::new(data))
+    }
+}
+
+impl<T: Pod> Deref for Storage<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Storage::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + len * std::mem::size_of::<T>()])
+            }
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+impl<T: Pod + std::fmt::Debug> std::fmt::Debug for Storage<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Storage[{}]", self.len())
+    }
+}
+
+/// Q8_0 data: int8 values in groups of `group_size` consecutive elements of
+/// the flattened tensor, each group with one f32 scale. Groups may straddle
+/// matrix rows.
+#[derive(Clone, Debug)]
+pub struct Q8Data {
+    /// Quantized values, one per element.
+    pub q: Storage<i8>,
+    /// One scale per group: `q.len() / group_size` of them.
+    pub scales: Storage<f32>,
+    pub group_size: usize,
+}
+
+/// The element storage of a weight matrix.
+#[derive(Clone, Debug)]
+pub enum MatrixData {
+    F32(Storage<f32>),
+    F16(Storage<f16>),
+    BF16(Storage<bf16>),
+    Q8(Q8Data),
+}
+
+/// A weight matrix `[rows][cols]`, row-major: a matvec reads one row per output.
+#[derive(Clone, Debug)]
+pub struct HostMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: MatrixData,
+}
+
+/// The storage types a matrix can have, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8,
+}
+
+impl DType {
+    /// Bytes per element, counting Q8 scales for the given group size.
+    pub fn bytes_per_element(self, group_size: usize) -> f64 {
+        match self {
+            DType::F32 => 4.0,
+            DType::F16 | DType::BF16 => 2.0,
+            DType::Q8 => 1.0 + 4.0 / group_size.max(1) as f64,
+        }
+    }
+
+    /// The lower-case name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Q8 => "q8",
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(DType::F32),
+            "f16" | "fp16" => Ok(DType::F16),
+            "bf16" => Ok(DType::BF16),
+            "q8" | "q8_0" | "int8" => Ok(DType::Q8),
+            _ => Err(format!(
+                "unknown dtype '{s}': expected f32, f16, bf16 or q8"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl HostMatrix {
+    /// A matrix over owned f32 data.
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        HostMatrix {
+            rows,
+            cols,
+            data: MatrixData::F32(Storage::owned(data)),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            MatrixData::F32(_) => DType::F32,
+            MatrixData::F16(_) => DType::F16,
+            MatrixData::BF16(_) => DType::BF16,
+            MatrixData::Q8(_) => DType::Q8,
+        }
+    }
+
+    /// Bytes this matrix occupies (what a matvec streams).
+    pub fn byte_size(&self) -> usize {
+        match &self.data {
+            MatrixData::F32(d) => d.len() * 4,
+            MatrixData::F16(d) => d.len() * 2,
+            MatrixData::BF16(d) => d.len() * 2,
+            MatrixData::Q8(d) => d.q.len() + d.scales.len() * 4,
+        }
+    }
+
+    /// Row `r` as f32 values (dequantized or widened as needed).
+    pub fn row_f32(&self, r: usize) -> Vec<f32> {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            MatrixData::F32(d) => d[range].to_vec(),
+            MatrixData::F16(d) => d[range].iter().map(|v| v.to_f32()).collect(),
+            MatrixData::BF16(d) => d[range].iter().map(|v| v.to_f32()).collect(),
+            MatrixData::Q8(d) => range
+                .map(|i| d.q[i] as f32 * d.scales[i / d.group_size])
+                .collect(),
+        }
+    }
+
+    /// The whole matrix as f32 values.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            MatrixData::F32(d) => d.to_vec(),
+            _ => (0..self.rows).flat_map(|r| self.row_f32(r)).collect(),
+        }
+    }
+
+    /// This matrix converted to `dtype` (Q8 with `group_size`), for backends
+    /// and tools that store weights in another precision than the file.
+    pub fn convert(&self, dtype: DType, group_size: usize) -> HostMatrix {
+        let same_groups = match &self.data {
+            MatrixData::Q8(d) => d.group_size == group_size,
+            _ => true,
+        };
+        if dtype == self.dtype() && same_groups {
+            return self.clone();
+        }
+        let values = self.to_f32();
+        let data = match dtype {
+            DType::F32 => MatrixData::F32(Storage::owned(values)),
+            DType::F16 => MatrixData::F16(Storage::owned(
+                values.iter().map(|&v| f16::from_f32(v)).collect(),
+            )),
+            DType::BF16 => MatrixData::BF16(Storage::owned(
+                values.iter().map(|&v| bf16::from_f32(v)).collect(),
+            )),
+            DType::Q8 => MatrixData::Q8(crate::quant::quantize(&values, group_size)),
+        };
+        HostMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            data,
+        }
+    }
+}

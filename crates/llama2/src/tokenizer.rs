@@ -1,0 +1,304 @@
+//! The BPE tokenizer of llama2.c's `tokenizer.bin`: encoding and decoding
+//! exactly as `run.c` does, and `Utf8Stream`, which turns decoded pieces into
+//! output bytes without ever splitting a UTF-8 character (llama2.c drops the
+//! bytes of characters spelled with byte-fallback tokens; we keep them).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Token id of `<unk>`.
+pub const UNK: u32 = 0;
+/// Token id of beginning-of-sequence.
+pub const BOS: u32 = 1;
+/// Token id of end-of-sequence.
+pub const EOS: u32 = 2;
+/// Id of the byte-fallback token `<0x00>`; byte `b` is `BYTE_FALLBACK + b`.
+const BYTE_FALLBACK: u32 = 3;
+
+/// A vocabulary of byte strings with merge scores.
+#[derive(Clone, Debug)]
+pub struct Tokenizer {
+    /// Token strings, indexed by id.
+    vocab: Vec<Vec<u8>>,
+    /// Merge scores, indexed by id.
+    scores: Vec<f32>,
+    /// String to id; on duplicates the lowest id wins.
+    lookup: HashMap<Vec<u8>, u32>,
+    max_token_length: u32,
+}
+
+impl Tokenizer {
+    /// Reads `path`, which must hold exactly `vocab_size` entries.
+    pub fn load(path: &Path, vocab_size: usize) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&bytes, vocab_size).map_err(|reason| Error::tokenizer(path, reason))
+    }
+
+    /// Reads every entry of `path`, for when no model says how many there are.
+    pub fn load_all(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let count = count_entries(&bytes).map_err(|reason| Error::tokenizer(path, reason))?;
+        Self::parse(&bytes, count).map_err(|reason| Error::tokenizer(path, reason))
+    }
+
+    /// Parses tokenizer.bin bytes holding exactly `vocab_size` entries.
+    pub fn parse(bytes: &[u8], vocab_size: usize) -> std::result::Result<Self, String> {
+        let mut at = 0usize;
+        let mut take = |n: usize, what: &str, i: usize| -> std::result::Result<&[u8], String> {
+            let end = at.checked_add(n).filter(|&e| e <= bytes.len()).ok_or_else(|| {
+                format!(
+                    "the file ends inside {what} of entry {i}, but the model has {vocab_size} tokens: \
+                     is this the tokenizer that belongs to the model?"
+                )
+            })?;
+            let s = &bytes[at..end];
+            at = end;
+            Ok(s)
+        };
+        let max_token_length = u32::from_le_bytes(take(4, "the header", 0)?.try_into().unwrap());
+        let mut vocab = Vec::with_capacity(vocab_size);
+        let mut scores = Vec::with_capacity(vocab_size);
+        for i in 0..vocab_size {
+            let score = f32::from_le_bytes(take(4, "the score", i)?.try_into().unwrap());
+            let len = i32::from_le_bytes(take(4, "the length", i)?.try_into().unwrap());
+            if !(0..=1 << 16).contains(&len) {
+                return Err(format!("entry {i} has length {len}; the file is corrupt"));
+            }
+            vocab.push(take(len as usize, "the text", i)?.to_vec());
+            scores.push(score);
+        }
+        if at != bytes.len() {
+            return Err(format!(
+                "it has {} bytes left after the model's {vocab_size} tokens, so it holds a larger \
+                 vocabulary: pass the tokenizer the model was trained with (-z)",
+                bytes.len() - at
+            ));
+        }
+        let mut lookup = HashMap::with_capacity(vocab_size);
+        for (id, s) in vocab.iter().enumerate() {
+            lookup.entry(s.clone()).or_insert(id as u32);
+        }
+        Ok(Tokenizer {
+            vocab,
+            scores,
+            lookup,
+            max_token_length,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// The longest token in bytes, as stored in the file header.
+    pub fn max_token_length(&self) -> u32 {
+        self.max_token_length
+    }
+
+    /// The raw string of token `id`.
+    pub fn piece(&self, id: u32) -> &[u8] {
+        &self.vocab[id as usize]
+    }
+
+    /// Encodes `text` as run.c does: optional BOS, the dummy-prefix space
+    /// when the text is not empty, one token per UTF-8 character (byte
+    /// fallback when there is none), greedy merges of the best-scoring
+    /// adjacent pair, optional EOS.
+    pub fn encode(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
+        self.encode_bytes(text.as_bytes(), bos, eos)
+    }
+
+    /// `encode` over raw bytes (invalid UTF-8 is handled as run.c does).
+    pub fn encode_bytes(&self, text: &[u8], bos: bool, eos: bool) -> Vec<u32> {
+        let mut pieces = Vec::with_capacity(text.len() + 1);
+        if !text.is_empty() {
+            if let Some(&space) = self.lookup.get(&b" "[..]) {
+                pieces.push(space);
+            }
+        }
+        self.push_characters(text, &mut pieces);
+        self.merge_pairs(&mut pieces);
+        let mut tokens = Vec::with_capacity(pieces.len() + 2);
+        if bos {
+            tokens.push(BOS);
+        }
+        tokens.extend(pieces);
+        if eos {
+            tokens.push(EOS);
+        }
+        tokens
+    }
+
+    /// Splits `text` into code points of at most 4 bytes (a lead byte and its
+    /// continuation bytes, like run.c) and pushes one token per code point.
+    fn push_characters(&self, text: &[u8], tokens: &mut Vec<u32>) {
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = start + 1;
+            while end < text.len() && text[end] & 0xC0 == 0x80 && end - start < 4 {
+                end += 1;
+            }
+            let ch = &text[start..end];
+            match self.lookup.get(ch) {
+                Some(&id) => tokens.push(id),
+                None => tokens.extend(ch.iter().map(|&b| b as u32 + BYTE_FALLBACK)),
+            }
+            start = end;
+        }
+    }
+
+    /// Repeatedly merges the adjacent pair whose concatenation is the token
+    /// with the strictly highest score (leftmost on ties) until none merges.
+    fn merge_pairs(&self, tokens: &mut Vec<u32>) {
+        let mut buf = Vec::with_capacity(2 * self.max_token_length as usize + 2);
+        loop {
+            let mut best: Option<(f32, usize, u32)> = None;
+            for i in 0..tokens.len().saturating_sub(1) {
+                buf.clear();
+                buf.extend_from_slice(self.piece(tokens[i]));
+                buf.extend_from_slice(self.piece(tokens[i + 1]));
+                if let Some(&id) = self.lookup.get(&buf) {
+                    let score = self.scores[id as usize];
+                    // run.c starts from -1e10, so pairs scoring lower never merge.
+                    if score > best.map_or(-1e10, |(s, _, _)| s) {
+                        best = Some((score, i, id));
+                    }
+                }
+            }
+            let Some((_, i, id)) = best else { break };
+            tokens[i] = id;
+            tokens.remove(i + 1);
+        }
+    }
+
+    /// The bytes token `token` stands for after `prev`: its string, without
+    /// the leading space right after BOS, and `<0xXX>` turned into that byte.
+    pub fn decode(&self, prev: u32, token: u32) -> &[u8] {
+        let mut piece = self.piece(token);
+        if prev == BOS && piece.first() == Some(&b' ') {
+            piece = &piece[1..];
+        }
+        if let Some(b) = parse_byte_token(piece) {
+            return &BYTE_VALUES[b as usize..b as usize + 1];
+        }
+        piece
+    }
+}
+
+/// Number of whole entries in tokenizer.bin bytes.
+fn count_entries(bytes: &[u8]) -> std::result::Result<usize, String> {
+    let mut at = 4usize;
+    let mut count = 0;
+    while at < bytes.len() {
+        let len_at = at + 4;
+        let len = bytes
+            .get(len_at..len_at + 4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .ok_or("the file ends inside an entry")?;
+        if len < 0 {
+            return Err(format!(
+                "entry {count} has length {len}; the file is corrupt"
+            ));
+        }
+        at = len_at + 4 + len as usize;
+        count += 1;
+    }
+    if at != bytes.len() || count < 3 {
+        return Err("the file ends inside an entry or holds fewer than 3 tokens".into());
+    }
+    Ok(count)
+}
+
+/// Every byte value, so a byte token can be returned as a slice.
+static BYTE_VALUES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The byte of a `<0xXX>` piece, read like run.c's `sscanf("<0x%02hhX>")`.
+fn parse_byte_token(piece: &[u8]) -> Option<u8> {
+    let hex = piece.strip_prefix(b"<0x")?;
+    let digits = hex
+        .iter()
+        .take(2)
+        .take_while(|c| c.is_ascii_hexdigit())
+        .count();
+    if digits == 0 {
+        return None;
+    }
+    let s = std::str::from_utf8(&hex[..digits]).ok()?;
+    u8::from_str_radix(s, 16).ok()
+}
+
+/// Turns decoded pieces into bytes safe to print: multi-byte pieces pass
+/// through; single bytes are printed when they are printable ASCII or
+/// whitespace (as llama2.c does), collected into whole UTF-8 characters when
+/// they are part of one, and dropped otherwise.
+#[derive(Default, Debug)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+    /// Bytes the pending character needs in all.
+    need: usize,
+}
+
+impl Utf8Stream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends the printable form of `piece` to `out`.
+    pub fn push(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        match piece {
+            [] => {}
+            [b] => self.push_byte(*b, out),
+            _ => {
+                self.pending.clear();
+                out.extend_from_slice(piece);
+            }
+        }
+    }
+
+    fn push_byte(&mut self, b: u8, out: &mut Vec<u8>) {
+        let width = match b {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => 0,
+        };
+        if b & 0xC0 == 0x80 && !self.pending.is_empty() {
+            self.pending.push(b);
+            if self.pending.len() == self.need {
+                if std::str::from_utf8(&self.pending).is_ok() {
+                    out.extend_from_slice(&self.pending);
+                }
+                self.pending.clear();
+            }
+            return;
+        }
+        self.pending.clear();
+        if width > 0 {
+            self.pending.push(b);
+            self.need = width;
+        } else if b.is_ascii_graphic() || b == b' ' || is_c_space(b) {
+            out.push(b);
+        }
+    }
+}
+
+/// C's `isspace` in the "C" locale.
+fn is_c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
+}
