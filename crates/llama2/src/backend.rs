@@ -32,6 +32,12 @@ pub trait Backend {
     /// Copies a weight matrix to the backend, converting its storage type if
     /// the backend computes in another precision.
     fn upload_matrix(&mut self, m: &HostMatrix) -> Result<Self::Matrix>;
+    /// A random matrix `[rows][cols]` from `seed` (values uniform in
+    /// ±sqrt(3 / cols)), for benchmarks. Backends may build it in place
+    /// instead of generating it on the host and copying it over.
+    fn random_matrix(&mut self, rows: usize, cols: usize, seed: u64) -> Result<Self::Matrix> {
+        self.upload_matrix(&crate::synth::random_matrix(rows, cols, seed))
+    }
     /// Copies an f32 vector to the backend.
     fn upload_vector(&mut self, v: &[f32]) -> Result<Self::Vector>;
     /// A zeroed activation buffer of `len` f32 values.

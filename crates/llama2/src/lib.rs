@@ -13,6 +13,7 @@
 //! | `model.rs`      | the forward pass, once, over a `Backend`                   |
 //! | `cpu/`          | the CPU backend: scalar reference ops and fast ops          |
 //! | `generate.rs`   | generation and chat loops                                  |
+//! | `synth.rs`      | random models of the standard shapes, for benchmarks       |
 //!
 //! It deliberately knows nothing of CUDA (crate `llama2-cuda`) or of command
 //! lines (crate `llama2-cli`).
@@ -26,6 +27,7 @@ pub mod generate;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+pub mod synth;
 pub mod tensor;
 pub mod tokenizer;
 

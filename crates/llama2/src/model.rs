@@ -62,6 +62,38 @@ impl<B: Backend> Weights<B> {
         })
     }
 
+    /// Random weights of `c`'s shape built by the backend itself: the same
+    /// values `synth::random_weights(c, F32, seed)` gives, matrix by matrix.
+    fn synthetic(b: &mut B, c: &Config, seed: u64) -> Result<Self> {
+        let (d, h, kv, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab_size);
+        let ones = vec![1f32; d];
+        let mut index = 0;
+        let mut matrix = |b: &mut B, rows: usize, cols: usize| {
+            index += 1;
+            b.random_matrix(rows, cols, crate::synth::matrix_seed(seed, index))
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(Layer {
+                rms_att: b.upload_vector(&ones)?,
+                wq: matrix(b, d, d)?,
+                wk: matrix(b, kv, d)?,
+                wv: matrix(b, kv, d)?,
+                wo: matrix(b, d, d)?,
+                rms_ffn: b.upload_vector(&ones)?,
+                w1: matrix(b, h, d)?,
+                w2: matrix(b, d, h)?,
+                w3: matrix(b, h, d)?,
+            });
+        }
+        Ok(Weights {
+            token_embedding: matrix(b, v, d)?,
+            layers,
+            rms_final: b.upload_vector(&ones)?,
+            classifier: None,
+        })
+    }
+
     fn classifier(&self) -> &B::Matrix {
         self.classifier.as_ref().unwrap_or(&self.token_embedding)
     }
@@ -211,6 +243,22 @@ impl<B: Backend> Transformer<B> {
         let state = State::new(&mut backend, &config, batch)?;
         Ok(Transformer {
             config,
+            backend,
+            weights: w,
+            state,
+            batch,
+            logits: Vec::new(),
+        })
+    }
+
+    /// A model of `config`'s shape with random weights built on the backend
+    /// (benchmarks: no file, no host copy of a 7B model).
+    pub fn synthetic(mut backend: B, config: &Config, seed: u64) -> Result<Self> {
+        let batch = backend.max_batch().clamp(1, config.seq_len);
+        let w = Weights::synthetic(&mut backend, config, seed)?;
+        let state = State::new(&mut backend, config, batch)?;
+        Ok(Transformer {
+            config: *config,
             backend,
             weights: w,
             state,

@@ -56,6 +56,12 @@ pub fn default_group_size(dim: usize, hidden_dim: usize) -> usize {
     gs
 }
 
+/// Group size for quantizing one matrix of `cols` columns at load time: the
+/// largest power of two <= 64 dividing `cols`, so rows start on groups.
+pub fn group_size_for(cols: usize) -> usize {
+    default_group_size(cols, cols)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

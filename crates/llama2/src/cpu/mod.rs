@@ -12,7 +12,7 @@ use rayon::ThreadPool;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::tensor::{HostMatrix, MatrixData};
+use crate::tensor::{DType, HostMatrix, MatrixData};
 
 /// Multiply-adds below which a product is not worth splitting across threads.
 const PARALLEL_WORK: usize = 1 << 15;
@@ -30,6 +30,8 @@ pub struct CpuKvCache {
 pub struct CpuBackend {
     pool: ThreadPool,
     threads: usize,
+    /// Storage type matrices are converted to on upload; `None` keeps the file's.
+    dtype: Option<DType>,
     /// Quantized activations for Q8 products, reused between calls.
     xq: Vec<i8>, // [rows][cols]
     xs: Vec<f32>, // [rows][cols / gs rounded up]
@@ -38,8 +40,14 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend running on `threads` threads (0: one per core).
+    /// A backend running on `threads` threads (0: one per core), keeping
+    /// weights in their file's storage type.
     pub fn new(threads: usize) -> Result<Self> {
+        Self::with_dtype(threads, None)
+    }
+
+    /// A backend that converts matrices to `dtype` as they are loaded.
+    pub fn with_dtype(threads: usize, dtype: Option<DType>) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -47,6 +55,7 @@ impl CpuBackend {
         Ok(CpuBackend {
             threads: pool.current_num_threads(),
             pool,
+            dtype,
             xq: Vec::new(),
             xs: Vec::new(),
             scratch: Vec::new(),
@@ -151,7 +160,10 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        match self.dtype {
+            Some(dt) => format!("cpu ({} threads, {dt} weights)", self.threads),
+            None => format!("cpu ({} threads)", self.threads),
+        }
     }
 
     fn max_batch(&self) -> usize {
@@ -159,7 +171,10 @@ impl Backend for CpuBackend {
     }
 
     fn upload_matrix(&mut self, m: &HostMatrix) -> Result<HostMatrix> {
-        Ok(m.clone())
+        Ok(match self.dtype {
+            Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols)),
+            None => m.clone(),
+        })
     }
 
     fn upload_vector(&mut self, v: &[f32]) -> Result<Vec<f32>> {
