@@ -26,6 +26,14 @@ pub struct Cli {
 pub enum Command {
     /// Print the token ids of a text (BOS first), as generation encodes it.
     Tokenize(TokenizeArgs),
+    /// Measure prefill and decode speed on random weights of a standard shape.
+    Bench(BenchArgs),
+    /// Write a random checkpoint of a standard shape (for timing other engines).
+    Synth(SynthArgs),
+    /// Perplexity of a text under a model.
+    Perplexity(PerplexityArgs),
+    /// Compare a GPU's logits with the CPU's on the same tokens.
+    Check(CheckArgs),
 }
 
 /// Where the model runs.
@@ -116,4 +124,80 @@ pub struct TokenizeArgs {
     pub vocab: Option<usize>,
     /// The text to encode.
     pub text: String,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model shape: stories260K, stories15M, stories42M, stories110M or llama2-7b.
+    #[arg(long, default_value = "stories15M")]
+    pub shape: String,
+    /// Measure a real checkpoint instead of a random shape.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Prompt tokens for the prefill measurement (0 skips it).
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 256)]
+    pub gen_tokens: usize,
+    /// Runs to take the median of.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Model shape: stories260K, stories15M, stories42M, stories110M or llama2-7b.
+    #[arg(long)]
+    pub shape: String,
+    /// File format: v0 (llama2.c run), v1 (fp32) or v2 (int8, runq).
+    #[arg(long, default_value = "v0")]
+    pub format: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Output file.
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// Model checkpoint.
+    pub checkpoint: PathBuf,
+    /// tokenizer.bin of the model.
+    #[arg(short = 'z', long)]
+    pub tokenizer: PathBuf,
+    /// UTF-8 text file to score.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Window length in tokens (default: the model's context).
+    #[arg(long)]
+    pub context: Option<usize>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Model checkpoint (or use --shape for random weights).
+    pub checkpoint: Option<PathBuf>,
+    /// Check random weights of a standard shape instead of a file.
+    #[arg(long, conflicts_with = "checkpoint")]
+    pub shape: Option<String>,
+    /// Prompt tokens run as one batch (compared at every position).
+    #[arg(long, default_value_t = 8)]
+    pub prompt_tokens: usize,
+    /// Decode steps after the prompt.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }

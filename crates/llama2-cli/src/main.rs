@@ -3,7 +3,10 @@
 //! non-zero exit; usage errors exit with 2; a closed stdout ends quietly.
 
 mod args;
+mod bench;
+mod check;
 mod device;
+mod perplexity;
 mod run;
 
 use std::io::ErrorKind;
@@ -17,6 +20,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Tokenize(a)) => run::tokenize(&a),
+        Some(Command::Bench(a)) => bench::bench(&a),
+        Some(Command::Synth(a)) => bench::synth(&a),
+        Some(Command::Perplexity(a)) => perplexity::perplexity(&a),
+        Some(Command::Check(a)) => check::check(&a),
         None => run::run(&cli.run),
     };
     match result {

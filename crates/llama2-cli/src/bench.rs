@@ -1,0 +1,207 @@
+//! `llama2 bench`: prefill and decode speed of a named shape with random
+//! weights built on the device (or of a real checkpoint), the bytes of
+//! weights streamed per token, and the share of the machine's measured
+//! memory bandwidth that represents. Medians over several runs.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use llama2::sampler::{argmax, Rng};
+use llama2::synth::{self, shape_config, shape_names};
+use llama2::{checkpoint, Config, CpuBackend, DType, LanguageModel, Transformer};
+use rayon::prelude::*;
+
+use crate::args::{BenchArgs, Device};
+use crate::device;
+
+/// What one benchmark measured.
+struct Measured {
+    prefill_tps: Option<f64>,
+    decode_tps: f64,
+    bytes_per_token: f64,
+    peak_gbs: f64,
+}
+
+/// Bytes of weights one decode step reads: every matrix once, the norms,
+/// and the classifier (the embedding row looked up is negligible).
+pub fn weight_bytes_per_token(c: &Config, dtype: DType) -> f64 {
+    let matrices = (c.n_layers
+        * (2 * c.dim * c.dim + 2 * c.dim * c.kv_dim() + 3 * c.dim * c.hidden_dim)
+        + c.vocab_size * c.dim) as f64;
+    let gs = llama2::quant::default_group_size(c.dim, c.hidden_dim);
+    matrices * dtype.bytes_per_element(gs) + ((2 * c.n_layers + 1) * c.dim * 4) as f64
+}
+
+/// Read bandwidth of host memory in GB/s: a parallel sum over 1 GiB, best of three.
+pub fn host_read_bandwidth_gbs() -> f64 {
+    let data = vec![1u64; 1 << 27];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let sum: u64 = data
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().sum::<u64>())
+            .sum();
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max((data.len() * 8) as f64 / secs / 1e9);
+    }
+    best
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Builds the model to measure and returns it with its config and dtype.
+fn build(args: &BenchArgs, device: Device) -> Result<(Box<dyn LanguageModel>, Config, DType)> {
+    if let Some(path) = &args.model {
+        let weights = checkpoint::load(path)?;
+        let dtype = args.device.dtype.unwrap_or(weights.layers[0].wq.dtype());
+        let model = device::load_model(&weights, &args.device)?;
+        return Ok((model, weights.config, dtype));
+    }
+    let config = shape_config(&args.shape)
+        .with_context(|| format!("unknown shape '{}': expected {}", args.shape, shape_names()))?;
+    let dtype = args.device.dtype.unwrap_or(DType::F32);
+    let model: Box<dyn LanguageModel> = match device {
+        Device::Cuda => llama2_cuda::synthetic_model(&config, dtype, args.seed)?,
+        _ => Box::new(Transformer::synthetic(
+            CpuBackend::with_dtype(args.device.threads, Some(dtype))?,
+            &config,
+            args.seed,
+        )?),
+    };
+    Ok((model, config, dtype))
+}
+
+/// Times one batched prefill of `n` random tokens at position 0.
+fn time_prefill(model: &mut dyn LanguageModel, n: usize, rng: &mut Rng) -> Result<f64> {
+    let vocab = model.config().vocab_size as u32;
+    let tokens: Vec<u32> = (0..n).map(|_| rng.next_u32() % vocab).collect();
+    let start = Instant::now();
+    model.forward(&tokens, 0)?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Times `n` greedy decode steps from position 0, after one untimed step.
+fn time_decode(model: &mut dyn LanguageModel, n: usize) -> Result<f64> {
+    let mut token = argmax(model.forward(&[1], 0)?);
+    let start = Instant::now();
+    for pos in 1..=n {
+        token = argmax(model.forward(&[token], pos)?);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
+    let device = device::resolve(&args.device)?;
+    let (mut model, config, dtype) = build(args, device)?;
+    let peak_gbs = match device {
+        Device::Cuda => llama2_cuda::copy_bandwidth_gbs()?,
+        _ => host_read_bandwidth_gbs(),
+    };
+    let gen = args.gen_tokens.clamp(1, config.seq_len - 1);
+    let prompt = args.prompt_tokens.min(config.seq_len);
+    let mut rng = Rng::new(args.seed | 1);
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        if prompt > 0 {
+            prefill.push(time_prefill(model.as_mut(), prompt, &mut rng)?);
+        }
+        decode.push(time_decode(model.as_mut(), gen)?);
+    }
+    let measured = Measured {
+        prefill_tps: (!prefill.is_empty()).then(|| median(prefill)),
+        decode_tps: median(decode),
+        bytes_per_token: weight_bytes_per_token(&config, dtype),
+        peak_gbs,
+    };
+    Ok((measured, config, dtype, model.describe()))
+}
+
+/// `llama2 bench`.
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.model.is_none() && args.shape.is_empty() {
+        bail!("give --shape {} or --model FILE", shape_names());
+    }
+    let (m, config, dtype, backend) = measure(args)?;
+    let what = args
+        .model
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| args.shape.clone());
+    let gbs = m.decode_tps * m.bytes_per_token / 1e9;
+    let share = 100.0 * gbs / m.peak_gbs;
+    if args.json {
+        let line = serde_json::json!({
+            "model": what,
+            "backend": backend,
+            "dtype": dtype.name(),
+            "dim": config.dim,
+            "n_layers": config.n_layers,
+            "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens,
+            "prefill_tok_s": m.prefill_tps,
+            "decode_tok_s": m.decode_tps,
+            "weight_bytes_per_token": m.bytes_per_token,
+            "decode_gb_s": gbs,
+            "peak_gb_s": m.peak_gbs,
+            "percent_of_peak": share,
+        });
+        println!("{line}");
+        return Ok(());
+    }
+    println!(
+        "model      {what} ({dtype}, {} params) on {backend}",
+        config.parameter_count()
+    );
+    if let Some(p) = m.prefill_tps {
+        println!(
+            "prefill    {p:10.1} tok/s  ({} prompt tokens)",
+            args.prompt_tokens
+        );
+    }
+    println!(
+        "decode     {:10.1} tok/s  ({} tokens)",
+        m.decode_tps, args.gen_tokens
+    );
+    println!(
+        "weights    {:10.1} MB per token, {gbs:.1} GB/s = {share:.1}% of the measured {:.1} GB/s",
+        m.bytes_per_token / 1e6,
+        m.peak_gbs
+    );
+    Ok(())
+}
+
+/// `llama2 synth`: writes a random checkpoint of a named shape.
+pub fn synth(args: &crate::args::SynthArgs) -> Result<()> {
+    let config = shape_config(&args.shape)
+        .with_context(|| format!("unknown shape '{}': expected {}", args.shape, shape_names()))?;
+    let (dtype, format) = match args.format.as_str() {
+        "v0" => (DType::F32, llama2::FileFormat::V0),
+        "v1" => (DType::F32, llama2::FileFormat::V1),
+        "v2" => (
+            DType::F32,
+            llama2::FileFormat::V2 {
+                group_size: llama2::quant::default_group_size(config.dim, config.hidden_dim),
+            },
+        ),
+        other => bail!("unknown format '{other}': expected v0, v1 or v2"),
+    };
+    let weights = synth::random_weights(&config, dtype, args.seed);
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    checkpoint::write(&weights, format, &mut out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({}, {})",
+        args.out.display(),
+        args.shape,
+        format.describe()
+    );
+    Ok(())
+}
