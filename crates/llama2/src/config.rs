@@ -142,7 +142,7 @@ mod tests {
         assert!(Config::from_header(64, 172, 0, 8, 4, 512, 512, true).is_err());
         assert!(Config::from_header(64, -1, 5, 8, 4, 512, 512, true).is_err());
         assert!(Config::from_header(i32::MAX, 172, 5, 8, 4, 512, 512, true).is_err());
-        assert!(Config::from_header(64, 172, 5, 64, 64, 512, 512, true).is_ok());
+        assert!(Config::from_header(64, 172, 5, 64, 64, 512, 512, true).is_err());
         assert!(Config::from_header(64, 172, 5, 32, 32, 512, 512, true).is_ok());
         assert!(Config::from_header(63, 172, 5, 63, 63, 512, 512, true).is_err());
     }

@@ -3,7 +3,8 @@
 //! output bytes without ever splitting a UTF-8 character (llama2.c drops the
 //! bytes of characters spelled with byte-fallback tokens; we keep them).
 
-use std::collections::HashMap;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -157,25 +158,74 @@ impl Tokenizer {
 
     /// Repeatedly merges the adjacent pair whose concatenation is the token
     /// with the strictly highest score (leftmost on ties) until none merges.
+    /// run.c rescans every pair after each merge, which is quadratic; this
+    /// keeps candidate pairs in a heap ordered by (score, leftmost) over a
+    /// linked list of live tokens, and merges in exactly the same order.
     fn merge_pairs(&self, tokens: &mut Vec<u32>) {
+        let n = tokens.len();
+        let mut next: Vec<usize> = (1..=n).collect(); // n marks the end
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut heap = BinaryHeap::new();
         let mut buf = Vec::with_capacity(2 * self.max_token_length as usize + 2);
-        loop {
-            let mut best: Option<(f32, usize, u32)> = None;
-            for i in 0..tokens.len().saturating_sub(1) {
-                buf.clear();
-                buf.extend_from_slice(self.piece(tokens[i]));
-                buf.extend_from_slice(self.piece(tokens[i + 1]));
-                if let Some(&id) = self.lookup.get(&buf) {
-                    let score = self.scores[id as usize];
-                    // run.c starts from -1e10, so pairs scoring lower never merge.
-                    if score > best.map_or(-1e10, |(s, _, _)| s) {
-                        best = Some((score, i, id));
-                    }
-                }
+        for i in 0..n.saturating_sub(1) {
+            self.push_candidate(&mut heap, &mut buf, tokens, i, i + 1);
+        }
+        let mut alive = vec![true; n];
+        while let Some(c) = heap.pop() {
+            let (l, r) = (c.left, c.right);
+            let stale = !alive[l]
+                || !alive[r]
+                || next[l] != r
+                || tokens[l] != c.left_id
+                || tokens[r] != c.right_id;
+            if stale {
+                continue;
             }
-            let Some((_, i, id)) = best else { break };
-            tokens[i] = id;
-            tokens.remove(i + 1);
+            tokens[l] = c.merged;
+            alive[r] = false;
+            next[l] = next[r];
+            if next[r] < n {
+                prev[next[r]] = l;
+            }
+            if prev[l] < n {
+                self.push_candidate(&mut heap, &mut buf, tokens, prev[l], l);
+            }
+            if next[l] < n {
+                self.push_candidate(&mut heap, &mut buf, tokens, l, next[l]);
+            }
+        }
+        let mut i = 0;
+        tokens.retain(|_| {
+            i += 1;
+            alive[i - 1]
+        });
+    }
+
+    /// Queues the pair at positions `l`, `r` if it forms a mergeable token.
+    fn push_candidate(
+        &self,
+        heap: &mut BinaryHeap<Candidate>,
+        buf: &mut Vec<u8>,
+        tokens: &[u32],
+        l: usize,
+        r: usize,
+    ) {
+        buf.clear();
+        buf.extend_from_slice(self.piece(tokens[l]));
+        buf.extend_from_slice(self.piece(tokens[r]));
+        if let Some(&id) = self.lookup.get(buf.as_slice()) {
+            let score = self.scores[id as usize];
+            // run.c starts its search from -1e10, so pairs scoring lower never merge.
+            if score > -1e10 {
+                heap.push(Candidate {
+                    score,
+                    left: l,
+                    right: r,
+                    left_id: tokens[l],
+                    right_id: tokens[r],
+                    merged: id,
+                });
+            }
         }
     }
 
@@ -192,6 +242,40 @@ impl Tokenizer {
         piece
     }
 }
+
+/// A mergeable adjacent pair. The heap pops the highest score first, and
+/// among equal scores the leftmost pair, as run.c's scan picks it.
+struct Candidate {
+    score: f32,
+    left: usize,
+    right: usize,
+    /// Token ids when queued; a pair whose tokens changed since is stale.
+    left_id: u32,
+    right_id: u32,
+    merged: u32,
+}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Candidate {}
 
 /// Number of whole entries in tokenizer.bin bytes.
 fn count_entries(bytes: &[u8]) -> std::result::Result<usize, String> {
@@ -301,4 +385,59 @@ impl Utf8Stream {
 /// C's `isspace` in the "C" locale.
 fn is_c_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// run.c's merge loop, verbatim in spirit: rescan all pairs per merge.
+    fn merge_reference(t: &Tokenizer, tokens: &mut Vec<u32>) {
+        loop {
+            let mut best: Option<(f32, usize, u32)> = None;
+            for i in 0..tokens.len().saturating_sub(1) {
+                let mut pair = t.piece(tokens[i]).to_vec();
+                pair.extend_from_slice(t.piece(tokens[i + 1]));
+                if let Some(&id) = t.lookup.get(&pair) {
+                    let score = t.scores[id as usize];
+                    if score > best.map_or(-1e10, |(s, _, _)| s) {
+                        best = Some((score, i, id));
+                    }
+                }
+            }
+            let Some((_, i, id)) = best else { break };
+            tokens[i] = id;
+            tokens.remove(i + 1);
+        }
+    }
+
+    fn models() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models")
+    }
+
+    #[test]
+    fn heap_merge_matches_rescanning_merge() {
+        let cases = [("tok512.bin", 512), ("tokenizer.bin", 32000)];
+        let texts = [
+            "Once upon a time, there was a little girl named Lily.",
+            "aaaaaaaaaaaaaaaaaaaaaaaa   bbbb  aaaa",
+            "Ünïcödé 🦙 and 日本語 text\n\twith tabs",
+            "the the the the the the the the the",
+            "",
+        ];
+        for (file, vocab) in cases {
+            let t = Tokenizer::load(&models().join(file), vocab).unwrap();
+            for text in texts {
+                let mut naive = Vec::new();
+                if !text.is_empty() {
+                    naive.push(t.lookup[&b" "[..]]);
+                }
+                t.push_characters(text.as_bytes(), &mut naive);
+                let mut fast = naive.clone();
+                merge_reference(&t, &mut naive);
+                t.merge_pairs(&mut fast);
+                assert_eq!(fast, naive, "{file}: {text:?}");
+            }
+        }
+    }
 }
