@@ -3,6 +3,8 @@
 //! same rule serves weights (when writing version 2 files) and activations
 //! (at run time, runq's W8A8 math). The group size lives in each tensor.
 
+use rayon::prelude::*;
+
 use crate::tensor::{Q8Data, Storage};
 
 /// Quantizes `values` in groups of `group_size` (which must divide the length).
@@ -21,13 +23,22 @@ pub fn quantize(values: &[f32], group_size: usize) -> Q8Data {
 /// (when `group_size` does not divide the length) gets its own scale, which
 /// is what activation quantization of a row needs.
 pub fn quantize_into(values: &[f32], group_size: usize, q: &mut [i8], scales: &mut [f32]) {
-    for ((group, qg), scale) in values
-        .chunks(group_size)
-        .zip(q.chunks_mut(group_size))
-        .zip(scales.iter_mut())
-    {
-        *scale = quantize_group(group, qg);
-    }
+    // Independent groups: quantize blocks of them in parallel.
+    const GROUPS_PER_TASK: usize = 4096;
+    let block = group_size * GROUPS_PER_TASK;
+    values
+        .par_chunks(block)
+        .zip(q.par_chunks_mut(block))
+        .zip(scales.par_chunks_mut(GROUPS_PER_TASK))
+        .for_each(|((values, q), scales)| {
+            for ((group, qg), scale) in values
+                .chunks(group_size)
+                .zip(q.chunks_mut(group_size))
+                .zip(scales.iter_mut())
+            {
+                *scale = quantize_group(group, qg);
+            }
+        });
 }
 
 /// Quantizes one group and returns its scale. An all-zero group gets scale 0

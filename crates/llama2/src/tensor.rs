@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytemuck::Pod;
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 
 /// A read-only array of `T`: a window of a mapped file, or an owned vector.
 /// Clones are cheap (reference counted) in both cases.
@@ -191,7 +192,10 @@ impl HostMatrix {
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             MatrixData::F32(d) => d.to_vec(),
-            _ => (0..self.rows).flat_map(|r| self.row_f32(r)).collect(),
+            _ => (0..self.rows)
+                .into_par_iter()
+                .flat_map_iter(|r| self.row_f32(r))
+                .collect(),
         }
     }
 
