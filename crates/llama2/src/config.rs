@@ -73,19 +73,19 @@ impl Config {
     /// Checks the relations between dimensions that the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return fail(format!(
                 "n_heads {} does not divide dim {}",
                 self.n_heads, self.dim
             ));
         }
-        if self.n_kv_heads > self.n_heads || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads > self.n_heads || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return fail(format!(
                 "n_kv_heads {} does not divide n_heads {}",
                 self.n_kv_heads, self.n_heads
             ));
         }
-        if self.head_size() % 2 != 0 {
+        if !self.head_size().is_multiple_of(2) {
             return fail(format!(
                 "head size {} (dim / n_heads) is odd; rotary embeddings need pairs",
                 self.head_size()

@@ -61,7 +61,7 @@ pub fn quantize_group(group: &[f32], q: &mut [i8]) -> f32 {
 /// boundaries) also reads our files correctly.
 pub fn default_group_size(dim: usize, hidden_dim: usize) -> usize {
     let mut gs = 64;
-    while gs > 1 && (dim % gs != 0 || hidden_dim % gs != 0) {
+    while gs > 1 && (!dim.is_multiple_of(gs) || !hidden_dim.is_multiple_of(gs)) {
         gs /= 2;
     }
     gs
