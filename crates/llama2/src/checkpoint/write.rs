@@ -39,9 +39,6 @@ pub fn write(weights: &ModelWeights, format: FileFormat, out: &mut impl Write) -
     let shared = weights.classifier.is_none();
     write_header(c, shared, format, out)?;
     for t in tensor_order(format, shared) {
-        if t == Tensor::Classifier && format == FileFormat::V0 {
-            write_zeros(out, 4 * rope_table_floats(c) as usize)?;
-        }
         for m in slices(weights, t) {
             match format {
                 FileFormat::V2 { group_size } if t.is_matrix() => {
@@ -49,6 +46,11 @@ pub fn write(weights: &ModelWeights, format: FileFormat, out: &mut impl Write) -
                 }
                 _ => write_f32s(&m.to_f32(), out)?,
             }
+        }
+        // Version 0 has the two legacy RoPE tables after rms_final, whether
+        // or not a classifier follows.
+        if t == Tensor::RmsFinal && format == FileFormat::V0 {
+            write_zeros(out, 4 * rope_table_floats(c) as usize)?;
         }
     }
     out.flush()
