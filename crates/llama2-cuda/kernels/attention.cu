@@ -1,0 +1,117 @@
+// Causal multi-head attention over the KV cache [L][S][KV], in f32 or f16.
+// Positions come from the step buffer (pos0 + row), so one recorded graph
+// serves every position: the grid covers all heads and rows, and each block
+// loops over however many cached positions its row sees.
+
+__device__ __forceinline__ float cache_get(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float cache_get(const u16* p, size_t i) { return f16_to_f32(p[i]); }
+__device__ __forceinline__ void cache_put(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void cache_put(u16* p, size_t i, float v) { p[i] = f32_to_f16(v); }
+
+// Stores k and v [rows][KV] at positions pos0 + r of the layer starting at
+// element `layer_off`. One thread per value.
+template <typename C>
+__device__ __forceinline__ void kv_store(C* kc, C* vc, const float* k, const float* v,
+                                         const int* step, size_t layer_off, int kv, int rows) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= rows * kv) return;
+    int r = t / kv, i = t % kv;
+    size_t at = layer_off + (size_t)(STEP_POS0(step) + r) * kv + i;
+    cache_put(kc, at, k[t]);
+    cache_put(vc, at, v[t]);
+}
+
+// One block per (head, row). Dynamic shared memory: q [hs], partial sums
+// [blockDim], scores [seq_len]. Scores are scaled and softmaxed in place as
+// in reference::attention; the weighted sum of values splits positions over
+// blockDim / hs thread groups whose partial sums are then added.
+template <typename C>
+__device__ __forceinline__ void attention_block(float* out, const float* q, const C* kc,
+                                                const C* vc, const int* step, size_t layer_off,
+                                                int d, int kv, int hs, int kv_group) {
+    extern __shared__ float smem[];
+    __shared__ float scratch[32];
+    int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
+    int lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    int pos = STEP_POS0(step) + r;
+    float* qs = smem;
+    float* part = smem + hs;
+    float* att = part + blockDim.x;
+    const float* qh = q + (size_t)r * d + (size_t)h * hs;
+    for (int i = tid; i < hs; i += blockDim.x) qs[i] = qh[i];
+    __syncthreads();
+
+    size_t off = layer_off + (size_t)(h / kv_group) * hs;
+    float scale = sqrtf((float)hs);
+    for (int t = warp; t <= pos; t += warps) {
+        size_t kt = off + (size_t)t * kv;
+        float s = 0.0f;
+        for (int i = lane; i < hs; i += 32) s += qs[i] * cache_get(kc, kt + i);
+        s = warp_sum(s);
+        if (lane == 0) att[t] = s / scale;
+    }
+    __syncthreads();
+
+    float m = NEG_INF;
+    for (int t = tid; t <= pos; t += blockDim.x) m = fmaxf(m, att[t]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int t = tid; t <= pos; t += blockDim.x) {
+        float e = expf(att[t] - m);
+        att[t] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+
+    float* outh = out + (size_t)r * d + (size_t)h * hs;
+    if (hs <= (int)blockDim.x) {
+        int groups = blockDim.x / hs, g = tid / hs, i = tid % hs;
+        float acc = 0.0f;
+        if (g < groups) {
+            for (int t = g; t <= pos; t += groups) {
+                acc += (att[t] / sum) * cache_get(vc, off + (size_t)t * kv + i);
+            }
+        }
+        part[tid] = acc;
+        __syncthreads();
+        if (tid < hs) {
+            float o = 0.0f;
+            for (int gg = 0; gg < groups; gg++) o += part[gg * hs + tid];
+            outh[tid] = o;
+        }
+    } else {
+        for (int i = tid; i < hs; i += blockDim.x) {
+            float acc = 0.0f;
+            for (int t = 0; t <= pos; t++) {
+                acc += (att[t] / sum) * cache_get(vc, off + (size_t)t * kv + i);
+            }
+            outh[i] = acc;
+        }
+    }
+}
+
+extern "C" __global__ void kv_store_f32(float* kc, float* vc, const float* k, const float* v,
+                                        const int* step, unsigned long long layer_off, int kv,
+                                        int rows) {
+    kv_store<float>(kc, vc, k, v, step, layer_off, kv, rows);
+}
+
+extern "C" __global__ void kv_store_f16(u16* kc, u16* vc, const float* k, const float* v,
+                                        const int* step, unsigned long long layer_off, int kv,
+                                        int rows) {
+    kv_store<u16>(kc, vc, k, v, step, layer_off, kv, rows);
+}
+
+extern "C" __global__ void attention_f32(float* out, const float* q, const float* kc,
+                                         const float* vc, const int* step,
+                                         unsigned long long layer_off, int d, int kv, int hs,
+                                         int kv_group) {
+    attention_block<float>(out, q, kc, vc, step, layer_off, d, kv, hs, kv_group);
+}
+
+extern "C" __global__ void attention_f16(float* out, const float* q, const u16* kc,
+                                         const u16* vc, const int* step,
+                                         unsigned long long layer_off, int d, int kv, int hs,
+                                         int kv_group) {
+    attention_block<u16>(out, q, kc, vc, step, layer_off, d, kv, hs, kv_group);
+}

@@ -1,0 +1,26 @@
+// Rotary position embedding of q [rows][D] and k [rows][KV], as
+// reference::rope, one thread per rotated pair. Positions come from the step
+// buffer (pos0 + row) so a recorded graph serves every position.
+// Grid: (ceil(D / 2 / blockDim), rows).
+
+extern "C" __global__ void rope_f32(float* q, float* k, const int* step, int d, int kv,
+                                    int head_size) {
+    int i = 2 * (blockIdx.x * blockDim.x + threadIdx.x), r = blockIdx.y;
+    if (i >= d) return;
+    int pos = STEP_POS0(step) + r;
+    int head_dim = i % head_size;
+    float freq = 1.0f / powf(10000.0f, (float)head_dim / (float)head_size);
+    float val = (float)pos * freq;
+    float fci, fcr;
+    sincosf(val, &fci, &fcr);
+    float* qr = q + (size_t)r * d;
+    float q0 = qr[i], q1 = qr[i + 1];
+    qr[i] = q0 * fcr - q1 * fci;
+    qr[i + 1] = q0 * fci + q1 * fcr;
+    if (i < kv) {
+        float* kr = k + (size_t)r * kv;
+        float k0 = kr[i], k1 = kr[i + 1];
+        kr[i] = k0 * fcr - k1 * fci;
+        kr[i + 1] = k0 * fci + k1 * fcr;
+    }
+}

@@ -1,0 +1,624 @@
+//! `CudaBackend`: the `Backend` ops on the GPU. Weights live on the device in
+//! their storage type (f32, f16, bf16 or Q8_0); activations are f32; the KV
+//! cache is f32 for f32 models and f16 otherwise. A decode step (one token)
+//! is recorded once as a CUDA graph and replayed for every later token: the
+//! kernels read the token ids and the position from a small device buffer
+//! that `step` fills before each launch.
+
+use cudarc::driver::{sys, CudaGraph, CudaSlice};
+use llama2::quant::group_size_for;
+use llama2::tensor::MatrixData;
+use llama2::{Backend, Config, DType, Error, HostMatrix, Result};
+
+use crate::device::{cuda_err, int, Arg, Device};
+
+/// Prompt tokens processed together in one batched step.
+const MAX_BATCH: usize = 512;
+/// Threads per block of the matvec kernels: 8 warps, one weight row each.
+const MATVEC_THREADS: u32 = 256;
+/// Batch rows the `matmul_*` kernels apply each weight chunk to.
+const MATMUL_ROWS: usize = 8;
+/// Threads per attention block.
+const ATTENTION_THREADS: usize = 256;
+/// Shared memory a kernel may use without opting in to more.
+const SHARED_LIMIT: usize = 48 * 1024;
+
+/// A weight matrix's device storage.
+enum Weights {
+    F32(CudaSlice<f32>),  // [rows * cols]
+    F16(CudaSlice<u16>),  // [rows * cols] f16 bit patterns
+    BF16(CudaSlice<u16>), // [rows * cols] bf16 bit patterns
+    Q8 {
+        q: CudaSlice<i8>,       // [rows * cols]
+        scales: CudaSlice<f32>, // [rows * cols / gs], groups over the flattened matrix
+        gs: usize,
+    },
+}
+
+/// A weight matrix `[rows][cols]` on the GPU.
+pub struct CudaMatrix {
+    rows: usize,
+    cols: usize,
+    data: Weights,
+}
+
+/// The key and value caches of all layers, `[L][S][KV]` each.
+pub enum CudaKvCache {
+    F32 {
+        keys: CudaSlice<f32>,   // [L][S][KV]
+        values: CudaSlice<f32>, // [L][S][KV]
+    },
+    F16 {
+        keys: CudaSlice<u16>,   // [L][S][KV] f16 bit patterns
+        values: CudaSlice<u16>, // [L][S][KV] f16 bit patterns
+    },
+}
+
+/// Backend over CUDA device 0.
+pub struct CudaBackend {
+    dev: Device,
+    name: String,
+    /// Storage type matrices are converted to on upload; `None` keeps the file's.
+    dtype: Option<DType>,
+    /// Whether the KV cache is stored in f16.
+    kv_f16: bool,
+    /// Step parameters read by kernels: [0] = pos0, [1 + r] = token of row r.
+    step_buf: CudaSlice<i32>, // [1 + MAX_BATCH]
+    step_host: Vec<i32>, // [1 + MAX_BATCH], staging for step_buf
+    /// Whether ops run inside `step` (which uploaded the step parameters).
+    in_step: bool,
+    /// Quantized activations for Q8 products, grown on demand.
+    xq: CudaSlice<i8>, // [rows][cols]
+    xs: CudaSlice<f32>, // [rows][ceil(cols / gs)]
+    /// The recorded decode step, replayed for every later token.
+    graph: Option<CudaGraph>,
+    /// Uncaptured decode steps since the graph was (re)set: the first runs
+    /// eagerly so lazy allocations happen outside a capture.
+    eager_decodes: usize,
+    /// False when LLAMA2_CUDA_GRAPHS=0: every step runs eagerly.
+    graphs: bool,
+}
+
+impl CudaBackend {
+    /// Opens the GPU; matrices are converted to `dtype` on upload (`None`
+    /// keeps each matrix's own type), the KV cache is f16 when `kv_f16`.
+    pub fn new(dtype: Option<DType>, kv_f16: bool) -> Result<Self> {
+        let dev = Device::open()?;
+        let name = dev.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let step_buf = dev.zeros(1 + MAX_BATCH)?;
+        let (xq, xs) = (dev.zeros(1)?, dev.zeros(1)?);
+        let graphs = std::env::var("LLAMA2_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        Ok(CudaBackend {
+            dev,
+            name,
+            dtype,
+            kv_f16,
+            step_buf,
+            step_host: vec![0; 1 + MAX_BATCH],
+            in_step: false,
+            xq,
+            xs,
+            graph: None,
+            eager_decodes: 0,
+            graphs,
+        })
+    }
+
+    /// Copies pos0 and the tokens into the step buffer.
+    fn upload_step(&mut self, tokens: Option<&[u32]>, pos0: usize) -> Result<()> {
+        self.step_host[0] = pos0 as i32;
+        let n = tokens.map_or(0, |t| t.len());
+        if let Some(tokens) = tokens {
+            for (h, &t) in self.step_host[1..].iter_mut().zip(tokens) {
+                *h = t as i32;
+            }
+        }
+        let src = &self.step_host[..1 + n];
+        let mut dst = self.step_buf.slice_mut(..1 + n);
+        self.dev
+            .stream
+            .memcpy_htod(src, &mut dst)
+            .map_err(cuda_err("step parameter upload"))
+    }
+
+    /// Outside `step`, ops are called one by one: the position then comes
+    /// from the call instead of the step buffer.
+    fn ensure_pos(&mut self, pos0: usize) -> Result<()> {
+        if self.in_step {
+            return Ok(());
+        }
+        self.upload_step(None, pos0)
+    }
+
+    /// A device matrix of `rows` x `cols` in `dtype` from f32 values on the
+    /// device, converted there.
+    fn convert_on_device(
+        &mut self,
+        f32s: CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        gs: usize,
+    ) -> Result<CudaMatrix> {
+        let n = rows * cols;
+        let src = self.dev.ptr(&f32s);
+        let data = match dtype {
+            DType::F32 => Weights::F32(f32s),
+            DType::F16 | DType::BF16 => {
+                let out = self.dev.zeros::<u16>(n)?;
+                let kernel = if dtype == DType::F16 {
+                    "convert_f16"
+                } else {
+                    "convert_bf16"
+                };
+                let args = [self.dev.ptr(&out), src, Arg::U64(n as u64)];
+                self.dev.launch_1d(kernel, n, &args)?;
+                if dtype == DType::F16 {
+                    Weights::F16(out)
+                } else {
+                    Weights::BF16(out)
+                }
+            }
+            DType::Q8 => {
+                let q = self.dev.zeros::<i8>(n)?;
+                let scales = self.dev.zeros::<f32>(n / gs)?;
+                let groups = (n / gs) as u64;
+                let args = [
+                    self.dev.ptr(&q),
+                    self.dev.ptr(&scales),
+                    src,
+                    Arg::U64(groups),
+                    int(gs)?,
+                ];
+                self.dev.launch_1d("convert_q8", n / gs, &args)?;
+                Weights::Q8 { q, scales, gs }
+            }
+        };
+        // The temporary f32 copy is freed when this returns; finish using it.
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(cuda_err("weight conversion"))?;
+        Ok(CudaMatrix { rows, cols, data })
+    }
+
+    /// Uploads a host matrix as it is stored.
+    fn upload_as_is(&mut self, m: &HostMatrix) -> Result<CudaMatrix> {
+        let data = match &m.data {
+            MatrixData::F32(d) => Weights::F32(self.dev.upload(d)?),
+            MatrixData::F16(d) => Weights::F16(self.dev.upload(bytemuck::cast_slice::<_, u16>(d))?),
+            MatrixData::BF16(d) => {
+                Weights::BF16(self.dev.upload(bytemuck::cast_slice::<_, u16>(d))?)
+            }
+            MatrixData::Q8(d) => Weights::Q8 {
+                q: self.dev.upload(&d.q)?,
+                scales: self.dev.upload(&d.scales)?,
+                gs: d.group_size,
+            },
+        };
+        Ok(CudaMatrix {
+            rows: m.rows,
+            cols: m.cols,
+            data,
+        })
+    }
+
+    /// Grows the Q8 activation scratch to hold `rows` x `cols` in groups of
+    /// `gs`. A recorded graph holds the old addresses, so it is dropped.
+    fn reserve_q8(&mut self, rows: usize, cols: usize, gs: usize) -> Result<()> {
+        let (nq, ns) = (rows * cols, rows * cols.div_ceil(gs));
+        if self.xq.len() < nq || self.xs.len() < ns {
+            self.xq = self.dev.zeros(nq.max(self.xq.len()))?;
+            self.xs = self.dev.zeros(ns.max(self.xs.len()))?;
+            self.graph = None;
+            self.eager_decodes = 0;
+        }
+        Ok(())
+    }
+
+    /// `out[r] = w · x[r]` for one matrix; `quantized` says which group size
+    /// x is already quantized with in the Q8 scratch (for shared inputs).
+    fn product(
+        &mut self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaMatrix,
+        out: &mut CudaSlice<f32>,
+        quantized: &mut Option<usize>,
+    ) -> Result<()> {
+        let warps = (MATVEC_THREADS / 32) as usize;
+        let blocks = w.rows.div_ceil(warps) as u32;
+        let (batched, row_blocks) = if rows == 1 {
+            (false, 1)
+        } else {
+            (true, rows.div_ceil(MATMUL_ROWS) as u32)
+        };
+        let dims = [int(w.rows)?, int(w.cols)?, int(rows)?];
+        let (op, wptr) = match &w.data {
+            Weights::F32(d) => ("f32", self.dev.ptr(d)),
+            Weights::F16(d) => ("f16", self.dev.ptr(d)),
+            Weights::BF16(d) => ("bf16", self.dev.ptr(d)),
+            Weights::Q8 { q, scales, gs } => {
+                return self.product_q8(x, rows, w, (q, scales, *gs), out, quantized)
+            }
+        };
+        let name = format!("{}_{op}", if batched { "matmul" } else { "matvec" });
+        let args = [
+            self.dev.ptr(out),
+            wptr,
+            self.dev.ptr(x),
+            dims[0],
+            dims[1],
+            dims[2],
+        ];
+        self.dev
+            .launch(&name, (blocks, row_blocks), MATVEC_THREADS, 0, &args)
+    }
+
+    /// The W8A8 product: quantize x (once per group size), then int8 dots.
+    fn product_q8(
+        &mut self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaMatrix,
+        (q, scales, gs): (&CudaSlice<i8>, &CudaSlice<f32>, usize),
+        out: &mut CudaSlice<f32>,
+        quantized: &mut Option<usize>,
+    ) -> Result<()> {
+        let cols = w.cols;
+        if *quantized != Some(gs) {
+            self.reserve_q8(rows, cols, gs)?;
+            let n = rows * cols.div_ceil(gs);
+            let args = [
+                self.dev.ptr(&self.xq),
+                self.dev.ptr(&self.xs),
+                self.dev.ptr(x),
+                int(rows)?,
+                int(cols)?,
+                int(gs)?,
+            ];
+            self.dev.launch_1d("quantize_q8", n, &args)?;
+            *quantized = Some(gs);
+        }
+        let args = [
+            self.dev.ptr(out),
+            self.dev.ptr(q),
+            self.dev.ptr(scales),
+            self.dev.ptr(&self.xq),
+            self.dev.ptr(&self.xs),
+            int(w.rows)?,
+            int(cols)?,
+            int(gs)?,
+            int(rows)?,
+        ];
+        let fast = matches!(gs, 16 | 32 | 64) && cols.is_multiple_of(gs);
+        if !fast {
+            let n = w.rows * rows;
+            return self.dev.launch(
+                "matvec_q8_generic",
+                (n.div_ceil(128) as u32, 1),
+                128,
+                0,
+                &args,
+            );
+        }
+        let blocks = w.rows.div_ceil((MATVEC_THREADS / 32) as usize) as u32;
+        if rows == 1 {
+            self.dev
+                .launch("matvec_q8", (blocks, 1), MATVEC_THREADS, 0, &args)
+        } else {
+            let row_blocks = rows.div_ceil(MATMUL_ROWS) as u32;
+            self.dev
+                .launch("matmul_q8", (blocks, row_blocks), MATVEC_THREADS, 0, &args)
+        }
+    }
+
+    /// Runs `ops` recorded into a CUDA graph, then launches the graph.
+    fn capture(&mut self, ops: &mut dyn FnMut(&mut Self) -> Result<()>) -> Result<()> {
+        let stream = self.dev.stream.clone();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(cuda_err("graph capture start"))?;
+        let recorded = ops(self);
+        // Capture must end even when an op failed, or the stream stays unusable.
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = ended
+            .map_err(cuda_err("graph capture"))?
+            .ok_or_else(|| Error::Backend("CUDA graph capture recorded nothing".into()))?;
+        graph.launch().map_err(cuda_err("graph launch"))?;
+        self.graph = Some(graph);
+        Ok(())
+    }
+
+    /// The kernel arguments naming a cache's key and value arrays.
+    fn cache_ptrs(&self, cache: &CudaKvCache) -> (Arg, Arg, &'static str) {
+        match cache {
+            CudaKvCache::F32 { keys, values } => (self.dev.ptr(keys), self.dev.ptr(values), "f32"),
+            CudaKvCache::F16 { keys, values } => (self.dev.ptr(keys), self.dev.ptr(values), "f16"),
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+    type Vector = CudaSlice<f32>;
+    type Buffer = CudaSlice<f32>;
+    type KvCache = CudaKvCache;
+
+    fn describe(&self) -> String {
+        let weights = self.dtype.map_or("file's".into(), |d| d.to_string());
+        let graphs = if self.graphs { "graphs" } else { "no graphs" };
+        format!("cuda ({}, {weights} weights, {graphs})", self.name)
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    fn upload_matrix(&mut self, m: &HostMatrix) -> Result<CudaMatrix> {
+        let Some(dtype) = self.dtype else {
+            return self.upload_as_is(m);
+        };
+        let gs = group_size_for(m.cols);
+        let same_groups = match &m.data {
+            MatrixData::Q8(d) => d.group_size == gs,
+            _ => true,
+        };
+        if dtype == m.dtype() && same_groups {
+            return self.upload_as_is(m);
+        }
+        match &m.data {
+            MatrixData::F32(d) => {
+                let f32s = self.dev.upload(d)?;
+                self.convert_on_device(f32s, m.rows, m.cols, dtype, gs)
+            }
+            _ => self.upload_as_is(&m.convert(dtype, gs)),
+        }
+    }
+
+    fn random_matrix(&mut self, rows: usize, cols: usize, seed: u64) -> Result<CudaMatrix> {
+        let n = rows * cols;
+        let f32s = self.dev.zeros::<f32>(n)?;
+        let scale = (3.0 / cols as f32).sqrt();
+        let args = [
+            self.dev.ptr(&f32s),
+            Arg::U64(n as u64),
+            Arg::U64(seed),
+            Arg::F32(scale),
+        ];
+        self.dev.launch_1d("random_f32", n, &args)?;
+        let dtype = self.dtype.unwrap_or(DType::F32);
+        self.convert_on_device(f32s, rows, cols, dtype, group_size_for(cols))
+    }
+
+    fn upload_vector(&mut self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.dev.upload(v)
+    }
+
+    fn buffer(&mut self, len: usize) -> Result<CudaSlice<f32>> {
+        self.dev.zeros(len)
+    }
+
+    fn kv_cache(&mut self, c: &Config) -> Result<CudaKvCache> {
+        let shared = (c.head_size() + ATTENTION_THREADS + c.seq_len) * 4;
+        if shared > SHARED_LIMIT {
+            return Err(Error::Backend(format!(
+                "a context of {} positions does not fit the CUDA attention kernel's shared memory",
+                c.seq_len
+            )));
+        }
+        let len = c.n_layers * c.seq_len * c.kv_dim();
+        Ok(if self.kv_f16 {
+            CudaKvCache::F16 {
+                keys: self.dev.zeros(len)?,
+                values: self.dev.zeros(len)?,
+            }
+        } else {
+            CudaKvCache::F32 {
+                keys: self.dev.zeros(len)?,
+                values: self.dev.zeros(len)?,
+            }
+        })
+    }
+
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        pos0: usize,
+        ops: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        self.upload_step(Some(tokens), pos0)?;
+        self.in_step = true;
+        let result = if tokens.len() != 1 || !self.graphs {
+            ops(self)
+        } else if let Some(graph) = &self.graph {
+            graph.launch().map_err(cuda_err("graph launch"))
+        } else if self.eager_decodes == 0 {
+            self.eager_decodes += 1;
+            ops(self)
+        } else {
+            self.capture(ops)
+        };
+        self.in_step = false;
+        result
+    }
+
+    fn embed(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        table: &CudaMatrix,
+        tokens: &[u32],
+    ) -> Result<()> {
+        if !self.in_step {
+            self.upload_step(Some(tokens), self.step_host[0] as usize)?;
+        }
+        let d = table.cols;
+        let (out_p, step) = (self.dev.ptr(out), self.dev.ptr(&self.step_buf));
+        let grid = (d.div_ceil(256) as u32, tokens.len() as u32);
+        let (name, args) = match &table.data {
+            Weights::F32(t) => ("embed_f32", vec![out_p, self.dev.ptr(t), step, int(d)?]),
+            Weights::F16(t) => ("embed_f16", vec![out_p, self.dev.ptr(t), step, int(d)?]),
+            Weights::BF16(t) => ("embed_bf16", vec![out_p, self.dev.ptr(t), step, int(d)?]),
+            Weights::Q8 { q, scales, gs } => (
+                "embed_q8",
+                vec![
+                    out_p,
+                    self.dev.ptr(q),
+                    self.dev.ptr(scales),
+                    int(*gs)?,
+                    step,
+                    int(d)?,
+                ],
+            ),
+        };
+        self.dev.launch(name, grid, 256, 0, &args)
+    }
+
+    fn rmsnorm(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<()> {
+        let args = [
+            self.dev.ptr(out),
+            self.dev.ptr(x),
+            self.dev.ptr(weight),
+            int(weight.len())?,
+        ];
+        self.dev
+            .launch("rmsnorm_f32", (rows as u32, 1), 256, 0, &args)
+    }
+
+    fn matmul(
+        &mut self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        outs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+    ) -> Result<()> {
+        let mut quantized = None;
+        for (w, out) in outs.iter_mut() {
+            self.product(x, rows, w, out, &mut quantized)?;
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &mut self,
+        q: &mut CudaSlice<f32>,
+        k: &mut CudaSlice<f32>,
+        rows: usize,
+        pos0: usize,
+        c: &Config,
+    ) -> Result<()> {
+        self.ensure_pos(pos0)?;
+        let args = [
+            self.dev.ptr(q),
+            self.dev.ptr(k),
+            self.dev.ptr(&self.step_buf),
+            int(c.dim)?,
+            int(c.kv_dim())?,
+            int(c.head_size())?,
+        ];
+        let grid = ((c.dim / 2).div_ceil(256) as u32, rows as u32);
+        self.dev.launch("rope_f32", grid, 256, 0, &args)
+    }
+
+    fn attention(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        rows: usize,
+        pos0: usize,
+        c: &Config,
+    ) -> Result<()> {
+        self.ensure_pos(pos0)?;
+        let (kv, hs) = (c.kv_dim(), c.head_size());
+        let layer_off = Arg::U64((layer * c.seq_len * kv) as u64);
+        let (kc, vc, ty) = self.cache_ptrs(cache);
+        let step = self.dev.ptr(&self.step_buf);
+        let store = [
+            kc,
+            vc,
+            self.dev.ptr(k),
+            self.dev.ptr(v),
+            step,
+            layer_off,
+            int(kv)?,
+            int(rows)?,
+        ];
+        self.dev.launch(
+            &format!("kv_store_{ty}"),
+            ((rows * kv).div_ceil(256) as u32, 1),
+            256,
+            0,
+            &store,
+        )?;
+        let args = [
+            self.dev.ptr(out),
+            self.dev.ptr(q),
+            kc,
+            vc,
+            step,
+            layer_off,
+            int(c.dim)?,
+            int(kv)?,
+            int(hs)?,
+            int(c.kv_group())?,
+        ];
+        let shared = ((hs + ATTENTION_THREADS + c.seq_len) * 4) as u32;
+        let grid = (c.n_heads as u32, rows as u32);
+        self.dev.launch(
+            &format!("attention_{ty}"),
+            grid,
+            ATTENTION_THREADS as u32,
+            shared,
+            &args,
+        )
+    }
+
+    fn silu_mul(
+        &mut self,
+        gate: &mut CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        len: usize,
+    ) -> Result<()> {
+        let args = [self.dev.ptr(gate), self.dev.ptr(up), int(len)?];
+        self.dev.launch_1d("silu_mul_f32", len, &args)
+    }
+
+    fn add(&mut self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, len: usize) -> Result<()> {
+        let args = [self.dev.ptr(x), self.dev.ptr(y), int(len)?];
+        self.dev.launch_1d("add_f32", len, &args)
+    }
+
+    fn copy_row(
+        &mut self,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        row: usize,
+        width: usize,
+    ) -> Result<()> {
+        let from = src.slice(row * width..(row + 1) * width);
+        let mut to = dst.slice_mut(..width);
+        self.dev
+            .stream
+            .memcpy_dtod(&from, &mut to)
+            .map_err(cuda_err("row copy"))
+    }
+
+    fn read(&mut self, src: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
+        let from = src.slice(..out.len());
+        self.dev
+            .stream
+            .memcpy_dtoh(&from, out)
+            .map_err(cuda_err("device-to-host copy"))?;
+        self.dev.stream.synchronize().map_err(cuda_err("step"))
+    }
+}

@@ -1,0 +1,169 @@
+//! The GPU as the backend sees it: a context, one stream (not the legacy
+//! default stream, which cannot be captured into a graph), the compiled
+//! kernels by name, and the small helpers every op uses to allocate, copy
+//! and launch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use llama2::{Error, Result};
+
+/// Every kernel the backend launches; all are looked up at start so a
+/// missing one is an error at load time, not mid-generation.
+const KERNELS: [&str; 26] = [
+    "random_f32",
+    "convert_f16",
+    "convert_bf16",
+    "convert_q8",
+    "embed_f32",
+    "embed_f16",
+    "embed_bf16",
+    "embed_q8",
+    "rmsnorm_f32",
+    "silu_mul_f32",
+    "add_f32",
+    "rope_f32",
+    "matvec_f32",
+    "matvec_f16",
+    "matvec_bf16",
+    "matmul_f32",
+    "matmul_f16",
+    "matmul_bf16",
+    "quantize_q8",
+    "matvec_q8",
+    "matmul_q8",
+    "matvec_q8_generic",
+    "kv_store_f32",
+    "kv_store_f16",
+    "attention_f32",
+    "attention_f16",
+];
+
+/// One kernel argument, held by value until the launch has read it.
+#[derive(Clone, Copy)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+}
+
+/// Wraps any cudarc failure as a backend error saying what was attempted.
+pub fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("CUDA {what} failed: {e}"))
+}
+
+/// An `int` kernel argument; sizes that do not fit are a backend error.
+pub fn int(v: usize) -> Result<Arg> {
+    i32::try_from(v)
+        .map(Arg::I32)
+        .map_err(|_| Error::Backend(format!("size {v} exceeds the kernels' 32-bit index range")))
+}
+
+/// Opens device 0 after checking the driver library is present (cudarc
+/// panics otherwise).
+pub fn open_context() -> Result<Arc<CudaContext>> {
+    if !crate::libs::driver_present() {
+        return Err(Error::Backend(crate::NO_DRIVER.into()));
+    }
+    let ctx = CudaContext::new(0).map_err(cuda_err("device 0 initialization"))?;
+    // SAFETY: the backend uses a single stream, so cudarc's per-buffer events
+    // (which would also be recorded into captured graphs) are not needed.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
+}
+
+/// The device with its stream and kernels.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+}
+
+impl Device {
+    /// Opens device 0 and loads the kernels (compiled or from the cache).
+    pub fn open() -> Result<Self> {
+        let ctx = open_context()?;
+        let stream = ctx.new_stream().map_err(cuda_err("stream creation"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(cuda_err("compute capability query"))?;
+        let image = crate::compile::kernels_for(cc)?;
+        let module = ctx
+            .load_module(Ptx::from_binary(image))
+            .map_err(cuda_err("kernel module load"))?;
+        let mut funcs = HashMap::new();
+        for name in KERNELS {
+            let f = module
+                .load_function(name)
+                .map_err(|e| Error::Backend(format!("kernel {name} is missing: {e}")))?;
+            funcs.insert(name, f);
+        }
+        Ok(Device { ctx, stream, funcs })
+    }
+
+    /// A zeroed device array of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(|e| Error::Backend(format!("cannot allocate {len} values on the GPU: {e}")))
+    }
+
+    /// A device copy of `data`.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(data)
+            .map_err(cuda_err("host-to-device copy"))
+    }
+
+    /// The raw address of `s`, for a kernel argument.
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> Arg {
+        Arg::Ptr(s.device_ptr(&self.stream).0)
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| Error::Backend(format!("kernel {name} was not loaded")))?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) | Arg::U64(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        // SAFETY: every kernel in KERNELS is launched only from backend.rs,
+        // whose call sites pass the argument list of that kernel's signature
+        // in order, with device addresses of live allocations sized as the
+        // kernel indexes them (shape comments on each buffer).
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| Error::Backend(format!("kernel {name} failed to launch: {e}")))
+    }
+
+    /// A grid-stride launch over `n` elements.
+    pub fn launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+        self.launch(name, (blocks, 1), 256, 0, args)
+    }
+}
