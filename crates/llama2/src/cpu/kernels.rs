@@ -1,9 +1,91 @@
-//! The inner loops of the CPU matmuls: one weight row against one activation
-//! row. These are the functions SIMD versions replace; each has its scalar
-//! twin in `reference.rs` and a test comparing the two.
+//! The inner loops of the CPU ops and the choice of instruction set. An
+//! `Isa` is a SIMD level confirmed on this CPU at run time; every entry point
+//! takes one, runs the architecture's vector kernel (`simd/`) when it has
+//! one for that level and falls back to the scalar loop here otherwise.
+//! Tests pick each level in `Isa::all()` to compare it with `reference.rs`.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::simd;
+use crate::tensor::{HostMatrix, MatrixData};
+
+// ----------------------------------------------------------------------------
+// Instruction set selection
+
+/// SIMD levels, from none to the widest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL with VNNI.
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+            Level::Neon => "neon",
+        }
+    }
+}
+
+/// A SIMD level this CPU supports: holding one is what makes calling its
+/// `unsafe` kernels sound, so it can only be made by checking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Isa {
+    level: Level,
+}
+
+impl Isa {
+    /// `level` if this CPU runs it.
+    pub fn new(level: Level) -> Option<Isa> {
+        simd::supported(level).then_some(Isa { level })
+    }
+
+    /// The scalar loops, available everywhere.
+    pub fn scalar() -> Isa {
+        Isa {
+            level: Level::Scalar,
+        }
+    }
+
+    /// The widest supported level (detected once).
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Isa::all().last().expect("scalar is always supported"))
+    }
+
+    /// Every supported level, narrowest first.
+    pub fn all() -> Vec<Isa> {
+        [Level::Scalar, Level::Avx2, Level::Avx512, Level::Neon]
+            .into_iter()
+            .filter_map(Isa::new)
+            .collect()
+    }
+
+    pub fn level(self) -> Level {
+        self.level
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Vector helpers
+
+/// `a · b`: in index order at the scalar level, in SIMD lanes otherwise.
+pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    simd::dot_f32(isa, a, b).unwrap_or_else(|| dot_f32_scalar(a, b))
+}
 
 /// `a · b`, accumulated in f32 in index order.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut sum = 0f32;
     for (x, y) in a.iter().zip(b) {
         sum += x * y;
@@ -11,20 +93,224 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// `y += a * x`.
+pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
+    if !simd::axpy(isa, y, a, x) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += a * v;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Activation quantization
+
 /// Quantizes one activation row for the W8A8 product: groups of `gs`,
 /// rounding half away from zero as runq does; a final partial group gets its
 /// own scale. `q` has `x.len()` entries, `s` `x.len().div_ceil(gs)`.
 pub fn quantize_row(x: &[f32], gs: usize, q: &mut [i8], s: &mut [f32]) {
     for ((group, qg), scale) in x.chunks(gs).zip(q.chunks_mut(gs)).zip(s.iter_mut()) {
-        let max = group.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *scale = max / 127.0;
-        for (o, &v) in qg.iter_mut().zip(group) {
-            // runq divides; multiplying by an inverse would change roundings.
-            *o = if max == 0.0 {
-                0
-            } else {
-                (v / *scale).round() as i8
-            };
+        *scale = quantize_group_scalar(group, qg);
+    }
+}
+
+/// One group of `quantize_row`; returns its scale.
+fn quantize_group_scalar(group: &[f32], q: &mut [i8]) -> f32 {
+    let max = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = max / 127.0;
+    for (o, &v) in q.iter_mut().zip(group) {
+        // runq divides; multiplying by an inverse would change roundings.
+        *o = if max == 0.0 {
+            0
+        } else {
+            (v / scale).round() as i8
+        };
+    }
+    scale
+}
+
+/// `quantize_row` at `isa`'s level (bit-identical results), also returning
+/// each group's sum of quantized values in `sums`.
+pub fn quantize_row_at(
+    isa: Isa,
+    x: &[f32],
+    gs: usize,
+    q: &mut [i8],
+    s: &mut [f32],
+    sums: &mut [i32],
+) {
+    let groups = x.chunks(gs).zip(q.chunks_mut(gs));
+    for (((group, qg), scale), sum) in groups.zip(s.iter_mut()).zip(sums.iter_mut()) {
+        (*scale, *sum) = simd::quantize_group(isa, group, qg).unwrap_or_else(|| {
+            let scale = quantize_group_scalar(group, qg);
+            (scale, qg.iter().map(|&v| v as i32).sum())
+        });
+    }
+}
+
+/// A batch of activation rows quantized for Q8_0 products, in the layouts
+/// both the scalar and the vector loops read. Buffers are reused.
+#[derive(Default)]
+pub struct Q8Acts {
+    /// Tokens quantized.
+    pub n: usize,
+    /// `n` rounded up to 4; the extra rows repeat the last token, so vector
+    /// tiles of 4 tokens never need a partial load.
+    pub tokens: usize,
+    pub cols: usize,
+    pub gs: usize,
+    /// Values `[tokens][cols]`.
+    pub xq: Vec<i8>,
+    /// Scales `[tokens][groups]`.
+    pub xs: Vec<f32>,
+    /// Scales `[groups][tokens]`.
+    pub xs_t: Vec<f32>,
+    /// `128 * sum of each group's values`, `[groups][tokens]`.
+    pub xc_t: Vec<i32>,
+    sums: Vec<i32>,
+}
+
+impl Q8Acts {
+    /// Quantizes `n` rows of `cols` from `x` in groups of `gs`.
+    pub fn quantize(&mut self, isa: Isa, x: &[f32], n: usize, cols: usize, gs: usize) {
+        let groups = cols.div_ceil(gs);
+        let tokens = n.div_ceil(4) * 4;
+        (self.n, self.tokens, self.cols, self.gs) = (n, tokens, cols, gs);
+        self.xq.resize(tokens * cols, 0);
+        self.xs.resize(tokens * groups, 0.0);
+        self.sums.resize(tokens * groups, 0);
+        for t in 0..tokens {
+            let src = t.min(n - 1);
+            quantize_row_at(
+                isa,
+                &x[src * cols..(src + 1) * cols],
+                gs,
+                &mut self.xq[t * cols..(t + 1) * cols],
+                &mut self.xs[t * groups..(t + 1) * groups],
+                &mut self.sums[t * groups..(t + 1) * groups],
+            );
+        }
+        self.xs_t.resize(tokens * groups, 0.0);
+        self.xc_t.resize(tokens * groups, 0);
+        for t in 0..tokens {
+            for g in 0..groups {
+                self.xs_t[g * tokens + t] = self.xs[t * groups + g];
+                self.xc_t[g * tokens + t] = 128 * self.sums[t * groups + g];
+            }
+        }
+    }
+
+    fn groups(&self) -> usize {
+        self.cols.div_ceil(self.gs)
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Products
+
+/// The element storage of a float weight matrix, for the vector kernels.
+#[derive(Clone, Copy)]
+pub enum WeightRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl WeightRows<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            WeightRows::F32(d) => d.len(),
+            WeightRows::F16(d) => d.len(),
+            WeightRows::BF16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn row_into(&self, j: usize, cols: usize, out: &mut Vec<f32>) {
+        let range = j * cols..(j + 1) * cols;
+        out.clear();
+        match self {
+            WeightRows::F32(d) => out.extend_from_slice(&d[range]),
+            WeightRows::F16(d) => out.extend(d[range].iter().map(|v| v.to_f32())),
+            WeightRows::BF16(d) => out.extend(d[range].iter().map(|v| v.to_f32())),
+        }
+    }
+}
+
+/// `out_t[(j - rows.start) * n + t] = w[j] · x[t]` for weight rows `rows`
+/// and `n` activation rows `x` `[n][w.cols]`: one task's share of a product,
+/// output transposed so the task owns a contiguous slice. `acts` holds `x`
+/// quantized with `w`'s group size when `w` is Q8_0.
+pub fn product(
+    isa: Isa,
+    w: &HostMatrix,
+    x: &[f32],
+    n: usize,
+    acts: Option<&Q8Acts>,
+    rows: Range<usize>,
+    out_t: &mut [f32],
+) {
+    let cols = w.cols;
+    let floats = match &w.data {
+        MatrixData::F32(d) => WeightRows::F32(d),
+        MatrixData::F16(d) => WeightRows::F16(d),
+        MatrixData::BF16(d) => WeightRows::BF16(d),
+        MatrixData::Q8(d) => {
+            let acts = acts.expect("Q8 products need quantized activations");
+            assert!(acts.gs == d.group_size && acts.cols == cols && acts.n == n);
+            if !simd::q8_rows(isa, &d.q, &d.scales, acts, rows.clone(), out_t) {
+                q8_rows_scalar(&d.q, &d.scales, acts, rows, out_t);
+            }
+            return;
+        }
+    };
+    if !simd::f32_rows(isa, floats, cols, x, n, rows.clone(), out_t) {
+        let mut row = Vec::with_capacity(cols);
+        for (j, outs) in rows.zip(out_t.chunks_mut(n)) {
+            floats.row_into(j, cols, &mut row);
+            for (t, o) in outs.iter_mut().enumerate() {
+                *o = dot_f32(isa, &row, &x[t * cols..(t + 1) * cols]);
+            }
+        }
+    }
+}
+
+fn q8_rows_scalar(wq: &[i8], ws: &[f32], a: &Q8Acts, rows: Range<usize>, out_t: &mut [f32]) {
+    let (cols, groups) = (a.cols, a.groups());
+    for (j, outs) in rows.zip(out_t.chunks_mut(a.n)) {
+        for (t, o) in outs.iter_mut().enumerate() {
+            let xq = &a.xq[t * cols..(t + 1) * cols];
+            let xs = &a.xs[t * groups..(t + 1) * groups];
+            *o = dot_q8(wq, ws, a.gs, j, xq, xs);
+        }
+    }
+}
+
+/// Runs `tile` over weight rows `rows` x tokens `0..n` in tiles of `R` rows
+/// and `T` tokens (tokens starting at multiples of `T`), storing results in
+/// `out_t[(j - rows.start) * n + t]`. Partial tiles repeat their last row or
+/// token, whose results are dropped, so tiles always see full arrays.
+pub fn sweep<const R: usize, const T: usize>(
+    rows: Range<usize>,
+    n: usize,
+    out_t: &mut [f32],
+    mut tile: impl FnMut([usize; R], [usize; T]) -> [[f32; T]; R],
+) {
+    let start = rows.start;
+    for j0 in rows.clone().step_by(R) {
+        let js: [usize; R] = std::array::from_fn(|r| (j0 + r).min(rows.end - 1));
+        for t0 in (0..n).step_by(T) {
+            let ts: [usize; T] = std::array::from_fn(|t| (t0 + t).min(n - 1));
+            let v = tile(js, ts);
+            for (r, vr) in v.iter().enumerate().take(rows.end - j0) {
+                let o = &mut out_t[(j0 + r - start) * n..][..n];
+                for (t, &x) in vr.iter().enumerate().take(n - t0) {
+                    o[t0 + t] = x;
+                }
+            }
         }
     }
 }
@@ -35,7 +321,7 @@ pub fn quantize_row(x: &[f32], gs: usize, q: &mut [i8], s: &mut [f32]) {
 pub fn dot_q8(wq: &[i8], ws: &[f32], gs: usize, row: usize, xq: &[i8], xs: &[f32]) -> f32 {
     let cols = xq.len();
     let start = row * cols;
-    if cols % gs == 0 {
+    if cols.is_multiple_of(gs) {
         dot_q8_aligned(&wq[start..start + cols], &ws[start / gs..], gs, xq, xs)
     } else {
         dot_q8_straddling(wq, ws, gs, start, xq, xs)

@@ -1,10 +1,13 @@
 //! The CPU backend: the `Backend` ops on host memory, multi-threaded with a
-//! rayon pool of the requested size. Weights are used in place from the
-//! memory-mapped checkpoint. Tiny products run on the calling thread, since
-//! waking threads costs more than a 64x64 matvec.
+//! persistent rayon pool of the requested size. Weights are used in place
+//! from the memory-mapped checkpoint. Products run the SIMD kernels of the
+//! widest instruction set detected at start-up (`kernels::Isa`); small ones
+//! run on the calling thread, since waking threads costs more than a 64x64
+//! matvec.
 
 pub mod kernels;
 pub mod reference;
+mod simd;
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -13,9 +16,16 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix, MatrixData};
+use kernels::{Isa, Q8Acts};
 
-/// Multiply-adds below which a product is not worth splitting across threads.
-const PARALLEL_WORK: usize = 1 << 15;
+/// Multiply-adds below which a product or attention is not worth splitting
+/// across threads: about 10 microseconds of vector work.
+const PARALLEL_WORK: usize = 1 << 17;
+/// Tasks per thread in a product: enough to even out uneven row ranges,
+/// few enough that each task amortizes its scheduling.
+const TASKS_PER_THREAD: usize = 4;
+/// Row ranges of a product are multiples of this (the largest tile height).
+const TILE_ROWS: usize = 16;
 /// Prompt tokens processed together in one batched step.
 const CPU_BATCH: usize = 64;
 
@@ -30,12 +40,14 @@ pub struct CpuKvCache {
 pub struct CpuBackend {
     pool: ThreadPool,
     threads: usize,
+    isa: Isa,
     /// Storage type matrices are converted to on upload; `None` keeps the file's.
     dtype: Option<DType>,
-    /// Quantized activations for Q8 products, reused between calls.
-    xq: Vec<i8>, // [rows][cols]
-    xs: Vec<f32>, // [rows][cols / gs rounded up]
-    /// Transposed product output `[out_rows][rows]` for batched matmuls.
+    /// The input of the current product quantized for each Q8 group size in
+    /// use (usually one), reused between calls.
+    acts: Vec<Q8Acts>,
+    /// Product outputs of all matrices of one `matmul`, transposed:
+    /// `[sum of rows][tokens]`, so each task owns a contiguous slice.
     scratch: Vec<f32>,
 }
 
@@ -48,6 +60,12 @@ impl CpuBackend {
 
     /// A backend that converts matrices to `dtype` as they are loaded.
     pub fn with_dtype(threads: usize, dtype: Option<DType>) -> Result<Self> {
+        Self::with_isa(threads, dtype, Isa::best())
+    }
+
+    /// A backend using `isa`'s kernels rather than the widest detected
+    /// (tests compare levels; benchmarks measure them).
+    pub fn with_isa(threads: usize, dtype: Option<DType>, isa: Isa) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -55,9 +73,9 @@ impl CpuBackend {
         Ok(CpuBackend {
             threads: pool.current_num_threads(),
             pool,
+            isa,
             dtype,
-            xq: Vec::new(),
-            xs: Vec::new(),
+            acts: Vec::new(),
             scratch: Vec::new(),
         })
     }
@@ -65,90 +83,84 @@ impl CpuBackend {
     pub fn threads(&self) -> usize {
         self.threads
     }
-}
 
-/// Runs `f` over `chunks` of `out`, in parallel when the work is large enough.
-fn for_each_chunk<F>(out: &mut [f32], chunk: usize, work: usize, f: F)
-where
-    F: Fn(usize, &mut [f32]) + Sync + Send,
-{
-    if work < PARALLEL_WORK {
-        out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
-    } else {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+    /// The instruction set the kernels use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Quantizes `x` once for every Q8 group size among `outs`' matrices;
+    /// returns how many entries of `self.acts` are current.
+    fn quantize_inputs(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        outs: &[(&HostMatrix, &mut Vec<f32>)],
+    ) -> usize {
+        let mut used = 0;
+        for (w, _) in outs {
+            let MatrixData::Q8(d) = &w.data else { continue };
+            if self.acts[..used].iter().any(|a| a.gs == d.group_size) {
+                continue;
+            }
+            if self.acts.len() == used {
+                self.acts.push(Q8Acts::default());
+            }
+            self.acts[used].quantize(self.isa, x, n, w.cols, d.group_size);
+            used += 1;
+        }
+        used
     }
 }
 
-/// Output rows per parallel task: enough to amortize scheduling, few enough
-/// to keep all threads busy.
-fn rows_per_task(out_rows: usize, threads: usize) -> usize {
-    out_rows.div_ceil(threads * 8).max(4)
+/// The quantized input matching `w`'s group size, if `w` is Q8.
+fn acts_for<'a>(acts: &'a [Q8Acts], w: &HostMatrix) -> Option<&'a Q8Acts> {
+    match &w.data {
+        MatrixData::Q8(d) => acts.iter().find(|a| a.gs == d.group_size),
+        _ => None,
+    }
 }
 
-impl CpuBackend {
-    /// `out_t[j][r] = w[j] · x[r]`: the product with a transposed output, so
-    /// each task owns whole weight rows and reads each row once for the batch.
-    fn product(&mut self, w: &HostMatrix, x: &[f32], rows: usize, out_t: &mut [f32]) {
-        let cols = w.cols;
-        let task_rows = rows_per_task(w.rows, self.threads);
-        let work = w.rows * cols * rows;
-        let out_t = &mut out_t[..w.rows * rows];
-        match &w.data {
-            MatrixData::F32(data) => self.pool.install(|| {
-                for_each_chunk(out_t, task_rows * rows, work, |t, chunk| {
-                    for (jj, outs) in chunk.chunks_mut(rows).enumerate() {
-                        let j = t * task_rows + jj;
-                        let wrow = &data[j * cols..(j + 1) * cols];
-                        for (r, o) in outs.iter_mut().enumerate() {
-                            *o = kernels::dot_f32(wrow, &x[r * cols..(r + 1) * cols]);
-                        }
-                    }
-                })
-            }),
-            MatrixData::F16(_) | MatrixData::BF16(_) => self.pool.install(|| {
-                for_each_chunk(out_t, task_rows * rows, work, |t, chunk| {
-                    for (jj, outs) in chunk.chunks_mut(rows).enumerate() {
-                        let wrow = w.row_f32(t * task_rows + jj);
-                        for (r, o) in outs.iter_mut().enumerate() {
-                            *o = kernels::dot_f32(&wrow, &x[r * cols..(r + 1) * cols]);
-                        }
-                    }
-                })
-            }),
-            MatrixData::Q8(d) => {
-                let gs = d.group_size;
-                let groups = cols.div_ceil(gs);
-                self.xq.resize(rows * cols, 0);
-                self.xs.resize(rows * groups, 0.0);
-                for r in 0..rows {
-                    kernels::quantize_row(
-                        &x[r * cols..(r + 1) * cols],
-                        gs,
-                        &mut self.xq[r * cols..(r + 1) * cols],
-                        &mut self.xs[r * groups..(r + 1) * groups],
-                    );
-                }
-                let (xq, xs) = (&self.xq, &self.xs);
-                self.pool.install(|| {
-                    for_each_chunk(out_t, task_rows * rows, work, |t, chunk| {
-                        for (jj, outs) in chunk.chunks_mut(rows).enumerate() {
-                            let j = t * task_rows + jj;
-                            for (r, o) in outs.iter_mut().enumerate() {
-                                *o = kernels::dot_q8(
-                                    &d.q,
-                                    &d.scales,
-                                    gs,
-                                    j,
-                                    &xq[r * cols..(r + 1) * cols],
-                                    &xs[r * groups..(r + 1) * groups],
-                                );
-                            }
-                        }
-                    })
-                })
-            }
+/// Computes global rows `g0..g0 + out_t.len() / n` of the matrices of `ws`
+/// stacked on top of each other, into `out_t` `[rows][n]`.
+fn product_range(
+    isa: Isa,
+    ws: &[(&HostMatrix, &mut Vec<f32>)],
+    acts: &[Q8Acts],
+    x: &[f32],
+    n: usize,
+    g0: usize,
+    out_t: &mut [f32],
+) {
+    let g1 = g0 + out_t.len() / n;
+    let mut offset = 0;
+    for (w, _) in ws {
+        let (lo, hi) = (g0.max(offset), g1.min(offset + w.rows));
+        if lo < hi {
+            let out = &mut out_t[(lo - g0) * n..(hi - g0) * n];
+            kernels::product(
+                isa,
+                w,
+                x,
+                n,
+                acts_for(acts, w),
+                lo - offset..hi - offset,
+                out,
+            );
+        }
+        offset += w.rows;
+    }
+}
+
+/// Copies matrix `j`-major results `src` `[rows][n]` to `dst` `[n][rows]`.
+fn untranspose(src: &[f32], n: usize, rows: usize, dst: &mut [f32]) {
+    if n == 1 {
+        dst[..rows].copy_from_slice(src);
+        return;
+    }
+    for (j, col) in src.chunks_exact(n).enumerate() {
+        for (t, &v) in col.iter().enumerate() {
+            dst[t * rows + j] = v;
         }
     }
 }
@@ -161,8 +173,16 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         match self.dtype {
-            Some(dt) => format!("cpu ({} threads, {dt} weights)", self.threads),
-            None => format!("cpu ({} threads)", self.threads),
+            Some(dt) => format!(
+                "cpu ({} threads, {}, {dt} weights)",
+                self.threads,
+                self.isa.level().name()
+            ),
+            None => format!(
+                "cpu ({} threads, {})",
+                self.threads,
+                self.isa.level().name()
+            ),
         }
     }
 
@@ -225,21 +245,32 @@ impl Backend for CpuBackend {
         rows: usize,
         outs: &mut [(&HostMatrix, &mut Vec<f32>)],
     ) -> Result<()> {
-        for (w, out) in outs.iter_mut() {
-            if rows == 1 {
-                self.product(w, x, 1, out);
-                continue;
-            }
-            let mut scratch = std::mem::take(&mut self.scratch);
-            scratch.resize(w.rows * rows, 0.0);
-            self.product(w, x, rows, &mut scratch);
-            for (j, col) in scratch.chunks_exact(rows).enumerate() {
-                for (r, &v) in col.iter().enumerate() {
-                    out[r * w.rows + j] = v;
-                }
-            }
-            self.scratch = scratch;
+        let n = rows;
+        let used = self.quantize_inputs(x, n, outs);
+        let total: usize = outs.iter().map(|(w, _)| w.rows).sum();
+        let work = total * outs.first().map_or(0, |(w, _)| w.cols) * n;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(total * n, 0.0);
+        let ws = &*outs;
+        let (isa, acts, x) = (self.isa, &self.acts[..used], &x[..]);
+        if work < PARALLEL_WORK || self.threads == 1 {
+            product_range(isa, ws, acts, x, n, 0, &mut scratch);
+        } else {
+            let tasks = self.threads * TASKS_PER_THREAD;
+            let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
+            self.pool.install(|| {
+                scratch
+                    .par_chunks_mut(chunk * n)
+                    .enumerate()
+                    .for_each(|(k, out_t)| product_range(isa, ws, acts, x, n, k * chunk, out_t))
+            });
         }
+        let mut offset = 0;
+        for (w, out) in outs.iter_mut() {
+            untranspose(&scratch[offset * n..(offset + w.rows) * n], n, w.rows, out);
+            offset += w.rows;
+        }
+        self.scratch = scratch;
         Ok(())
     }
 
@@ -283,10 +314,12 @@ impl Backend for CpuBackend {
         let keys = &cache.keys[base..base + cache.layer_len];
         let values = &cache.values[base..base + cache.layer_len];
         let work = rows * c.n_heads * (pos0 + rows) * hs * 2;
+        let isa = self.isa;
         let head = |(i, oh): (usize, &mut [f32]), att: &mut Vec<f32>| {
             let (r, h) = (i / c.n_heads, i % c.n_heads);
             let qh = &q[r * d + h * hs..][..hs];
             attend_head(
+                isa,
                 oh,
                 att,
                 qh,
@@ -348,6 +381,7 @@ impl Backend for CpuBackend {
 /// sum of values into `out` `[hs]`. `att` is scratch for the scores.
 #[allow(clippy::too_many_arguments)]
 fn attend_head(
+    isa: Isa,
     out: &mut [f32],
     att: &mut Vec<f32>,
     qh: &[f32],
@@ -360,13 +394,12 @@ fn attend_head(
     let (hs, kv) = (c.head_size(), c.kv_dim());
     let scale = (hs as f32).sqrt();
     att.clear();
-    att.extend((0..=pos).map(|t| kernels::dot_f32(qh, &keys[t * kv + kv_off..][..hs]) / scale));
+    att.extend(
+        (0..=pos).map(|t| kernels::dot_f32(isa, qh, &keys[t * kv + kv_off..][..hs]) / scale),
+    );
     reference::softmax(att);
     out.fill(0.0);
     for (t, &a) in att.iter().enumerate() {
-        let vt = &values[t * kv + kv_off..][..hs];
-        for (o, &v) in out.iter_mut().zip(vt) {
-            *o += a * v;
-        }
+        kernels::axpy(isa, out, a, &values[t * kv + kv_off..][..hs]);
     }
 }

@@ -1,0 +1,38 @@
+//! Targets without SIMD kernels: only the scalar level exists, and every
+//! function declines so the scalar loops in `kernels.rs` run.
+
+use super::super::kernels::{Isa, Level, Q8Acts, WeightRows};
+use std::ops::Range;
+
+pub fn supported(level: Level) -> bool {
+    level == Level::Scalar
+}
+
+pub fn dot_f32(_: Isa, _: &[f32], _: &[f32]) -> Option<f32> {
+    None
+}
+
+pub fn axpy(_: Isa, _: &mut [f32], _: f32, _: &[f32]) -> bool {
+    false
+}
+
+pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn f32_rows(
+    _: Isa,
+    _: WeightRows,
+    _: usize,
+    _: &[f32],
+    _: usize,
+    _: Range<usize>,
+    _: &mut [f32],
+) -> bool {
+    false
+}
+
+pub fn q8_rows(_: Isa, _: &[i8], _: &[f32], _: &Q8Acts, _: Range<usize>, _: &mut [f32]) -> bool {
+    false
+}
