@@ -11,6 +11,7 @@ use llama2::tensor::MatrixData;
 use llama2::{Backend, Config, DType, Error, HostMatrix, Result};
 
 use crate::device::{cuda_err, int, Arg, Device};
+use crate::gemm::{Gemm, GemmType};
 
 /// Prompt tokens processed together in one batched step.
 const MAX_BATCH: usize = 512;
@@ -77,6 +78,12 @@ pub struct CudaBackend {
     eager_decodes: usize,
     /// False when LLAMA2_CUDA_GRAPHS=0: every step runs eagerly.
     graphs: bool,
+    /// cuBLAS for batched f32/f16/bf16 products, created on first use;
+    /// `None` after a failed start (the matmul kernels are used instead).
+    gemm: Option<Gemm>,
+    gemm_tried: bool,
+    /// Activations rounded to f16/bf16 for GemmEx, grown on demand.
+    x16: CudaSlice<u16>, // [rows][cols]
 }
 
 impl CudaBackend {
@@ -88,6 +95,9 @@ impl CudaBackend {
         let step_buf = dev.zeros(1 + MAX_BATCH)?;
         let (xq, xs) = (dev.zeros(1)?, dev.zeros(1)?);
         let graphs = std::env::var("LLAMA2_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        // LLAMA2_CUDA_CUBLAS=0 keeps prefill on the built-in kernels.
+        let gemm_tried = std::env::var("LLAMA2_CUDA_CUBLAS").is_ok_and(|v| v == "0");
+        let x16 = dev.zeros(1)?;
         Ok(CudaBackend {
             dev,
             name,
@@ -101,6 +111,9 @@ impl CudaBackend {
             graph: None,
             eager_decodes: 0,
             graphs,
+            gemm: None,
+            gemm_tried,
+            x16,
         })
     }
 
@@ -242,6 +255,9 @@ impl CudaBackend {
                 return self.product_q8(x, rows, w, (q, scales, *gs), out, quantized)
             }
         };
+        if batched && self.gemm_product(op, wptr, x, rows, w, out)? {
+            return Ok(());
+        }
         let name = format!("{}_{op}", if batched { "matmul" } else { "matvec" });
         let args = [
             self.dev.ptr(out),
@@ -253,6 +269,50 @@ impl CudaBackend {
         ];
         self.dev
             .launch(&name, (blocks, row_blocks), MATVEC_THREADS, 0, &args)
+    }
+
+    /// The batched product through cuBLAS; false when cuBLAS is unavailable.
+    fn gemm_product(
+        &mut self,
+        op: &str,
+        wptr: Arg,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaMatrix,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<bool> {
+        if !self.gemm_tried {
+            self.gemm_tried = true;
+            self.gemm = Gemm::new(self.dev.stream.clone()).ok();
+        }
+        if self.gemm.is_none() {
+            return Ok(false);
+        }
+        let (ty, convert) = match op {
+            "f16" => (GemmType::F16, Some("convert_f16")),
+            "bf16" => (GemmType::BF16, Some("convert_bf16")),
+            _ => (GemmType::F32, None),
+        };
+        let n = rows * w.cols;
+        let xin = match convert {
+            None => self.dev.addr(x),
+            Some(kernel) => {
+                if self.x16.len() < n {
+                    self.x16 = self.dev.zeros(n)?;
+                }
+                let args = [self.dev.ptr(&self.x16), self.dev.ptr(x), Arg::U64(n as u64)];
+                self.dev.launch_1d(kernel, n, &args)?;
+                self.dev.addr(&self.x16)
+            }
+        };
+        let Arg::Ptr(waddr) = wptr else {
+            return Err(Error::Backend("weight argument is not an address".into()));
+        };
+        let gemm = self.gemm.as_ref().expect("checked above");
+        // SAFETY: the weight holds w.rows * w.cols values, x (or its rounded
+        // copy) rows * cols, out rows * w.rows (the model's buffer shapes).
+        unsafe { gemm.run(ty, waddr, xin, self.dev.addr(out), w.rows, w.cols, rows) }?;
+        Ok(true)
     }
 
     /// The W8A8 product: quantize x (once per group size), then int8 dots.

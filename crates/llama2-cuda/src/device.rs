@@ -123,7 +123,12 @@ impl Device {
 
     /// The raw address of `s`, for a kernel argument.
     pub fn ptr<T>(&self, s: &CudaSlice<T>) -> Arg {
-        Arg::Ptr(s.device_ptr(&self.stream).0)
+        Arg::Ptr(self.addr(s))
+    }
+
+    /// The raw address of `s`, for library calls.
+    pub fn addr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
     }
 
     /// Launches kernel `name` on the stream.

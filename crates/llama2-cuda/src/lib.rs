@@ -7,6 +7,7 @@
 //! | `libs.rs`     | finding libcuda / libnvrtc / libcublas without panicking     |
 //! | `compile.rs`  | joining the kernel files, NVRTC compile, the on-disk cache   |
 //! | `device.rs`   | context, stream, kernel lookup, allocation and launch helpers |
+//! | `gemm.rs`     | cuBLAS GEMMs for batched prefill (f32, f16, bf16)            |
 //! | `backend.rs`  | `CudaBackend`: every `Backend` op, CUDA-graph decode steps    |
 //!
 //! Everything is loaded at run time (cudarc's dynamic loading), so the crate
@@ -16,6 +17,7 @@
 mod backend;
 mod compile;
 mod device;
+mod gemm;
 mod libs;
 
 use std::time::Instant;

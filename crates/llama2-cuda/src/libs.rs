@@ -28,6 +28,12 @@ fn search_dirs() -> Vec<PathBuf> {
 fn file_names(lib: &str) -> &'static [&'static str] {
     match lib {
         "nvrtc" => &["libnvrtc-builtins.so.13.0", "libnvrtc.so.13", "libnvrtc.so"],
+        "cublas" => &[
+            "libcublasLt.so.13",
+            "libcublas.so.13",
+            "libcublasLt.so",
+            "libcublas.so",
+        ],
         "cuda" => &["libcuda.so.1", "libcuda.so"],
         _ => &[],
     }
@@ -79,6 +85,17 @@ pub fn nvrtc_present() -> bool {
     *P.get_or_init(|| {
         present("nvrtc", || unsafe {
             cudarc::nvrtc::sys::is_culib_present()
+        })
+    })
+}
+
+/// cuBLAS can be loaded.
+pub fn cublas_present() -> bool {
+    static P: OnceLock<bool> = OnceLock::new();
+    // SAFETY: is_culib_present only tries to dlopen candidate names.
+    *P.get_or_init(|| {
+        present("cublas", || unsafe {
+            cudarc::cublas::sys::is_culib_present()
         })
     })
 }
