@@ -1,0 +1,322 @@
+//! The CPU kernels against their scalar twins in `cpu::reference`, at every
+//! SIMD level this machine supports (scalar included): dot products,
+//! activation quantization, products for each weight type (Q8_0 with
+//! straddling group sizes too), the backend's rmsnorm, rope and attention,
+//! and batched prefill against one token at a time. Shapes are random,
+//! seeded, and include sizes that are not multiples of the vector width or
+//! the group size.
+
+use llama2::cpu::kernels::{self, Isa, Q8Acts};
+use llama2::cpu::reference;
+use llama2::sampler::Rng;
+use llama2::{Backend, Config, CpuBackend, DType, HostMatrix, LanguageModel, Transformer};
+
+fn random_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+}
+
+fn below(rng: &mut Rng, n: usize) -> usize {
+    rng.next_u32() as usize % n
+}
+
+/// Asserts `got` matches `want` within a relative error `tol` (of the
+/// vector's RMS), printing the first mismatches (index, got, want).
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let rms = (want.iter().map(|w| w * w).sum::<f32>() / want.len().max(1) as f32).sqrt();
+    let bound = tol * rms.max(1e-6);
+    let bad: Vec<_> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| (*g - *w).abs() > bound || g.is_nan())
+        .take(5)
+        .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+        .collect();
+    assert!(bad.is_empty(), "{what}: bound {bound}: {}", bad.join(", "));
+}
+
+/// Asserts bit-identical results, printing the first mismatches.
+fn assert_same<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let bad: Vec<_> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| g != w)
+        .take(5)
+        .map(|(i, (g, w))| format!("[{i}] got {g:?} want {w:?}"))
+        .collect();
+    assert!(bad.is_empty(), "{what}: {}", bad.join(", "));
+}
+
+#[test]
+fn levels_include_scalar_and_best() {
+    let all = Isa::all();
+    assert_eq!(all[0], Isa::scalar());
+    assert!(all.contains(&Isa::best()));
+}
+
+#[test]
+fn dot_and_axpy_match_scalar() {
+    let mut rng = Rng::new(1);
+    for isa in Isa::all() {
+        for len in [0, 1, 7, 8, 15, 16, 17, 33, 64, 100, 288, 1001] {
+            let (a, b) = (random_vec(&mut rng, len), random_vec(&mut rng, len));
+            let want = kernels::dot_f32_scalar(&a, &b);
+            let got = kernels::dot_f32(isa, &a, &b);
+            let what = format!("dot {isa:?} len {len}");
+            assert_close(&what, &[got], &[want], 1e-5 * (len as f32).sqrt().max(1.0));
+            let mut y = a.clone();
+            kernels::axpy(isa, &mut y, 0.7, &b);
+            let want: Vec<f32> = a.iter().zip(&b).map(|(y, x)| y + 0.7 * x).collect();
+            assert_close(&format!("axpy {isa:?} len {len}"), &y, &want, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn quantize_is_bit_identical_to_reference() {
+    let mut rng = Rng::new(2);
+    for isa in Isa::all() {
+        for &gs in &[3, 4, 5, 16, 32, 64] {
+            for len in [1, 5, 31, 32, 64, 96, 100, 288] {
+                let mut x: Vec<f32> = random_vec(&mut rng, len).iter().map(|v| v * 3.0).collect();
+                // Exact ties (k + 0.5) * scale and an all-zero group.
+                x[0] = 1.0;
+                if len > 2 {
+                    x[1] = 63.5 / 127.0;
+                }
+                if len > gs * 2 {
+                    x[gs..2 * gs].fill(0.0);
+                }
+                let (wq, ws) = reference::quantize_activation(&x, gs);
+                let groups = len.div_ceil(gs);
+                let (mut q, mut s, mut sums) =
+                    (vec![0i8; len], vec![0f32; groups], vec![0; groups]);
+                kernels::quantize_row_at(isa, &x, gs, &mut q, &mut s, &mut sums);
+                let what = format!("quantize {isa:?} gs {gs} len {len}");
+                assert_same(&what, &q, &wq);
+                assert_same(&what, &s, &ws);
+                let want_sums: Vec<i32> = wq
+                    .chunks(gs)
+                    .map(|g| g.iter().map(|&v| v as i32).sum())
+                    .collect();
+                assert_same(&what, &sums, &want_sums);
+            }
+        }
+    }
+}
+
+/// A random `[rows][cols]` matrix in `dtype` (Q8 with groups of `gs`).
+fn matrix(rng: &mut Rng, rows: usize, cols: usize, dtype: DType, gs: usize) -> HostMatrix {
+    let m = HostMatrix::from_f32(rows, cols, random_vec(rng, rows * cols));
+    m.convert(dtype, gs)
+}
+
+/// `kernels::product` over all rows of `w`, split in two ranges as a
+/// parallel matmul would, returned as `[n][rows]`.
+fn product(isa: Isa, w: &HostMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    let mut acts = Q8Acts::default();
+    let q8 = if let llama2::tensor::MatrixData::Q8(d) = &w.data {
+        acts.quantize(isa, x, n, w.cols, d.group_size);
+        Some(&acts)
+    } else {
+        None
+    };
+    let mut out_t = vec![0f32; w.rows * n];
+    let split = w.rows / 3;
+    let (a, b) = out_t.split_at_mut(split * n);
+    kernels::product(isa, w, x, n, q8, 0..split, a);
+    kernels::product(isa, w, x, n, q8, split..w.rows, b);
+    let mut out = vec![0f32; w.rows * n];
+    for j in 0..w.rows {
+        for t in 0..n {
+            out[t * w.rows + j] = out_t[j * n + t];
+        }
+    }
+    out
+}
+
+#[test]
+fn float_products_match_reference() {
+    let mut rng = Rng::new(3);
+    for isa in Isa::all() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for _ in 0..12 {
+                let (rows, cols, n) = (
+                    1 + below(&mut rng, 40),
+                    1 + below(&mut rng, 300),
+                    1 + below(&mut rng, 9),
+                );
+                let w = matrix(&mut rng, rows, cols, dtype, 1);
+                let x = random_vec(&mut rng, n * cols);
+                let got = product(isa, &w, &x, n);
+                let wf = w.to_f32();
+                for t in 0..n {
+                    let mut want = vec![0f32; rows];
+                    reference::matvec_f32(&mut want, &wf, &x[t * cols..(t + 1) * cols]);
+                    let what = format!("{dtype} {isa:?} {rows}x{cols} n {n} token {t}");
+                    assert_close(&what, &got[t * rows..(t + 1) * rows], &want, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_products_match_reference() {
+    let mut rng = Rng::new(4);
+    // (gs, cols): aligned fast cases, a half-chunk tail, and groups that
+    // straddle rows (cols not a multiple of gs).
+    let cases = [
+        (32, 288),
+        (32, 96),
+        (64, 128),
+        (64, 768),
+        (4, 64),
+        (4, 172),
+        (3, 7),
+        (5, 12),
+        (32, 40),
+    ];
+    for isa in Isa::all() {
+        for &(gs, cols) in &cases {
+            for n in [1, 3, 4, 9] {
+                let mut rows = 1 + below(&mut rng, 40);
+                while !(rows * cols).is_multiple_of(gs) {
+                    rows += 1;
+                }
+                let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
+                let x = random_vec(&mut rng, n * cols);
+                let got = product(isa, &w, &x, n);
+                let llama2::tensor::MatrixData::Q8(d) = &w.data else {
+                    unreachable!()
+                };
+                for t in 0..n {
+                    let mut want = vec![0f32; rows];
+                    reference::matvec_q8(
+                        &mut want,
+                        &d.q,
+                        &d.scales,
+                        gs,
+                        &x[t * cols..(t + 1) * cols],
+                    );
+                    let what = format!("q8 gs {gs} {isa:?} {rows}x{cols} n {n} token {t}");
+                    assert_same(&what, &got[t * rows..(t + 1) * rows], &want);
+                }
+            }
+        }
+    }
+}
+
+fn small_config() -> Config {
+    Config {
+        dim: 48,
+        hidden_dim: 100,
+        n_layers: 2,
+        n_heads: 6,
+        n_kv_heads: 3,
+        vocab_size: 67,
+        seq_len: 80,
+        shared_classifier: true,
+    }
+}
+
+#[test]
+fn backend_rmsnorm_rope_attention_match_reference() {
+    let c = small_config();
+    let (d, kv) = (c.dim, c.kv_dim());
+    let mut rng = Rng::new(5);
+    for isa in Isa::all() {
+        let mut b = CpuBackend::with_isa(2, None, isa).unwrap();
+        let rows = 5;
+        let x = random_vec(&mut rng, rows * d);
+        let w = random_vec(&mut rng, d);
+        let mut out = b.buffer(rows * d).unwrap();
+        b.rmsnorm(&mut out, &x, &w, rows).unwrap();
+        for r in 0..rows {
+            let mut want = vec![0f32; d];
+            reference::rmsnorm(&mut want, &x[r * d..(r + 1) * d], &w);
+            assert_close(
+                &format!("rmsnorm {isa:?} row {r}"),
+                &out[r * d..(r + 1) * d],
+                &want,
+                1e-6,
+            );
+        }
+
+        let pos0 = 7;
+        let (mut q, mut k) = (
+            random_vec(&mut rng, rows * d),
+            random_vec(&mut rng, rows * kv),
+        );
+        let (mut wq, mut wk) = (q.clone(), k.clone());
+        b.rope(&mut q, &mut k, rows, pos0, &c).unwrap();
+        for r in 0..rows {
+            reference::rope(
+                &mut wq[r * d..(r + 1) * d],
+                &mut wk[r * kv..(r + 1) * kv],
+                pos0 + r,
+                c.head_size(),
+            );
+        }
+        assert_close(&format!("rope q {isa:?}"), &q, &wq, 1e-6);
+        assert_close(&format!("rope k {isa:?}"), &k, &wk, 1e-6);
+
+        // Fill positions 0..pos0 one token at a time, then a batch of `rows`.
+        let mut cache = b.kv_cache(&c).unwrap();
+        let (mut keys, mut values) = (vec![0f32; c.seq_len * kv], vec![0f32; c.seq_len * kv]);
+        let mut out = b.buffer(c.seq_len * d).unwrap();
+        for (pos, n) in [(0, 1), (1, pos0 - 1), (pos0, rows)] {
+            let (q, k, v) = (
+                random_vec(&mut rng, n * d),
+                random_vec(&mut rng, n * kv),
+                random_vec(&mut rng, n * kv),
+            );
+            b.attention(&mut out, &q, &k, &v, &mut cache, 1, n, pos, &c)
+                .unwrap();
+            keys[pos * kv..(pos + n) * kv].copy_from_slice(&k);
+            values[pos * kv..(pos + n) * kv].copy_from_slice(&v);
+            for r in 0..n {
+                let mut want = vec![0f32; d];
+                reference::attention(
+                    &mut want,
+                    &q[r * d..(r + 1) * d],
+                    &keys,
+                    &values,
+                    pos + r,
+                    &c,
+                );
+                let what = format!("attention {isa:?} pos {}", pos + r);
+                assert_close(&what, &out[r * d..(r + 1) * d], &want, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_forward_matches_one_token_at_a_time() {
+    let c = small_config();
+    let tokens: Vec<u32> = (0..70)
+        .map(|i| (i * 31 + 5) % c.vocab_size as u32)
+        .collect();
+    let v = c.vocab_size;
+    for dtype in [DType::F32, DType::BF16, DType::Q8] {
+        let weights = llama2::synth::random_weights(&c, dtype, 11);
+        for isa in Isa::all() {
+            let backend = CpuBackend::with_isa(2, None, isa).unwrap();
+            let mut batched = Transformer::new(backend, &weights).unwrap();
+            let all = batched.forward_all(&tokens, 0).unwrap().to_vec();
+            let backend = CpuBackend::with_isa(1, None, isa).unwrap();
+            let mut single = Transformer::new(backend, &weights).unwrap();
+            for (pos, &t) in tokens.iter().enumerate() {
+                let got = &all[pos * v..(pos + 1) * v];
+                let want = single.forward(&[t], pos).unwrap();
+                // Q8 rounds activations; a last-bit difference can flip one value.
+                let tol = if dtype == DType::Q8 { 2e-2 } else { 1e-4 };
+                assert_close(&format!("{dtype} {isa:?} pos {pos}"), got, want, tol);
+            }
+        }
+    }
+}
