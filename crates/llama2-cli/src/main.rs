@@ -12,12 +12,12 @@ mod run;
 use std::io::ErrorKind;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use args::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_with_usage(e));
     let result = match cli.command {
         Some(Command::Tokenize(a)) => run::tokenize(&a),
         Some(Command::Bench(a)) => bench::bench(&a),
@@ -34,6 +34,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a command-line error and exits with 2, like clap, but always
+/// with the usage line (clap leaves it out of bad-value errors).
+fn exit_with_usage(e: clap::Error) -> ! {
+    let text = e.render().to_string();
+    if !e.use_stderr() || text.contains("Usage:") {
+        e.exit()
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    // The usage of the subcommand being parsed, if any.
+    let sub = std::env::args().nth(1).unwrap_or_default();
+    let usage = match cmd.find_subcommand_mut(&sub) {
+        Some(sub) => sub.render_usage().to_string(),
+        None => cmd.render_usage().to_string(),
+    };
+    let hint = "For more information, try '--help'.";
+    let text = match text.find(hint) {
+        Some(at) => format!("{}{usage}\n\n{}", &text[..at], &text[at..]),
+        None => format!("{text}\n{usage}\n"),
+    };
+    eprint!("{text}");
+    std::process::exit(e.exit_code())
 }
 
 /// Whether the error is stdout having been closed by the reader (`| head`).
