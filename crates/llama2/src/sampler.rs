@@ -87,6 +87,12 @@ impl Sampler {
                 .filter(|(_, &p)| p >= cutoff)
                 .map(|(i, &p)| (p, i as u32)),
         );
+        if self.candidates.is_empty() {
+            // Nothing passes the filter: a flat distribution with a tiny
+            // top-p, or NaN probabilities. llama2.c reads before its array
+            // here; sample from all tokens instead.
+            return sample_mult(probs, coin);
+        }
         let kept = sort_until_mass(&mut self.candidates, self.topp);
         let mut cumulative = 0f32;
         let mut last = kept.len() - 1;
