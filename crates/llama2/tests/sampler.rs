@@ -188,3 +188,29 @@ fn rng_coins_are_24_bit_fractions_in_unit_interval() {
     assert_eq!(a, b);
     assert_ne!(a, c);
 }
+
+#[test]
+fn degenerate_distributions_do_not_panic() {
+    // A flat distribution with a tiny top-p: every probability (1/512) is
+    // below the candidate cutoff (1 - p) / (V - 1), so no token passes the
+    // filter (llama2.c then reads before its array). Sample them all instead.
+    let mut s = Sampler::new(1.0, 0.001, 1);
+    let mut rng = Rng::new(1);
+    for _ in 0..20 {
+        let got = s.sample(&mut [0.0; 512]);
+        let coin = rng.next_f32();
+        assert_eq!(got, (coin * 512.0) as u32);
+    }
+    // NaN or infinite logits (a broken model): some token, no panic.
+    for logits in [
+        vec![f32::NAN; 16],
+        vec![f32::INFINITY; 16],
+        vec![f32::NEG_INFINITY; 16],
+        vec![0.0, f32::NAN, 1.0, f32::INFINITY],
+    ] {
+        for (t, p) in [(0.0, 0.9), (1.0, 0.9), (1.0, 0.0), (0.5, 0.5)] {
+            let token = Sampler::new(t, p, 3).sample(&mut logits.clone());
+            assert!((token as usize) < logits.len());
+        }
+    }
+}
