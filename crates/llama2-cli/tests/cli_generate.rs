@@ -301,3 +301,36 @@ fn help_and_version() {
     let r = llama2(&["tokenize", "--help"]);
     assert!(r.ok().contains("Usage"));
 }
+
+#[test]
+fn synth_files_load_and_run_in_every_format() {
+    let dir = TempDir::new("synth");
+    for format in ["v0", "v1", "v2"] {
+        let path = dir.path(&format!("synth_{format}.bin"));
+        let r = llama2(&[
+            "synth",
+            "--shape",
+            "stories260K",
+            "--format",
+            format,
+            "--seed",
+            "3",
+            &arg(&path),
+        ]);
+        r.ok();
+        let w = llama2::checkpoint::load(&path).unwrap();
+        assert_eq!(w.config.vocab_size, 512);
+        let r = llama2(&[
+            &arg(&path),
+            "-z",
+            &arg(&model_path("tok512.bin")),
+            "-t",
+            "0",
+            "-n",
+            "16",
+            "--device",
+            "cpu",
+        ]);
+        r.ok();
+    }
+}
