@@ -21,6 +21,23 @@ __device__ __forceinline__ void kv_store(C* kc, C* vc, const float* k, const flo
     cache_put(vc, at, v[t]);
 }
 
+// Rope of q [rows][D] and k [rows][KV] (as rope_f32) fused with the store
+// of k and v into the cache (as kv_store): one thread per rotated pair.
+// Grid: (ceil(D / 2 / blockDim), rows).
+template <typename C>
+__device__ __forceinline__ void rope_kv_store(C* kc, C* vc, float* q, float* k, const float* v,
+                                              const int* step, size_t layer_off, int d, int kv,
+                                              int head_size) {
+    int i = 2 * (blockIdx.x * blockDim.x + threadIdx.x), r = blockIdx.y;
+    if (!rope_pair(q, k, step, d, kv, head_size, i, r) || i >= kv) return;
+    size_t at = layer_off + (size_t)(STEP_POS0(step) + r) * kv + i;
+    size_t t = (size_t)r * kv + i;
+    cache_put(kc, at, k[t]);
+    cache_put(kc, at + 1, k[t + 1]);
+    cache_put(vc, at, v[t]);
+    cache_put(vc, at + 1, v[t + 1]);
+}
+
 // One block per (head, row). Dynamic shared memory: q [hs], partial sums
 // [blockDim], scores [seq_len]. Scores are scaled and softmaxed in place as
 // in reference::attention; the weighted sum of values splits positions over
@@ -100,6 +117,20 @@ extern "C" __global__ void kv_store_f16(u16* kc, u16* vc, const float* k, const 
                                         const int* step, unsigned long long layer_off, int kv,
                                         int rows) {
     kv_store<u16>(kc, vc, k, v, step, layer_off, kv, rows);
+}
+
+extern "C" __global__ void rope_kv_store_f32(float* kc, float* vc, float* q, float* k,
+                                             const float* v, const int* step,
+                                             unsigned long long layer_off, int d, int kv,
+                                             int head_size) {
+    rope_kv_store<float>(kc, vc, q, k, v, step, layer_off, d, kv, head_size);
+}
+
+extern "C" __global__ void rope_kv_store_f16(u16* kc, u16* vc, float* q, float* k,
+                                             const float* v, const int* step,
+                                             unsigned long long layer_off, int d, int kv,
+                                             int head_size) {
+    rope_kv_store<u16>(kc, vc, q, k, v, step, layer_off, d, kv, head_size);
 }
 
 extern "C" __global__ void attention_f32(float* out, const float* q, const float* kc,

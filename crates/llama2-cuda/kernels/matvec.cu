@@ -1,8 +1,24 @@
-// Weight-times-activation products: out[r][j] = w[j] . x[r]. One warp per
-// weight row streams the row once in 16-byte chunks and applies it to R batch
-// rows at a time (R = 1 for decoding, 8 for prefill); partial sums meet in a
-// warp shuffle. Grid: (ceil(n_out / warps per block), ceil(rows / R)).
+// Weight-times-activation products: out[r][j] = w[j] . x[r].
+//
+// Decoding (one activation row): `matvec_*` kernels, one warp per weight row
+// (two for the SwiGLU pair), each lane streaming 16-byte chunks of the row
+// with several loads issued before any is used, so enough bytes are in
+// flight to keep HBM busy. One launch serves up to three matrices sharing
+// the input (QKV, w1/w3), and an epilogue `mode` fuses the op that follows:
+//   MODE_PLAIN   out_m[j] = w_m[j] . x                  (grid over n0+n1+n2 rows)
+//   MODE_RESIDUAL out0[j] = w0[j] . x; res[j] += out0[j] (wo, w2 + residual add)
+//   MODE_SWIGLU  out1[j] = w1[j] . x; out0[j] = silu(w0[j] . x) * out1[j]
+//                                                        (w1, w3 + SwiGLU gate)
+// Prefill without cuBLAS: `matmul_*` kernels, one warp per weight row applied
+// to R = 8 batch rows at a time; grid (ceil(n_out / warps), ceil(rows / R)).
 // Rows whose byte length is not a multiple of 16 take a scalar loop instead.
+
+#define MODE_PLAIN 0
+#define MODE_RESIDUAL 1
+#define MODE_SWIGLU 2
+
+// 16-byte chunks each lane loads before using any (per matrix row).
+#define MV_UNROLL 8
 
 // How each storage type turns a 16-byte chunk into a dot product with x.
 struct F32W {
@@ -86,18 +102,112 @@ __device__ __forceinline__ void matvec_rows(float* out, const typename E::T* w, 
     }
 }
 
-#define MATVEC(name, E, R)                                                                   \
+#define MATMUL(name, E, R)                                                                   \
     extern "C" __global__ void name(float* out, const E::T* w, const float* x, int n_out,    \
                                     int cols, int rows) {                                    \
         matvec_rows<E, R>(out, w, x, n_out, cols, rows);                                     \
     }
 
-MATVEC(matvec_f32, F32W, 1)
-MATVEC(matvec_f16, F16W, 1)
-MATVEC(matvec_bf16, BF16W, 1)
-MATVEC(matmul_f32, F32W, 8)
-MATVEC(matmul_f16, F16W, 8)
-MATVEC(matmul_bf16, BF16W, 8)
+MATMUL(matmul_f32, F32W, 8)
+MATMUL(matmul_f16, F16W, 8)
+MATMUL(matmul_bf16, BF16W, 8)
+
+// The epilogue of one output row: `a` = w0[j] . x, `b` = w1[j] . x (SwiGLU).
+__device__ __forceinline__ void mv_store(float* o0, float* o1, float* res, int mode, int j,
+                                         float a, float b) {
+    if (mode == MODE_SWIGLU) {
+        o1[j] = b;
+        o0[j] = a * (1.0f / (1.0f + expf(-a))) * b;
+    } else {
+        o0[j] = a;
+        if (mode == MODE_RESIDUAL) res[j] += a;
+    }
+}
+
+// Dots of P weight rows with x, summed over the warp (every lane gets them).
+template <class E, int P>
+__device__ __forceinline__ void mv_dots(const typename E::T* const* wr, const float* x, int cols,
+                                        float* acc) {
+    const int U = MV_UNROLL / P;
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int p = 0; p < P; p++) acc[p] = 0.0f;
+    if (cols % E::N == 0) {
+        int nv = cols / E::N;
+        for (int base = lane; base < nv; base += 32 * U) {
+            uint4 wc[P][U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = base + 32 * u;
+#pragma unroll
+                for (int p = 0; p < P; p++) {
+                    wc[p][u] = i < nv ? load_stream((const uint4*)wr[p] + i) : make_uint4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = base + 32 * u;
+                if (i < nv) {
+#pragma unroll
+                    for (int p = 0; p < P; p++) acc[p] += E::dot(wc[p][u], x + i * E::N);
+                }
+            }
+        }
+    } else {
+        for (int i = lane; i < cols; i += 32) {
+#pragma unroll
+            for (int p = 0; p < P; p++) acc[p] += E::one(wr[p], i) * x[i];
+        }
+    }
+#pragma unroll
+    for (int p = 0; p < P; p++) acc[p] = warp_sum(acc[p]);
+}
+
+// One warp per output row; see the top of the file for the modes.
+template <class E>
+__device__ __forceinline__ void matvec_multi(const typename E::T* w0, float* o0, int n0,
+                                             const typename E::T* w1, float* o1, int n1,
+                                             const typename E::T* w2, float* o2, int n2,
+                                             const float* x, int cols, float* res, int mode) {
+    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    bool lead = (threadIdx.x & 31) == 0;
+    if (mode == MODE_SWIGLU) {
+        if (j >= n0) return;
+        const typename E::T* wr[2] = {w0 + (size_t)j * cols, w1 + (size_t)j * cols};
+        float acc[2];
+        mv_dots<E, 2>(wr, x, cols, acc);
+        if (lead) mv_store(o0, o1, res, mode, j, acc[0], acc[1]);
+        return;
+    }
+    const typename E::T* w = w0;
+    float* o = o0;
+    if (j >= n0) {
+        j -= n0;
+        w = w1;
+        o = o1;
+        if (j >= n1) {
+            j -= n1;
+            w = w2;
+            o = o2;
+            if (j >= n2) return;
+        }
+    }
+    const typename E::T* wr[1] = {w + (size_t)j * cols};
+    float acc[1];
+    mv_dots<E, 1>(wr, x, cols, acc);
+    if (lead) mv_store(o, o, res, mode, j, acc[0], 0.0f);
+}
+
+#define MATVEC(name, E)                                                                       \
+    extern "C" __global__ void name(const E::T* w0, float* o0, int n0, const E::T* w1,        \
+                                    float* o1, int n1, const E::T* w2, float* o2, int n2,     \
+                                    const float* x, int cols, float* res, int mode) {         \
+        matvec_multi<E>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode);              \
+    }
+
+MATVEC(matvec_f32, F32W)
+MATVEC(matvec_f16, F16W)
+MATVEC(matvec_bf16, BF16W)
 
 // ----------------------------------------------------------------------------
 // Q8_0: runq's W8A8 product. Activations are quantized at run time in groups
@@ -132,38 +242,120 @@ __device__ __forceinline__ int dot_i8x16(uint4 a, uint4 b) {
     return __dp4a((int)a.w, (int)b.w, s);
 }
 
-// The fast case: gs in {16, 32, 64} and rows made of whole groups. Lane i
-// takes 16-byte chunk i; the L = gs / 16 lanes of a group add their integer
-// sums exactly with shuffles before one of them scales the group's total.
-template <int R>
-__device__ __forceinline__ void matvec_q8_rows(float* out, const signed char* wq, const float* ws,
-                                               const signed char* xq, const float* xs, int n_out,
-                                               int cols, int gs, int rows) {
+// The fast case: gs in {16, 32, 64} and rows made of whole groups. Lane l
+// takes 16-byte chunks l, l + 32, ... of the row (coalesced); a chunk lies in
+// one group (shift = log2(gs / 16)), so its exact int32 dot is scaled by the
+// group's two scales and added to the lane's float sum, with no shuffles
+// until the final warp sum. (Adding a group's halves in float instead of
+// int32 first changes only float rounding.)
+
+// Dots of P weight rows (wq, ws per row) with the quantized x.
+template <int P>
+__device__ __forceinline__ void q8_dots(const signed char* const* wq, const float* const* ws,
+                                        const signed char* xq, const float* xs, int cols,
+                                        int shift, float* acc) {
+    const int U = MV_UNROLL / P;
+    int lane = threadIdx.x & 31, nv = cols >> 4;
+#pragma unroll
+    for (int p = 0; p < P; p++) acc[p] = 0.0f;
+    for (int base = lane; base < nv; base += 32 * U) {
+        uint4 wc[P][U];
+        float sc[P][U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = base + 32 * u;
+#pragma unroll
+            for (int p = 0; p < P; p++) {
+                bool ok = i < nv;
+                wc[p][u] = ok ? load_stream((const uint4*)wq[p] + i) : make_uint4(0, 0, 0, 0);
+                sc[p][u] = ok ? __ldg(ws[p] + (i >> shift)) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = base + 32 * u;
+            if (i < nv) {
+                uint4 xc = *(const uint4*)(xq + i * 16);
+                float xscale = xs[i >> shift];
+#pragma unroll
+                for (int p = 0; p < P; p++) {
+                    acc[p] += (float)dot_i8x16(wc[p][u], xc) * (sc[p][u] * xscale);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int p = 0; p < P; p++) acc[p] = warp_sum(acc[p]);
+}
+
+// Decoding, fast case: the `matvec_*` layout and modes above; ws_m holds
+// matrix m's scales [n_m * cols / gs].
+extern "C" __global__ void matvec_q8(const signed char* w0, const float* s0, float* o0, int n0,
+                                     const signed char* w1, const float* s1, float* o1, int n1,
+                                     const signed char* w2, const float* s2, float* o2, int n2,
+                                     const signed char* xq, const float* xs, int cols, int gs,
+                                     float* res, int mode) {
+    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    bool lead = (threadIdx.x & 31) == 0;
+    int shift = gs == 16 ? 0 : (gs == 32 ? 1 : 2), gpr = cols / gs;
+    if (mode == MODE_SWIGLU) {
+        if (j >= n0) return;
+        const signed char* wr[2] = {w0 + (size_t)j * cols, w1 + (size_t)j * cols};
+        const float* sr[2] = {s0 + (size_t)j * gpr, s1 + (size_t)j * gpr};
+        float acc[2];
+        q8_dots<2>(wr, sr, xq, xs, cols, shift, acc);
+        if (lead) mv_store(o0, o1, res, mode, j, acc[0], acc[1]);
+        return;
+    }
+    const signed char* w = w0;
+    const float* s = s0;
+    float* o = o0;
+    if (j >= n0) {
+        j -= n0;
+        w = w1;
+        s = s1;
+        o = o1;
+        if (j >= n1) {
+            j -= n1;
+            w = w2;
+            s = s2;
+            o = o2;
+            if (j >= n2) return;
+        }
+    }
+    const signed char* wr[1] = {w + (size_t)j * cols};
+    const float* sr[1] = {s + (size_t)j * gpr};
+    float acc[1];
+    q8_dots<1>(wr, sr, xq, xs, cols, shift, acc);
+    if (lead) mv_store(o, o, res, mode, j, acc[0], 0.0f);
+}
+
+// Prefill, fast case: one warp per weight row applied to 8 batch rows, each
+// weight chunk loaded once and dotted with every row's activations.
+extern "C" __global__ void matmul_q8(float* out, const signed char* wq, const float* ws,
+                                     const signed char* xq, const float* xs, int n_out, int cols,
+                                     int gs, int rows) {
+    const int R = 8;
     int lane = threadIdx.x & 31;
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int r0 = blockIdx.y * R;
     if (j >= n_out) return;
     int nr = min(R, rows - r0);
-    int nv = cols >> 4, lanes = gs >> 4, gpr = cols / gs;
+    int nv = cols >> 4, shift = gs == 16 ? 0 : (gs == 32 ? 1 : 2), gpr = cols / gs;
     const uint4* wv = (const uint4*)(wq + (size_t)j * cols);
     const float* wsr = ws + (size_t)j * gpr;
     float acc[R];
 #pragma unroll
     for (int rr = 0; rr < R; rr++) acc[rr] = 0.0f;
-#pragma unroll 2
-    for (int base = 0; base < nv; base += 32) {
-        int i = base + lane;
-        bool ok = i < nv;
-        uint4 wc = ok ? load_stream(wv + i) : make_uint4(0, 0, 0, 0);
-        float wscale = ok ? wsr[i / lanes] : 0.0f;
+    for (int i = lane; i < nv; i += 32) {
+        uint4 wc = load_stream(wv + i);
+        float wscale = wsr[i >> shift];
 #pragma unroll
         for (int rr = 0; rr < R; rr++) {
-            if (rr >= nr) continue;
-            size_t xrow = (size_t)(r0 + rr);
-            int s = ok ? dot_i8x16(wc, *(const uint4*)(xq + xrow * cols + i * 16)) : 0;
-            for (int o = 1; o < lanes; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (ok && (lane & (lanes - 1)) == 0) {
-                acc[rr] += (float)s * wscale * xs[xrow * gpr + i / lanes];
+            if (rr < nr) {
+                size_t xrow = (size_t)(r0 + rr);
+                int s = dot_i8x16(wc, *(const uint4*)(xq + xrow * cols + i * 16));
+                acc[rr] += (float)s * (wscale * xs[xrow * gpr + (i >> shift)]);
             }
         }
     }
@@ -175,19 +367,6 @@ __device__ __forceinline__ void matvec_q8_rows(float* out, const signed char* wq
         }
     }
 }
-
-extern "C" __global__ void matvec_q8(float* out, const signed char* wq, const float* ws,
-                                     const signed char* xq, const float* xs, int n_out, int cols,
-                                     int gs, int rows) {
-    matvec_q8_rows<1>(out, wq, ws, xq, xs, n_out, cols, gs, rows);
-}
-
-extern "C" __global__ void matmul_q8(float* out, const signed char* wq, const float* ws,
-                                     const signed char* xq, const float* xs, int n_out, int cols,
-                                     int gs, int rows) {
-    matvec_q8_rows<8>(out, wq, ws, xq, xs, n_out, cols, gs, rows);
-}
-
 // Any other layout (small groups, groups straddling rows): one thread per
 // output, the exact loop of cpu::kernels::dot_q8, one term per stretch of
 // elements sharing a weight group and an activation group. Slow, but only

@@ -1,12 +1,14 @@
 // Rotary position embedding of q [rows][D] and k [rows][KV], as
 // reference::rope, one thread per rotated pair. Positions come from the step
 // buffer (pos0 + row) so a recorded graph serves every position.
-// Grid: (ceil(D / 2 / blockDim), rows).
+// Grid: (ceil(D / 2 / blockDim), rows). `rope_pair` is shared with the
+// fused rope + KV store kernel in attention.cu.
 
-extern "C" __global__ void rope_f32(float* q, float* k, const int* step, int d, int kv,
-                                    int head_size) {
-    int i = 2 * (blockIdx.x * blockDim.x + threadIdx.x), r = blockIdx.y;
-    if (i >= d) return;
+// Rotates the pair at element i of q row r (and of k row r when i < kv) in
+// place; returns false past the row's end.
+__device__ __forceinline__ bool rope_pair(float* q, float* k, const int* step, int d, int kv,
+                                          int head_size, int i, int r) {
+    if (i >= d) return false;
     int pos = STEP_POS0(step) + r;
     int head_dim = i % head_size;
     float freq = 1.0f / powf(10000.0f, (float)head_dim / (float)head_size);
@@ -23,4 +25,11 @@ extern "C" __global__ void rope_f32(float* q, float* k, const int* step, int d, 
         kr[i] = k0 * fcr - k1 * fci;
         kr[i + 1] = k0 * fci + k1 * fcr;
     }
+    return true;
+}
+
+extern "C" __global__ void rope_f32(float* q, float* k, const int* step, int d, int kv,
+                                    int head_size) {
+    rope_pair(q, k, step, d, kv, head_size, 2 * (blockIdx.x * blockDim.x + threadIdx.x),
+              blockIdx.y);
 }

@@ -1,22 +1,37 @@
 //! `CudaBackend`: the `Backend` ops on the GPU. Weights live on the device in
 //! their storage type (f32, f16, bf16 or Q8_0); activations are f32; the KV
-//! cache is f32 for f32 models and f16 otherwise. A decode step (one token)
-//! is recorded once as a CUDA graph and replayed for every later token: the
-//! kernels read the token ids and the position from a small device buffer
-//! that `step` fills before each launch.
+//! cache is f16 for f16/bf16 models and f32 otherwise. A decode step (one
+//! token) is recorded once as a CUDA graph and replayed for every later
+//! token: the kernels read the token ids and the position from a small device
+//! buffer that `step` fills before each launch.
+//!
+//! Inside a step, a one-row product and a rope are held back (`Pending`)
+//! until the next op, so that op can be fused into the same launch: the
+//! residual add and the SwiGLU gate into the product's epilogue, the KV store
+//! into the rope. Every other op launches what is pending first.
 
-use cudarc::driver::{sys, CudaGraph, CudaSlice};
+use cudarc::driver::{result as driver, sys, CudaGraph, CudaSlice};
 use llama2::quant::group_size_for;
 use llama2::tensor::MatrixData;
 use llama2::{Backend, Config, DType, Error, HostMatrix, Result};
 
-use crate::device::{cuda_err, int, Arg, Device};
+use crate::device::{cuda_err, int, Arg, Device, Pinned};
 use crate::gemm::{Gemm, GemmType};
 
 /// Prompt tokens processed together in one batched step.
 const MAX_BATCH: usize = 512;
-/// Threads per block of the matvec kernels: 8 warps, one weight row each.
-const MATVEC_THREADS: u32 = 256;
+/// Threads per block of the batched matmul kernels: 8 warps, one weight row each.
+const MATMUL_THREADS: u32 = 256;
+/// Threads per block of the decode matvec kernels: 4 warps, one weight row
+/// (or SwiGLU row pair) each; small blocks spread small matrices over more SMs.
+const MATVEC_THREADS: u32 = 128;
+/// Epilogues of the decode matvec kernels (`kernels/matvec.cu`).
+const MODE_PLAIN: i32 = 0;
+const MODE_RESIDUAL: i32 = 1;
+const MODE_SWIGLU: i32 = 2;
+/// Largest read (in f32 values) staged through pinned host memory; longer
+/// ones (all-logits prefill reads) copy straight into the caller's slice.
+const PINNED_READ_MAX: usize = 1 << 20;
 /// Batch rows the `matmul_*` kernels apply each weight chunk to.
 const MATMUL_ROWS: usize = 8;
 /// Threads per attention block.
@@ -33,6 +48,35 @@ enum Weights {
         q: CudaSlice<i8>,       // [rows * cols]
         scales: CudaSlice<f32>, // [rows * cols / gs], groups over the flattened matrix
         gs: usize,
+    },
+}
+
+/// One matrix of a decode matvec launch.
+struct MatArgs {
+    w: Arg,
+    /// The Q8 scales; `None` for the other storage types.
+    scales: Option<Arg>,
+    /// Output address and row count.
+    out: u64,
+    n: usize,
+}
+
+/// A launch held back until the next op (see the module comment).
+enum Pending {
+    /// A `matvec_*` launch: up to 3 matrices, then the shared arguments (x
+    /// and cols, or xq, xs, cols and gs for Q8).
+    Matvec {
+        kernel: &'static str,
+        mats: Vec<MatArgs>,
+        tail: Vec<Arg>,
+    },
+    /// A `rope_f32` launch on q and k (addresses kept to match the attention).
+    Rope {
+        q: u64,
+        k: u64,
+        rows: usize,
+        args: [Arg; 6],
+        grid: (u32, u32),
     },
 }
 
@@ -65,7 +109,13 @@ pub struct CudaBackend {
     kv_f16: bool,
     /// Step parameters read by kernels: [0] = pos0, [1 + r] = token of row r.
     step_buf: CudaSlice<i32>, // [1 + MAX_BATCH]
-    step_host: Vec<i32>, // [1 + MAX_BATCH], staging for step_buf
+    step_host: Pinned<i32>, // [1 + MAX_BATCH], staging for step_buf
+    /// Whether a copy from `step_host` may still be queued on the stream.
+    step_copy_queued: bool,
+    /// Pinned staging for `read`, grown on demand.
+    read_host: Pinned<f32>, // [up to PINNED_READ_MAX]
+    /// The launch held back for fusion with the next op.
+    pending: Option<Pending>,
     /// Whether ops run inside `step` (which uploaded the step parameters).
     in_step: bool,
     /// Quantized activations for Q8 products, grown on demand.
@@ -104,7 +154,10 @@ impl CudaBackend {
             dtype,
             kv_f16,
             step_buf,
-            step_host: vec![0; 1 + MAX_BATCH],
+            step_host: Pinned::new(1 + MAX_BATCH)?,
+            step_copy_queued: false,
+            read_host: Pinned::new(1)?,
+            pending: None,
             in_step: false,
             xq,
             xs,
@@ -119,19 +172,171 @@ impl CudaBackend {
 
     /// Copies pos0 and the tokens into the step buffer.
     fn upload_step(&mut self, tokens: Option<&[u32]>, pos0: usize) -> Result<()> {
-        self.step_host[0] = pos0 as i32;
+        if self.step_copy_queued {
+            // The previous upload may not have read the staging buffer yet.
+            self.dev
+                .stream
+                .synchronize()
+                .map_err(cuda_err("step parameter upload"))?;
+        }
+        let host = self.step_host.as_mut_slice();
+        host[0] = pos0 as i32;
         let n = tokens.map_or(0, |t| t.len());
         if let Some(tokens) = tokens {
-            for (h, &t) in self.step_host[1..].iter_mut().zip(tokens) {
+            for (h, &t) in host[1..].iter_mut().zip(tokens) {
                 *h = t as i32;
             }
         }
-        let src = &self.step_host[..1 + n];
-        let mut dst = self.step_buf.slice_mut(..1 + n);
+        let dst = self.dev.addr(&self.step_buf);
+        // SAFETY: step_buf holds 1 + MAX_BATCH values and n <= MAX_BATCH
+        // (the model's batches); the pinned source is not written again until
+        // the stream has passed this copy (step_copy_queued).
+        unsafe { driver::memcpy_htod_async(dst, &host[..1 + n], self.dev.stream.cu_stream()) }
+            .map_err(cuda_err("step parameter upload"))?;
+        self.step_copy_queued = true;
+        Ok(())
+    }
+
+    /// The position of the last uploaded step.
+    fn last_pos0(&mut self) -> usize {
+        self.step_host.as_mut_slice()[0] as usize
+    }
+
+    /// Launches whatever is held back, unfused.
+    fn flush(&mut self) -> Result<()> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some(Pending::Matvec { kernel, mats, tail }) => {
+                self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None)
+            }
+            Some(Pending::Rope { args, grid, .. }) => {
+                self.dev.launch("rope_f32", grid, 256, 0, &args)
+            }
+        }
+    }
+
+    /// One `matvec_*` launch over `mats` with epilogue `mode` (`res` is the
+    /// residual stream for MODE_RESIDUAL).
+    fn launch_matvec(
+        &self,
+        kernel: &str,
+        mats: &[MatArgs],
+        tail: &[Arg],
+        mode: i32,
+        res: Option<u64>,
+    ) -> Result<()> {
+        let q8 = mats[0].scales.is_some();
+        let mut args = Vec::with_capacity(20);
+        for m in 0..3 {
+            match mats.get(m) {
+                Some(a) => {
+                    args.push(a.w);
+                    args.extend(a.scales);
+                    args.push(Arg::Ptr(a.out));
+                    args.push(int(a.n)?);
+                }
+                None => {
+                    args.push(Arg::Ptr(0));
+                    if q8 {
+                        args.push(Arg::Ptr(0));
+                    }
+                    args.extend([Arg::Ptr(0), Arg::I32(0)]);
+                }
+            }
+        }
+        args.extend_from_slice(tail);
+        args.push(Arg::Ptr(res.unwrap_or(0)));
+        args.push(Arg::I32(mode));
+        let warps = if mode == MODE_SWIGLU {
+            mats[0].n
+        } else {
+            mats.iter().map(|m| m.n).sum()
+        };
+        let blocks = warps.div_ceil((MATVEC_THREADS / 32) as usize) as u32;
         self.dev
-            .stream
-            .memcpy_htod(src, &mut dst)
-            .map_err(cuda_err("step parameter upload"))
+            .launch(kernel, (blocks, 1), MATVEC_THREADS, 0, &args)
+    }
+
+    /// `out = w · x` for one activation row and each pair of `outs`: one
+    /// launch when the matrices share a storage type (and Q8 group size),
+    /// held back inside a step for fusion with the next op.
+    fn matvec(
+        &mut self,
+        x: &CudaSlice<f32>,
+        outs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+    ) -> Result<()> {
+        let key = |w: &CudaMatrix| match &w.data {
+            Weights::F32(_) => ("matvec_f32", 0),
+            Weights::F16(_) => ("matvec_f16", 0),
+            Weights::BF16(_) => ("matvec_bf16", 0),
+            Weights::Q8 { gs, .. } => {
+                let fast = matches!(gs, 16 | 32 | 64) && w.cols.is_multiple_of(*gs);
+                ("matvec_q8", if fast { *gs } else { 1 })
+            }
+        };
+        let (kernel, gs) = key(outs[0].0);
+        let cols = outs[0].0.cols;
+        let fused = outs.len() <= 3
+            && gs != 1
+            && outs
+                .iter()
+                .all(|(w, _)| key(w) == (kernel, gs) && w.cols == cols);
+        if !fused {
+            let mut quantized = None;
+            let mut staged = None;
+            for (w, out) in outs.iter_mut() {
+                self.product(x, 1, w, out, &mut quantized, &mut staged)?;
+            }
+            return Ok(());
+        }
+        let tail = if gs == 0 {
+            vec![self.dev.ptr(x), int(cols)?]
+        } else {
+            self.quantize(x, 1, cols, gs)?;
+            vec![
+                self.dev.ptr(&self.xq),
+                self.dev.ptr(&self.xs),
+                int(cols)?,
+                int(gs)?,
+            ]
+        };
+        let mats = outs
+            .iter()
+            .map(|(m, out)| {
+                let (w, scales) = match &m.data {
+                    Weights::F32(d) => (self.dev.ptr(d), None),
+                    Weights::F16(d) | Weights::BF16(d) => (self.dev.ptr(d), None),
+                    Weights::Q8 { q, scales, .. } => (self.dev.ptr(q), Some(self.dev.ptr(scales))),
+                };
+                MatArgs {
+                    w,
+                    scales,
+                    out: self.dev.addr(out),
+                    n: m.rows,
+                }
+            })
+            .collect::<Vec<_>>();
+        if self.in_step {
+            self.pending = Some(Pending::Matvec { kernel, mats, tail });
+            Ok(())
+        } else {
+            self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None)
+        }
+    }
+
+    /// Quantizes `rows` x `cols` of x in groups of `gs` into the Q8 scratch.
+    fn quantize(&mut self, x: &CudaSlice<f32>, rows: usize, cols: usize, gs: usize) -> Result<()> {
+        self.reserve_q8(rows, cols, gs)?;
+        let n = rows * cols.div_ceil(gs);
+        let args = [
+            self.dev.ptr(&self.xq),
+            self.dev.ptr(&self.xs),
+            self.dev.ptr(x),
+            int(rows)?,
+            int(cols)?,
+            int(gs)?,
+        ];
+        self.dev.launch_1d("quantize_q8", n, &args)
     }
 
     /// Outside `step`, ops are called one by one: the position then comes
@@ -229,8 +434,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `out[r] = w · x[r]` for one matrix; `quantized` says which group size
-    /// x is already quantized with in the Q8 scratch (for shared inputs).
+    /// `out[r] = w · x[r]` for one matrix, one launch on its own; `quantized`
+    /// says which group size x is already quantized with in the Q8 scratch,
+    /// `staged` which type x is already rounded to in `x16` (shared inputs).
     fn product(
         &mut self,
         x: &CudaSlice<f32>,
@@ -238,8 +444,9 @@ impl CudaBackend {
         w: &CudaMatrix,
         out: &mut CudaSlice<f32>,
         quantized: &mut Option<usize>,
+        staged: &mut Option<GemmType>,
     ) -> Result<()> {
-        let warps = (MATVEC_THREADS / 32) as usize;
+        let warps = (MATMUL_THREADS / 32) as usize;
         let blocks = w.rows.div_ceil(warps) as u32;
         let (batched, row_blocks) = if rows == 1 {
             (false, 1)
@@ -255,10 +462,24 @@ impl CudaBackend {
                 return self.product_q8(x, rows, w, (q, scales, *gs), out, quantized)
             }
         };
-        if batched && self.gemm_product(op, wptr, x, rows, w, out)? {
+        if !batched {
+            let mats = [MatArgs {
+                w: wptr,
+                scales: None,
+                out: self.dev.addr(out),
+                n: w.rows,
+            }];
+            let tail = [self.dev.ptr(x), dims[1]];
+            let kernel = match op {
+                "f16" => "matvec_f16",
+                "bf16" => "matvec_bf16",
+                _ => "matvec_f32",
+            };
+            return self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None);
+        }
+        if self.gemm_product(op, wptr, x, rows, w, out, staged)? {
             return Ok(());
         }
-        let name = format!("{}_{op}", if batched { "matmul" } else { "matvec" });
         let args = [
             self.dev.ptr(out),
             wptr,
@@ -267,11 +488,17 @@ impl CudaBackend {
             dims[1],
             dims[2],
         ];
-        self.dev
-            .launch(&name, (blocks, row_blocks), MATVEC_THREADS, 0, &args)
+        self.dev.launch(
+            &format!("matmul_{op}"),
+            (blocks, row_blocks),
+            MATMUL_THREADS,
+            0,
+            &args,
+        )
     }
 
     /// The batched product through cuBLAS; false when cuBLAS is unavailable.
+    #[allow(clippy::too_many_arguments)]
     fn gemm_product(
         &mut self,
         op: &str,
@@ -280,6 +507,7 @@ impl CudaBackend {
         rows: usize,
         w: &CudaMatrix,
         out: &mut CudaSlice<f32>,
+        staged: &mut Option<GemmType>,
     ) -> Result<bool> {
         if !self.gemm_tried {
             self.gemm_tried = true;
@@ -297,11 +525,14 @@ impl CudaBackend {
         let xin = match convert {
             None => self.dev.addr(x),
             Some(kernel) => {
-                if self.x16.len() < n {
-                    self.x16 = self.dev.zeros(n)?;
+                if *staged != Some(ty) {
+                    if self.x16.len() < n {
+                        self.x16 = self.dev.zeros(n)?;
+                    }
+                    let args = [self.dev.ptr(&self.x16), self.dev.ptr(x), Arg::U64(n as u64)];
+                    self.dev.launch_1d(kernel, n, &args)?;
+                    *staged = Some(ty);
                 }
-                let args = [self.dev.ptr(&self.x16), self.dev.ptr(x), Arg::U64(n as u64)];
-                self.dev.launch_1d(kernel, n, &args)?;
                 self.dev.addr(&self.x16)
             }
         };
@@ -327,17 +558,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let cols = w.cols;
         if *quantized != Some(gs) {
-            self.reserve_q8(rows, cols, gs)?;
-            let n = rows * cols.div_ceil(gs);
-            let args = [
-                self.dev.ptr(&self.xq),
-                self.dev.ptr(&self.xs),
-                self.dev.ptr(x),
-                int(rows)?,
-                int(cols)?,
-                int(gs)?,
-            ];
-            self.dev.launch_1d("quantize_q8", n, &args)?;
+            self.quantize(x, rows, cols, gs)?;
             *quantized = Some(gs);
         }
         let args = [
@@ -362,15 +583,25 @@ impl CudaBackend {
                 &args,
             );
         }
-        let blocks = w.rows.div_ceil((MATVEC_THREADS / 32) as usize) as u32;
         if rows == 1 {
-            self.dev
-                .launch("matvec_q8", (blocks, 1), MATVEC_THREADS, 0, &args)
-        } else {
-            let row_blocks = rows.div_ceil(MATMUL_ROWS) as u32;
-            self.dev
-                .launch("matmul_q8", (blocks, row_blocks), MATVEC_THREADS, 0, &args)
+            let mats = [MatArgs {
+                w: self.dev.ptr(q),
+                scales: Some(self.dev.ptr(scales)),
+                out: self.dev.addr(out),
+                n: w.rows,
+            }];
+            let tail = [
+                self.dev.ptr(&self.xq),
+                self.dev.ptr(&self.xs),
+                int(cols)?,
+                int(gs)?,
+            ];
+            return self.launch_matvec("matvec_q8", &mats, &tail, MODE_PLAIN, None);
         }
+        let blocks = w.rows.div_ceil((MATMUL_THREADS / 32) as usize) as u32;
+        let row_blocks = rows.div_ceil(MATMUL_ROWS) as u32;
+        self.dev
+            .launch("matmul_q8", (blocks, row_blocks), MATMUL_THREADS, 0, &args)
     }
 
     /// Runs `ops` recorded into a CUDA graph, then launches the graph.
@@ -488,19 +719,26 @@ impl Backend for CudaBackend {
         pos0: usize,
         ops: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<()> {
+        self.flush()?;
         self.upload_step(Some(tokens), pos0)?;
         self.in_step = true;
+        // The step's last op may have been held back: launch it inside the step.
+        let mut run = |b: &mut Self| {
+            ops(b)?;
+            b.flush()
+        };
         let result = if tokens.len() != 1 || !self.graphs {
-            ops(self)
+            run(self)
         } else if let Some(graph) = &self.graph {
             graph.launch().map_err(cuda_err("graph launch"))
         } else if self.eager_decodes == 0 {
             self.eager_decodes += 1;
-            ops(self)
+            run(self)
         } else {
-            self.capture(ops)
+            self.capture(&mut run)
         };
         self.in_step = false;
+        self.pending = None;
         result
     }
 
@@ -510,8 +748,10 @@ impl Backend for CudaBackend {
         table: &CudaMatrix,
         tokens: &[u32],
     ) -> Result<()> {
+        self.flush()?;
         if !self.in_step {
-            self.upload_step(Some(tokens), self.step_host[0] as usize)?;
+            let pos0 = self.last_pos0();
+            self.upload_step(Some(tokens), pos0)?;
         }
         let d = table.cols;
         let (out_p, step) = (self.dev.ptr(out), self.dev.ptr(&self.step_buf));
@@ -542,6 +782,7 @@ impl Backend for CudaBackend {
         weight: &CudaSlice<f32>,
         rows: usize,
     ) -> Result<()> {
+        self.flush()?;
         let args = [
             self.dev.ptr(out),
             self.dev.ptr(x),
@@ -558,9 +799,14 @@ impl Backend for CudaBackend {
         rows: usize,
         outs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
     ) -> Result<()> {
+        self.flush()?;
+        if rows == 1 && !outs.is_empty() {
+            return self.matvec(x, outs);
+        }
         let mut quantized = None;
+        let mut staged = None;
         for (w, out) in outs.iter_mut() {
-            self.product(x, rows, w, out, &mut quantized)?;
+            self.product(x, rows, w, out, &mut quantized, &mut staged)?;
         }
         Ok(())
     }
@@ -573,6 +819,7 @@ impl Backend for CudaBackend {
         pos0: usize,
         c: &Config,
     ) -> Result<()> {
+        self.flush()?;
         self.ensure_pos(pos0)?;
         let args = [
             self.dev.ptr(q),
@@ -583,7 +830,18 @@ impl Backend for CudaBackend {
             int(c.head_size())?,
         ];
         let grid = ((c.dim / 2).div_ceil(256) as u32, rows as u32);
-        self.dev.launch("rope_f32", grid, 256, 0, &args)
+        self.pending = Some(Pending::Rope {
+            q: self.dev.addr(q),
+            k: self.dev.addr(k),
+            rows,
+            args,
+            grid,
+        });
+        if self.in_step {
+            Ok(())
+        } else {
+            self.flush()
+        }
     }
 
     fn attention(
@@ -598,28 +856,52 @@ impl Backend for CudaBackend {
         pos0: usize,
         c: &Config,
     ) -> Result<()> {
-        self.ensure_pos(pos0)?;
         let (kv, hs) = (c.kv_dim(), c.head_size());
         let layer_off = Arg::U64((layer * c.seq_len * kv) as u64);
         let (kc, vc, ty) = self.cache_ptrs(cache);
         let step = self.dev.ptr(&self.step_buf);
-        let store = [
-            kc,
-            vc,
-            self.dev.ptr(k),
-            self.dev.ptr(v),
-            step,
-            layer_off,
-            int(kv)?,
-            int(rows)?,
-        ];
-        self.dev.launch(
-            &format!("kv_store_{ty}"),
-            ((rows * kv).div_ceil(256) as u32, 1),
-            256,
-            0,
-            &store,
-        )?;
+        let roped = matches!(self.pending, Some(Pending::Rope { q: pq, k: pk, rows: pr, .. })
+            if pq == self.dev.addr(q) && pk == self.dev.addr(k) && pr == rows);
+        if roped && kv.is_multiple_of(2) {
+            // Rope and KV store in one launch (the rope's own grid).
+            let Some(Pending::Rope { args, grid, .. }) = self.pending.take() else {
+                unreachable!("matched above")
+            };
+            let fused = [
+                kc,
+                vc,
+                args[0],
+                args[1],
+                self.dev.ptr(v),
+                step,
+                layer_off,
+                args[3],
+                args[4],
+                args[5],
+            ];
+            self.dev
+                .launch(&format!("rope_kv_store_{ty}"), grid, 256, 0, &fused)?;
+        } else {
+            self.flush()?;
+            self.ensure_pos(pos0)?;
+            let store = [
+                kc,
+                vc,
+                self.dev.ptr(k),
+                self.dev.ptr(v),
+                step,
+                layer_off,
+                int(kv)?,
+                int(rows)?,
+            ];
+            self.dev.launch(
+                &format!("kv_store_{ty}"),
+                ((rows * kv).div_ceil(256) as u32, 1),
+                256,
+                0,
+                &store,
+            )?;
+        }
         let args = [
             self.dev.ptr(out),
             self.dev.ptr(q),
@@ -649,11 +931,34 @@ impl Backend for CudaBackend {
         up: &CudaSlice<f32>,
         len: usize,
     ) -> Result<()> {
+        let pair = matches!(&self.pending, Some(Pending::Matvec { mats, .. })
+            if mats.len() == 2
+                && mats[0].out == self.dev.addr(gate)
+                && mats[1].out == self.dev.addr(up)
+                && mats[0].n == len
+                && mats[1].n == len);
+        if pair {
+            let Some(Pending::Matvec { kernel, mats, tail }) = self.pending.take() else {
+                unreachable!("matched above")
+            };
+            return self.launch_matvec(kernel, &mats, &tail, MODE_SWIGLU, None);
+        }
+        self.flush()?;
         let args = [self.dev.ptr(gate), self.dev.ptr(up), int(len)?];
         self.dev.launch_1d("silu_mul_f32", len, &args)
     }
 
     fn add(&mut self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, len: usize) -> Result<()> {
+        let single = matches!(&self.pending, Some(Pending::Matvec { mats, .. })
+            if mats.len() == 1 && mats[0].out == self.dev.addr(y) && mats[0].n == len);
+        if single {
+            let Some(Pending::Matvec { kernel, mats, tail }) = self.pending.take() else {
+                unreachable!("matched above")
+            };
+            let res = Some(self.dev.addr(x));
+            return self.launch_matvec(kernel, &mats, &tail, MODE_RESIDUAL, res);
+        }
+        self.flush()?;
         let args = [self.dev.ptr(x), self.dev.ptr(y), int(len)?];
         self.dev.launch_1d("add_f32", len, &args)
     }
@@ -665,6 +970,7 @@ impl Backend for CudaBackend {
         row: usize,
         width: usize,
     ) -> Result<()> {
+        self.flush()?;
         let from = src.slice(row * width..(row + 1) * width);
         let mut to = dst.slice_mut(..width);
         self.dev
@@ -674,11 +980,34 @@ impl Backend for CudaBackend {
     }
 
     fn read(&mut self, src: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
-        let from = src.slice(..out.len());
-        self.dev
-            .stream
-            .memcpy_dtoh(&from, out)
+        self.flush()?;
+        let n = out.len();
+        if n > PINNED_READ_MAX {
+            let from = src.slice(..n);
+            self.dev
+                .stream
+                .memcpy_dtoh(&from, out)
+                .map_err(cuda_err("device-to-host copy"))?;
+        } else {
+            if self.read_host.len() < n {
+                self.read_host = Pinned::new(n)?;
+            }
+            let host = &mut self.read_host.as_mut_slice()[..n];
+            if src.len() < n {
+                return Err(Error::Backend("read past the end of a buffer".into()));
+            }
+            // SAFETY: src holds at least n values (checked); the pinned
+            // destination stays untouched until the synchronize below.
+            unsafe {
+                driver::memcpy_dtoh_async(host, self.dev.addr(src), self.dev.stream.cu_stream())
+            }
             .map_err(cuda_err("device-to-host copy"))?;
-        self.dev.stream.synchronize().map_err(cuda_err("step"))
+        }
+        self.dev.stream.synchronize().map_err(cuda_err("step"))?;
+        self.step_copy_queued = false;
+        if n <= PINNED_READ_MAX {
+            out.copy_from_slice(&self.read_host.as_mut_slice()[..n]);
+        }
+        Ok(())
     }
 }

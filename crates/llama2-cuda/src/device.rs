@@ -1,21 +1,21 @@
 //! The GPU as the backend sees it: a context, one stream (not the legacy
 //! default stream, which cannot be captured into a graph), the compiled
-//! kernels by name, and the small helpers every op uses to allocate, copy
-//! and launch.
+//! kernels by name, pinned host staging memory, and the small helpers every
+//! op uses to allocate, copy and launch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    result as driver, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use llama2::{Error, Result};
 
 /// Every kernel the backend launches; all are looked up at start so a
 /// missing one is an error at load time, not mid-generation.
-const KERNELS: [&str; 26] = [
+const KERNELS: [&str; 28] = [
     "random_f32",
     "convert_f16",
     "convert_bf16",
@@ -40,6 +40,8 @@ const KERNELS: [&str; 26] = [
     "matvec_q8_generic",
     "kv_store_f32",
     "kv_store_f16",
+    "rope_kv_store_f32",
+    "rope_kv_store_f16",
     "attention_f32",
     "attention_f16",
 ];
@@ -170,5 +172,56 @@ impl Device {
     pub fn launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
         self.launch(name, (blocks, 1), 256, 0, args)
+    }
+}
+
+/// Page-locked host memory of `len` values of `T`, for copies the DMA engine
+/// does without a staging step. Zeroed on allocation.
+pub struct Pinned<T: Copy> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: the buffer is owned memory like a Vec's; nothing ties it to a thread.
+unsafe impl<T: Copy + Send> Send for Pinned<T> {}
+
+impl<T: Copy + ValidAsZeroBits> Pinned<T> {
+    /// Allocates `len` (at least 1) zeroed values; needs a current context
+    /// (any `Device` method has set one on this thread).
+    pub fn new(len: usize) -> Result<Self> {
+        let len = len.max(1);
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: plain cuMemHostAlloc (no flags: cached, readable by the
+        // host at full speed); the result is checked before use.
+        let ptr = unsafe { driver::malloc_host(bytes, 0) }
+            .map_err(|e| Error::Backend(format!("cannot pin {bytes} bytes of host memory: {e}")))?
+            as *mut T;
+        // SAFETY: ptr is a fresh allocation of `bytes` bytes, and all-zero
+        // bytes are a valid T (ValidAsZeroBits).
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+        Ok(Pinned { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The values. Callers must not touch them while an asynchronous copy
+    /// from or to them is queued.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: ptr holds len initialized values (zeroed at allocation) and
+        // is owned by self, borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T: Copy> Drop for Pinned<T> {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from cuMemHostAlloc and is freed once; the backend
+        // synchronizes its stream before dropping or replacing a buffer a
+        // copy may still use.
+        unsafe {
+            let _ = driver::free_host(self.ptr as *mut std::ffi::c_void);
+        }
     }
 }

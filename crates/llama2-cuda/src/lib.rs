@@ -36,14 +36,14 @@ const NO_NVRTC: &str = "the NVIDIA runtime compiler (libnvrtc.so.13) was not fou
 /// group size `quant::group_size_for(cols)`); `None` keeps the file's types.
 pub fn load_model(weights: &ModelWeights, dtype: Option<DType>) -> Result<Box<dyn LanguageModel>> {
     let effective = dtype.unwrap_or(weights.token_embedding.dtype());
-    let backend = CudaBackend::new(dtype, effective != DType::F32)?;
+    let backend = CudaBackend::new(dtype, matches!(effective, DType::F16 | DType::BF16))?;
     Ok(Box::new(Transformer::new(backend, weights)?))
 }
 
 /// A model of `config`'s shape with random weights generated on the GPU in
 /// `dtype` (benchmarks: no file, no host copy).
 pub fn synthetic_model(config: &Config, dtype: DType, seed: u64) -> Result<Box<dyn LanguageModel>> {
-    let backend = CudaBackend::new(Some(dtype), dtype != DType::F32)?;
+    let backend = CudaBackend::new(Some(dtype), matches!(dtype, DType::F16 | DType::BF16))?;
     Ok(Box::new(Transformer::synthetic(backend, config, seed)?))
 }
 
