@@ -38,10 +38,22 @@ __device__ __forceinline__ void rope_kv_store(C* kc, C* vc, float* q, float* k, 
     cache_put(vc, at + 1, v[t + 1]);
 }
 
+// Four consecutive cache values from element i (a multiple of 4).
+__device__ __forceinline__ float4 cache_get4(const float* p, size_t i) {
+    return *(const float4*)(p + i);
+}
+__device__ __forceinline__ float4 cache_get4(const u16* p, size_t i) {
+    uint2 h = *(const uint2*)(p + i);
+    return make_float4(f16_to_f32(h.x & 0xffff), f16_to_f32(h.x >> 16), f16_to_f32(h.y & 0xffff),
+                       f16_to_f32(h.y >> 16));
+}
+
 // One block per (head, row). Dynamic shared memory: q [hs], partial sums
-// [blockDim], scores [seq_len]. Scores are scaled and softmaxed in place as
-// in reference::attention; the weighted sum of values splits positions over
-// blockDim / hs thread groups whose partial sums are then added.
+// [4 * blockDim], scores [seq_len]. One thread per cached position computes
+// its score; scores are scaled and softmaxed in place as in
+// reference::attention; the weighted sum of values gives each thread 4
+// dimensions (1 when hs or KV is not a multiple of 4) of every
+// blockDim / (hs / 4)-th position, and the groups' partial sums are added.
 template <typename C>
 __device__ __forceinline__ void attention_block(float* out, const float* q, const C* kc,
                                                 const C* vc, const int* step, size_t layer_off,
@@ -49,23 +61,30 @@ __device__ __forceinline__ void attention_block(float* out, const float* q, cons
     extern __shared__ float smem[];
     __shared__ float scratch[32];
     int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
-    int lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     int pos = STEP_POS0(step) + r;
+    bool vec = hs % 4 == 0 && kv % 4 == 0;
     float* qs = smem;
     float* part = smem + hs;
-    float* att = part + blockDim.x;
+    float* att = part + 4 * blockDim.x;
     const float* qh = q + (size_t)r * d + (size_t)h * hs;
     for (int i = tid; i < hs; i += blockDim.x) qs[i] = qh[i];
     __syncthreads();
 
     size_t off = layer_off + (size_t)(h / kv_group) * hs;
     float scale = sqrtf((float)hs);
-    for (int t = warp; t <= pos; t += warps) {
+    for (int t = tid; t <= pos; t += blockDim.x) {
         size_t kt = off + (size_t)t * kv;
         float s = 0.0f;
-        for (int i = lane; i < hs; i += 32) s += qs[i] * cache_get(kc, kt + i);
-        s = warp_sum(s);
-        if (lane == 0) att[t] = s / scale;
+        if (vec) {
+#pragma unroll 4
+            for (int i = 0; i < hs; i += 4) {
+                float4 k4 = cache_get4(kc, kt + i);
+                s += qs[i] * k4.x + qs[i + 1] * k4.y + qs[i + 2] * k4.z + qs[i + 3] * k4.w;
+            }
+        } else {
+            for (int i = 0; i < hs; i++) s += qs[i] * cache_get(kc, kt + i);
+        }
+        att[t] = s / scale;
     }
     __syncthreads();
 
@@ -81,20 +100,38 @@ __device__ __forceinline__ void attention_block(float* out, const float* q, cons
     sum = block_sum(sum, scratch);
 
     float* outh = out + (size_t)r * d + (size_t)h * hs;
-    if (hs <= (int)blockDim.x) {
-        int groups = blockDim.x / hs, g = tid / hs, i = tid % hs;
-        float acc = 0.0f;
+    int width = vec ? 4 : 1, per = hs / width;
+    if (per <= (int)blockDim.x) {
+        int groups = blockDim.x / per, g = tid / per, c = (tid % per) * width;
         if (g < groups) {
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
             for (int t = g; t <= pos; t += groups) {
-                acc += (att[t] / sum) * cache_get(vc, off + (size_t)t * kv + i);
+                float w = att[t] / sum;
+                size_t vt = off + (size_t)t * kv + c;
+                if (vec) {
+                    float4 v4 = cache_get4(vc, vt);
+                    acc.x += w * v4.x;
+                    acc.y += w * v4.y;
+                    acc.z += w * v4.z;
+                    acc.w += w * v4.w;
+                } else {
+                    acc.x += w * cache_get(vc, vt);
+                }
+            }
+            float* pg = part + g * hs + c;
+            pg[0] = acc.x;
+            if (vec) {
+                pg[1] = acc.y;
+                pg[2] = acc.z;
+                pg[3] = acc.w;
             }
         }
-        part[tid] = acc;
         __syncthreads();
-        if (tid < hs) {
+        for (int i = tid; i < hs; i += blockDim.x) {
             float o = 0.0f;
-            for (int gg = 0; gg < groups; gg++) o += part[gg * hs + tid];
-            outh[tid] = o;
+            for (int gg = 0; gg < groups; gg++) o += part[gg * hs + i];
+            outh[i] = o;
         }
     } else {
         for (int i = tid; i < hs; i += blockDim.x) {

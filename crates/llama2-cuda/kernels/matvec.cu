@@ -214,21 +214,23 @@ MATVEC(matvec_bf16, BF16W)
 // of the weight's group size (rounding half away from zero), then each output
 // sums, over groups, int32 dot * w_scale * x_scale.
 
-// One thread per (row, group) of x [rows][cols]; a final partial group gets
-// its own scale. xs is [rows][ceil(cols / gs)].
+// One warp per (row, group) of x [rows][cols], lanes striding over the
+// group; a final partial group gets its own scale. xs is
+// [rows][ceil(cols / gs)].
 extern "C" __global__ void quantize_q8(signed char* xq, float* xs, const float* x, int rows,
                                        int cols, int gs) {
-    int groups = (cols + gs - 1) / gs;
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    int groups = (cols + gs - 1) / gs, lane = threadIdx.x & 31;
+    int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= rows * groups) return;
     int r = t / groups, g = t % groups;
     int start = g * gs, end = min(start + gs, cols);
     const float* xr = x + (size_t)r * cols;
     float m = 0.0f;
-    for (int k = start; k < end; k++) m = fmaxf(m, fabsf(xr[k]));
+    for (int k = start + lane; k < end; k += 32) m = fmaxf(m, fabsf(xr[k]));
+    m = warp_max(m);
     float scale = m / 127.0f;
-    xs[t] = scale;
-    for (int k = start; k < end; k++) {
+    if (lane == 0) xs[t] = scale;
+    for (int k = start + lane; k < end; k += 32) {
         float v = m == 0.0f ? 0.0f : fminf(fmaxf(roundf(xr[k] / scale), -128.0f), 127.0f);
         xq[(size_t)r * cols + k] = (signed char)v;
     }

@@ -327,7 +327,8 @@ impl CudaBackend {
     /// Quantizes `rows` x `cols` of x in groups of `gs` into the Q8 scratch.
     fn quantize(&mut self, x: &CudaSlice<f32>, rows: usize, cols: usize, gs: usize) -> Result<()> {
         self.reserve_q8(rows, cols, gs)?;
-        let n = rows * cols.div_ceil(gs);
+        // One warp per group.
+        let warps = rows * cols.div_ceil(gs);
         let args = [
             self.dev.ptr(&self.xq),
             self.dev.ptr(&self.xs),
@@ -336,7 +337,8 @@ impl CudaBackend {
             int(cols)?,
             int(gs)?,
         ];
-        self.dev.launch_1d("quantize_q8", n, &args)
+        let blocks = warps.div_ceil(8) as u32;
+        self.dev.launch("quantize_q8", (blocks, 1), 256, 0, &args)
     }
 
     /// Outside `step`, ops are called one by one: the position then comes
@@ -692,7 +694,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_cache(&mut self, c: &Config) -> Result<CudaKvCache> {
-        let shared = (c.head_size() + ATTENTION_THREADS + c.seq_len) * 4;
+        let shared = (c.head_size() + 4 * ATTENTION_THREADS + c.seq_len) * 4;
         if shared > SHARED_LIMIT {
             return Err(Error::Backend(format!(
                 "a context of {} positions does not fit the CUDA attention kernel's shared memory",
@@ -914,7 +916,7 @@ impl Backend for CudaBackend {
             int(hs)?,
             int(c.kv_group())?,
         ];
-        let shared = ((hs + ATTENTION_THREADS + c.seq_len) * 4) as u32;
+        let shared = ((hs + 4 * ATTENTION_THREADS + c.seq_len) * 4) as u32;
         let grid = (c.n_heads as u32, rows as u32);
         self.dev.launch(
             &format!("attention_{ty}"),
