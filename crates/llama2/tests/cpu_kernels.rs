@@ -1,12 +1,13 @@
 //! The CPU kernels against their scalar twins in `cpu::reference`, at every
 //! SIMD level this machine supports (scalar included): dot products,
 //! activation quantization, products for each weight type (Q8_0 with
-//! straddling group sizes too), the backend's rmsnorm, rope and attention,
+//! straddling group sizes too, and repacked for VNNI), the backend's rmsnorm, rope and attention,
 //! and batched prefill against one token at a time. Shapes are random,
 //! seeded, and include sizes that are not multiples of the vector width or
 //! the group size.
 
 use llama2::cpu::kernels::{self, Isa, Q8Acts};
+use llama2::cpu::packed::{self, CpuMatrix};
 use llama2::cpu::reference;
 use llama2::sampler::Rng;
 use llama2::{Backend, Config, CpuBackend, DType, HostMatrix, LanguageModel, Transformer};
@@ -204,6 +205,58 @@ fn q8_products_match_reference() {
                     );
                     let what = format!("q8 gs {gs} {isa:?} {rows}x{cols} n {n} token {t}");
                     assert_same(&what, &got[t * rows..(t + 1) * rows], &want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_q8_products_match_reference() {
+    let mut rng = Rng::new(6);
+    // (gs, cols): whole groups per row, group sizes a multiple of 4, odd
+    // group counts and group sizes not a multiple of 8 included.
+    let cases = [(32, 288), (64, 768), (4, 172), (8, 40), (12, 36), (32, 96)];
+    for isa in Isa::all() {
+        for &(gs, cols) in &cases {
+            for n in [1, 3, 4, 9] {
+                let rows = 1 + below(&mut rng, 90);
+                let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
+                let packed = CpuMatrix::new(isa, w.clone());
+                let CpuMatrix::PackedQ8(p) = &packed else {
+                    continue;
+                };
+                let what = format!("packed gs {gs} {isa:?} {rows}x{cols} n {n}");
+                for r in [0, rows / 2, rows - 1] {
+                    assert_same(
+                        &format!("{what} row {r}"),
+                        &packed.row_f32(r),
+                        &w.row_f32(r),
+                    );
+                }
+                let x = random_vec(&mut rng, n * cols);
+                let mut acts = Q8Acts::default();
+                acts.quantize(isa, &x, n, cols, gs);
+                // Split at a row that is not a block boundary, as a task may.
+                let split = below(&mut rng, rows + 1);
+                let mut out_t = vec![0f32; rows * n];
+                let (a, b) = out_t.split_at_mut(split * n);
+                packed::product_packed(isa, p, &acts, 0..split, a);
+                packed::product_packed(isa, p, &acts, split..rows, b);
+                let llama2::tensor::MatrixData::Q8(d) = &w.data else {
+                    unreachable!()
+                };
+                for t in 0..n {
+                    let mut want = vec![0f32; rows];
+                    reference::matvec_q8(
+                        &mut want,
+                        &d.q,
+                        &d.scales,
+                        gs,
+                        &x[t * cols..(t + 1) * cols],
+                    );
+                    let got: Vec<f32> = (0..rows).map(|j| out_t[j * n + t]).collect();
+                    assert_same(&format!("{what} token {t}"), &got, &want);
                 }
             }
         }

@@ -1,26 +1,29 @@
 //! The CPU backend: the `Backend` ops on host memory, multi-threaded with a
-//! persistent rayon pool of the requested size. Weights are used in place
+//! persistent `Team` of the requested size whose helpers spin during a
+//! forward step. Weights are used in place
 //! from the memory-mapped checkpoint. Products run the SIMD kernels of the
 //! widest instruction set detected at start-up (`kernels::Isa`); small ones
 //! run on the calling thread, since waking threads costs more than a 64x64
 //! matvec.
 
 pub mod kernels;
+pub mod packed;
 pub mod reference;
 mod simd;
-
-use rayon::prelude::*;
-use rayon::ThreadPool;
+mod team;
 
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostMatrix, MatrixData};
+use crate::tensor::{DType, HostMatrix};
 use kernels::{Isa, Q8Acts};
+use packed::CpuMatrix;
+use team::Team;
 
 /// Multiply-adds below which a product or attention is not worth splitting
-/// across threads: about 10 microseconds of vector work.
-const PARALLEL_WORK: usize = 1 << 17;
+/// across threads: a few microseconds of vector work, several times what
+/// handing it to a spinning helper costs.
+const PARALLEL_WORK: usize = 1 << 15;
 /// Tasks per thread in a product: enough to even out uneven row ranges,
 /// few enough that each task amortizes its scheduling.
 const TASKS_PER_THREAD: usize = 4;
@@ -38,7 +41,7 @@ pub struct CpuKvCache {
 
 /// Host-memory backend.
 pub struct CpuBackend {
-    pool: ThreadPool,
+    team: Team,
     threads: usize,
     isa: Isa,
     /// Storage type matrices are converted to on upload; `None` keeps the file's.
@@ -49,6 +52,8 @@ pub struct CpuBackend {
     /// Product outputs of all matrices of one `matmul`, transposed:
     /// `[sum of rows][tokens]`, so each task owns a contiguous slice.
     scratch: Vec<f32>,
+    /// Attention scores, one stretch of `positions` per (token, head) task.
+    att: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -66,17 +71,20 @@ impl CpuBackend {
     /// A backend using `isa`'s kernels rather than the widest detected
     /// (tests compare levels; benchmarks measure them).
     pub fn with_isa(threads: usize, dtype: Option<DType>, isa: Isa) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let team = Team::new(threads)
             .map_err(|e| Error::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
         Ok(CpuBackend {
-            threads: pool.current_num_threads(),
-            pool,
+            threads: team.threads(),
+            team,
             isa,
             dtype,
             acts: Vec::new(),
             scratch: Vec::new(),
+            att: Vec::new(),
         })
     }
 
@@ -95,18 +103,20 @@ impl CpuBackend {
         &mut self,
         x: &[f32],
         n: usize,
-        outs: &[(&HostMatrix, &mut Vec<f32>)],
+        outs: &[(&CpuMatrix, &mut Vec<f32>)],
     ) -> usize {
         let mut used = 0;
         for (w, _) in outs {
-            let MatrixData::Q8(d) = &w.data else { continue };
-            if self.acts[..used].iter().any(|a| a.gs == d.group_size) {
+            let Some(gs) = w.q8_group_size() else {
+                continue;
+            };
+            if self.acts[..used].iter().any(|a| a.gs == gs) {
                 continue;
             }
             if self.acts.len() == used {
                 self.acts.push(Q8Acts::default());
             }
-            self.acts[used].quantize(self.isa, x, n, w.cols, d.group_size);
+            self.acts[used].quantize(self.isa, x, n, w.cols(), gs);
             used += 1;
         }
         used
@@ -114,18 +124,16 @@ impl CpuBackend {
 }
 
 /// The quantized input matching `w`'s group size, if `w` is Q8.
-fn acts_for<'a>(acts: &'a [Q8Acts], w: &HostMatrix) -> Option<&'a Q8Acts> {
-    match &w.data {
-        MatrixData::Q8(d) => acts.iter().find(|a| a.gs == d.group_size),
-        _ => None,
-    }
+fn acts_for<'a>(acts: &'a [Q8Acts], w: &CpuMatrix) -> Option<&'a Q8Acts> {
+    let gs = w.q8_group_size()?;
+    acts.iter().find(|a| a.gs == gs)
 }
 
 /// Computes global rows `g0..g0 + out_t.len() / n` of the matrices of `ws`
 /// stacked on top of each other, into `out_t` `[rows][n]`.
 fn product_range(
     isa: Isa,
-    ws: &[(&HostMatrix, &mut Vec<f32>)],
+    ws: &[(&CpuMatrix, &mut Vec<f32>)],
     acts: &[Q8Acts],
     x: &[f32],
     n: usize,
@@ -135,20 +143,19 @@ fn product_range(
     let g1 = g0 + out_t.len() / n;
     let mut offset = 0;
     for (w, _) in ws {
-        let (lo, hi) = (g0.max(offset), g1.min(offset + w.rows));
+        let (lo, hi) = (g0.max(offset), g1.min(offset + w.rows()));
         if lo < hi {
             let out = &mut out_t[(lo - g0) * n..(hi - g0) * n];
-            kernels::product(
-                isa,
-                w,
-                x,
-                n,
-                acts_for(acts, w),
-                lo - offset..hi - offset,
-                out,
-            );
+            let (rows, a) = (lo - offset..hi - offset, acts_for(acts, w));
+            match w {
+                CpuMatrix::Host(m) => kernels::product(isa, m, x, n, a, rows, out),
+                CpuMatrix::PackedQ8(p) => {
+                    let a = a.expect("Q8 products need quantized activations");
+                    packed::product_packed(isa, p, a, rows, out)
+                }
+            }
         }
-        offset += w.rows;
+        offset += w.rows();
     }
 }
 
@@ -166,7 +173,7 @@ fn untranspose(src: &[f32], n: usize, rows: usize, dst: &mut [f32]) {
 }
 
 impl Backend for CpuBackend {
-    type Matrix = HostMatrix;
+    type Matrix = CpuMatrix;
     type Vector = Vec<f32>;
     type Buffer = Vec<f32>;
     type KvCache = CpuKvCache;
@@ -190,11 +197,25 @@ impl Backend for CpuBackend {
         CPU_BATCH
     }
 
-    fn upload_matrix(&mut self, m: &HostMatrix) -> Result<HostMatrix> {
-        Ok(match self.dtype {
+    fn upload_matrix(&mut self, m: &HostMatrix) -> Result<CpuMatrix> {
+        let m = match self.dtype {
             Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols)),
             None => m.clone(),
-        })
+        };
+        Ok(CpuMatrix::new(self.isa, m))
+    }
+
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        pos0: usize,
+        ops: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        let _ = (tokens, pos0);
+        self.team.set_active(true);
+        let r = ops(self);
+        self.team.set_active(false);
+        r
     }
 
     fn upload_vector(&mut self, v: &[f32]) -> Result<Vec<f32>> {
@@ -217,8 +238,8 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embed(&mut self, out: &mut Vec<f32>, table: &HostMatrix, tokens: &[u32]) -> Result<()> {
-        let d = table.cols;
+    fn embed(&mut self, out: &mut Vec<f32>, table: &CpuMatrix, tokens: &[u32]) -> Result<()> {
+        let d = table.cols();
         for (r, &t) in tokens.iter().enumerate() {
             out[r * d..(r + 1) * d].copy_from_slice(&table.row_f32(t as usize));
         }
@@ -243,12 +264,12 @@ impl Backend for CpuBackend {
         &mut self,
         x: &Vec<f32>,
         rows: usize,
-        outs: &mut [(&HostMatrix, &mut Vec<f32>)],
+        outs: &mut [(&CpuMatrix, &mut Vec<f32>)],
     ) -> Result<()> {
         let n = rows;
         let used = self.quantize_inputs(x, n, outs);
-        let total: usize = outs.iter().map(|(w, _)| w.rows).sum();
-        let work = total * outs.first().map_or(0, |(w, _)| w.cols) * n;
+        let total: usize = outs.iter().map(|(w, _)| w.rows()).sum();
+        let work = total * outs.first().map_or(0, |(w, _)| w.cols()) * n;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.resize(total * n, 0.0);
         let ws = &*outs;
@@ -258,17 +279,16 @@ impl Backend for CpuBackend {
         } else {
             let tasks = self.threads * TASKS_PER_THREAD;
             let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
-            self.pool.install(|| {
-                scratch
-                    .par_chunks_mut(chunk * n)
-                    .enumerate()
-                    .for_each(|(k, out_t)| product_range(isa, ws, acts, x, n, k * chunk, out_t))
-            });
+            self.team
+                .for_each_chunk(&mut scratch, chunk * n, |k, out_t| {
+                    product_range(isa, ws, acts, x, n, k * chunk, out_t)
+                });
         }
         let mut offset = 0;
         for (w, out) in outs.iter_mut() {
-            untranspose(&scratch[offset * n..(offset + w.rows) * n], n, w.rows, out);
-            offset += w.rows;
+            let r = w.rows();
+            untranspose(&scratch[offset * n..(offset + r) * n], n, r, out);
+            offset += r;
         }
         self.scratch = scratch;
         Ok(())
@@ -315,34 +335,31 @@ impl Backend for CpuBackend {
         let values = &cache.values[base..base + cache.layer_len];
         let work = rows * c.n_heads * (pos0 + rows) * hs * 2;
         let isa = self.isa;
-        let head = |(i, oh): (usize, &mut [f32]), att: &mut Vec<f32>| {
+        let span = pos0 + rows;
+        let mut att = std::mem::take(&mut self.att);
+        att.resize(rows * c.n_heads * span, 0.0);
+        // Task `i` is (token i / heads, head i % heads): its output `[hs]`
+        // next to its scores `[span]`.
+        let head = |i: usize, oh: &mut [f32], att: &mut [f32]| {
             let (r, h) = (i / c.n_heads, i % c.n_heads);
             let qh = &q[r * d + h * hs..][..hs];
-            attend_head(
-                isa,
-                oh,
-                att,
-                qh,
-                keys,
-                values,
-                pos0 + r,
-                (h / c.kv_group()) * hs,
-                c,
-            );
+            let att = &mut att[..pos0 + r + 1];
+            attend_head(isa, oh, att, qh, keys, values, (h / c.kv_group()) * hs, c);
         };
         let out = &mut out[..rows * d];
-        if work < PARALLEL_WORK {
-            let mut att = Vec::new();
-            out.chunks_mut(hs)
-                .enumerate()
-                .for_each(|p| head(p, &mut att));
+        if work < PARALLEL_WORK || self.threads == 1 {
+            for (i, (oh, a)) in out.chunks_mut(hs).zip(att.chunks_mut(span)).enumerate() {
+                head(i, oh, a);
+            }
         } else {
-            self.pool.install(|| {
-                out.par_chunks_mut(hs)
-                    .enumerate()
-                    .for_each_init(Vec::new, |att, p| head(p, att))
+            let mut pairs: Vec<(&mut [f32], &mut [f32])> =
+                out.chunks_mut(hs).zip(att.chunks_mut(span)).collect();
+            self.team.for_each_chunk(&mut pairs, 1, |i, p| {
+                let (oh, a) = &mut p[0];
+                head(i, oh, a)
             });
         }
+        self.att = att;
         Ok(())
     }
 
@@ -377,26 +394,24 @@ impl Backend for CpuBackend {
     }
 }
 
-/// One head of one token: scores against keys `0..=pos`, softmax, weighted
-/// sum of values into `out` `[hs]`. `att` is scratch for the scores.
+/// One head of one token: scores against keys `0..att.len()`, softmax,
+/// weighted sum of values into `out` `[hs]`. `att` is scratch for the scores.
 #[allow(clippy::too_many_arguments)]
 fn attend_head(
     isa: Isa,
     out: &mut [f32],
-    att: &mut Vec<f32>,
+    att: &mut [f32],
     qh: &[f32],
     keys: &[f32],
     values: &[f32],
-    pos: usize,
     kv_off: usize,
     c: &Config,
 ) {
     let (hs, kv) = (c.head_size(), c.kv_dim());
     let scale = (hs as f32).sqrt();
-    att.clear();
-    att.extend(
-        (0..=pos).map(|t| kernels::dot_f32(isa, qh, &keys[t * kv + kv_off..][..hs]) / scale),
-    );
+    for (t, a) in att.iter_mut().enumerate() {
+        *a = kernels::dot_f32(isa, qh, &keys[t * kv + kv_off..][..hs]) / scale;
+    }
     reference::softmax(att);
     out.fill(0.0);
     for (t, &a) in att.iter().enumerate() {

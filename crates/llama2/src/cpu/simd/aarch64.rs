@@ -96,3 +96,17 @@ pub fn f32_rows(
 pub fn q8_rows(_: Isa, _: &[i8], _: &[f32], _: &Q8Acts, _: Range<usize>, _: &mut [f32]) -> bool {
     false
 }
+
+pub fn packs_q8(_: Isa) -> bool {
+    false
+}
+
+pub fn q8_packed_rows(
+    _: Isa,
+    _: &super::super::packed::PackedQ8,
+    _: &Q8Acts,
+    _: Range<usize>,
+    _: &mut [f32],
+) -> bool {
+    false
+}

@@ -1,5 +1,5 @@
 //! AVX-512 kernels (F, BW, VL, VNNI, F16C): f32/f16/bf16 product tiles,
-//! the Q8_0 product tile on `vpdpbusd`, activation quantization and the
+//! the packed Q8_0 product tile on `vpdpbusd`, activation quantization and the
 //! small vector helpers attention uses. Every function here requires those
 //! features; the dispatcher in `kernels.rs` only calls them through an
 //! `Isa` that detected them at run time.
@@ -205,44 +205,6 @@ pub unsafe fn quantize_group16(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (scale, _mm512_reduce_add_epi32(sum))
 }
 
-/// Sums lanes 0..8 and lanes 8..16 of each of 16 vectors (a transposing
-/// add tree, 3 ops per level). Block `b` of result `h` holds those sums for
-/// inputs `8h + 4(b / 2) ..+4`: the low half when `b` is even, else the high.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn reduce_halves(a: [__m512i; 16]) -> [__m512i; 2] {
-    let mut b = [_mm512_setzero_si512(); 8];
-    for i in 0..8 {
-        let (x, y) = (a[2 * i], a[2 * i + 1]);
-        b[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
-    }
-    let mut c = [_mm512_setzero_si512(); 4];
-    for i in 0..4 {
-        let (x, y) = (b[2 * i], b[2 * i + 1]);
-        c[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
-    }
-    let mut d = [_mm512_setzero_si512(); 2];
-    for i in 0..2 {
-        let (x, y) = (c[2 * i], c[2 * i + 1]);
-        d[i] = _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(x, y),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y),
-        );
-    }
-    d
-}
-
-/// From `reduce_halves` output: lane `p` = the sum of input `p`'s lanes
-/// 0..8 (`first`) or 8..16 (`second`).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn halves(d: [__m512i; 2]) -> (__m512i, __m512i) {
-    (
-        _mm512_shuffle_i32x4::<0b10_00_10_00>(d[0], d[1]),
-        _mm512_shuffle_i32x4::<0b11_01_11_01>(d[0], d[1]),
-    )
-}
-
 /// Quantized activations as the Q8 tile reads them.
 pub struct Q8Tokens<'a> {
     /// Values `[tokens][cols]`.
@@ -255,118 +217,85 @@ pub struct Q8Tokens<'a> {
     pub tokens: usize,
 }
 
-/// One Q8_0 tile: rows `rows` (absolute indices) of a matrix with whole
-/// groups of `gs` (32 or 64) per row, against tokens `t0..t0 + T`. Lane
-/// `r * T + t` of the result is output (row r, token t), bit-identical to
-/// `kernels::dot_q8`: each group's int32 dot is exact and the f32 terms are
-/// added in group order.
-///
-/// `vpdpbusd` multiplies unsigned by signed bytes, so weights are biased by
-/// 128 (xor 0x80) and the bias times the activation sum is subtracted.
+/// A tile over the packed Q8_0 layout (`cpu::packed`): `B` consecutive
+/// blocks of 16 rows against tokens `t0..t0 + T`. Result `[b][t]` holds the
+/// 16 rows of block `b` for token `t0 + t`, bit-identical to
+/// `kernels::dot_q8`: each lane's group dot is exact in int32, and the f32
+/// terms are formed and added in group order as the reference does.
 ///
 /// # Safety
-/// AVX-512F/BW/VL/VNNI are available; rows and tokens are in range of
-/// `wq`/`ws` and `x`; `T` is 1 or 4 and `R * T == 16`.
+/// AVX-512F/BW/VL/VNNI are available; `q` and `s` point at block `b0` of a
+/// packed matrix with `cols` columns in groups of `gs` (a multiple of 4
+/// dividing `cols`) and `B` blocks from there exist; tokens `t0..t0 + T`
+/// are in range of `x`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn tile_q8<const R: usize, const T: usize>(
-    wq: &[i8],
-    ws: &[f32],
+pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
+    q: *const u8,
+    s: *const f32,
     cols: usize,
     gs: usize,
-    rows: [usize; R],
     x: &Q8Tokens,
     t0: usize,
-) -> [f32; 16] {
+) -> [[__m512; T]; B] {
     let groups = cols / gs;
-    let bias = _mm512_set1_epi8(i8::MIN);
-    let mut row_offsets = [0i32; 16];
-    for (p, o) in row_offsets.iter_mut().enumerate() {
-        *o = ((rows[p / T] - rows[0]) * groups) as i32;
-    }
-    let ws_index = _mm512_loadu_si512(row_offsets.as_ptr() as *const __m512i);
-    let ws0 = ws.as_ptr().add(rows[0] * groups);
-    let mut f = _mm512_setzero_ps();
-    let mut xv = [_mm512_setzero_si512(); T];
-    let mut k = 0;
-    while k < cols {
-        let m = if cols - k >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << (cols - k)) - 1
-        };
-        for t in 0..T {
-            xv[t] = _mm512_maskz_loadu_epi8(m, x.xq.as_ptr().add((t0 + t) * cols + k));
+    let xq = x.xq.as_ptr();
+    let mut f = [[_mm512_setzero_ps(); T]; B];
+    for g in 0..groups {
+        let (mut k, end) = (g * gs, (g + 1) * gs);
+        let mut a = [[_mm512_setzero_si512(); T]; B];
+        // One token has one chain per block: a second set of accumulators
+        // for alternate columns hides `vpdpbusd` latency.
+        let mut a2 = [[_mm512_setzero_si512(); T]; B];
+        if T == 1 {
+            while k + 8 <= end {
+                let (x0, x1) = (token4(xq, t0 * cols + k), token4(xq, t0 * cols + k + 4));
+                for b in 0..B {
+                    let wb = q.add(b * cols * 16 + k * 16);
+                    a[b][0] = _mm512_dpbusd_epi32(a[b][0], _mm512_loadu_si512(wb as *const _), x0);
+                    a2[b][0] = _mm512_dpbusd_epi32(
+                        a2[b][0],
+                        _mm512_loadu_si512(wb.add(64) as *const _),
+                        x1,
+                    );
+                }
+                k += 8;
+            }
         }
-        let mut acc = [_mm512_setzero_si512(); 16];
-        for r in 0..R {
-            let w = _mm512_maskz_loadu_epi8(m, wq.as_ptr().add(rows[r] * cols + k));
-            let wu = _mm512_xor_si512(w, bias);
+        while k < end {
+            let mut xv = [_mm512_setzero_si512(); T];
             for t in 0..T {
-                acc[r * T + t] = _mm512_dpbusd_epi32(acc[r * T + t], wu, xv[t]);
+                xv[t] = token4(xq, (t0 + t) * cols + k);
+            }
+            for b in 0..B {
+                let w = _mm512_loadu_si512(q.add(b * cols * 16 + k * 16) as *const _);
+                for t in 0..T {
+                    a[b][t] = _mm512_dpbusd_epi32(a[b][t], w, xv[t]);
+                }
+            }
+            k += 4;
+        }
+        for t in 0..T {
+            let at = g * x.tokens + t0 + t;
+            let xs = _mm512_set1_ps(x.xs_t[at]);
+            let xc = _mm512_set1_epi32(x.xc_t[at]);
+            for b in 0..B {
+                let ws = _mm512_loadu_ps(s.add((b * groups + g) * 16));
+                let ints = _mm512_sub_epi32(_mm512_add_epi32(a[b][t], a2[b][t]), xc);
+                let term = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ints), ws), xs);
+                f[b][t] = _mm512_add_ps(f[b][t], term);
             }
         }
-        let (first, second) = halves(reduce_halves(acc));
-        if gs == 64 {
-            let g = k / 64;
-            f = add_group::<T>(
-                f,
-                _mm512_add_epi32(first, second),
-                ws_index,
-                ws0.add(g),
-                x,
-                g,
-                t0,
-            );
-        } else {
-            let g = k / 32;
-            f = add_group::<T>(f, first, ws_index, ws0.add(g), x, g, t0);
-            if k + 32 < cols {
-                f = add_group::<T>(f, second, ws_index, ws0.add(g + 1), x, g + 1, t0);
-            }
-        }
-        k += 64;
     }
-    let mut out = [0f32; 16];
-    _mm512_storeu_ps(out.as_mut_ptr(), f);
-    out
+    f
 }
 
-/// `f + (dot - bias) * w_scale * x_scale` per lane, for group `g`: the f32
-/// term of the reference, with the same two roundings per product.
+/// Four activation bytes at `xq + at` broadcast to every 32-bit lane.
 ///
 /// # Safety
-/// AVX-512F/BW/VL are available; `ws_g` plus each index is a scale of group
-/// `g`; `t0 + T` tokens are in range of `x`.
+/// AVX-512F is available; `xq + at .. + 4` is readable.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn add_group<const T: usize>(
-    f: __m512,
-    ints: __m512i,
-    ws_index: __m512i,
-    ws_g: *const f32,
-    x: &Q8Tokens,
-    g: usize,
-    t0: usize,
-) -> __m512 {
-    let (xs, xc) = token_lanes::<T>(x, g, t0);
-    let ws = _mm512_i32gather_ps::<4>(ws_index, ws_g);
-    let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(ints, xc));
-    _mm512_add_ps(f, _mm512_mul_ps(_mm512_mul_ps(dot, ws), xs))
-}
-
-/// Activation scales and bias corrections of group `g` for the lanes of a
-/// tile: token `t0 + (p % T)` for lane `p`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn token_lanes<const T: usize>(x: &Q8Tokens, g: usize, t0: usize) -> (__m512, __m512i) {
-    let at = g * x.tokens + t0;
-    if T == 1 {
-        (_mm512_set1_ps(x.xs_t[at]), _mm512_set1_epi32(x.xc_t[at]))
-    } else {
-        (
-            _mm512_broadcast_f32x4(_mm_loadu_ps(x.xs_t.as_ptr().add(at))),
-            _mm512_broadcast_i32x4(_mm_loadu_si128(x.xc_t.as_ptr().add(at) as *const __m128i)),
-        )
-    }
+#[target_feature(enable = "avx512f")]
+unsafe fn token4(xq: *const i8, at: usize) -> __m512i {
+    _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(at) as *const i32))
 }

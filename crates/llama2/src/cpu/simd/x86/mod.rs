@@ -6,11 +6,13 @@
 mod avx2;
 mod avx512;
 
+use std::arch::x86_64::{__m512, _mm512_storeu_ps};
 use std::ops::Range;
 
 use half::{bf16, f16};
 
 use super::super::kernels::{sweep, Isa, Level, Q8Acts, WeightRows};
+use super::super::packed::{PackedQ8, BLOCK_ROWS};
 
 /// Whether this CPU runs `level`'s kernels. AVX-512 here means F, BW, VL and
 /// VNNI together (Ice Lake and later, Zen 4); older AVX-512 parts use AVX2.
@@ -162,43 +164,105 @@ fn rows256<W: avx2::Wide>(
     }
 }
 
-/// The Q8_0 product over `rows` with VNNI tiles; `false` (scalar) for other
-/// levels, group sizes other than 32 and 64, or groups straddling rows.
-pub fn q8_rows(
+/// Unpacked Q8_0 products run the scalar loop: at the AVX-512 level the
+/// backend repacks Q8_0 matrices (`q8_packed_rows`) whenever their groups
+/// allow it, and the rest have groups straddling rows.
+pub fn q8_rows(_: Isa, _: &[i8], _: &[f32], _: &Q8Acts, _: Range<usize>, _: &mut [f32]) -> bool {
+    false
+}
+
+/// Whether `isa` has a kernel for `PackedQ8` matrices (so uploads pack).
+pub fn packs_q8(isa: Isa) -> bool {
+    isa.level() == Level::Avx512
+}
+
+/// The product over rows `rows` of a packed Q8_0 matrix: whole blocks are
+/// computed, rows outside `rows` dropped. Decoding runs four blocks (64
+/// rows) per tile, batches two blocks by four tokens.
+pub fn q8_packed_rows(
     isa: Isa,
-    wq: &[i8],
-    ws: &[f32],
+    w: &PackedQ8,
     acts: &Q8Acts,
     rows: Range<usize>,
     out_t: &mut [f32],
 ) -> bool {
-    let (cols, gs) = (acts.cols, acts.gs);
-    if isa.level() != Level::Avx512 || !(gs == 32 || gs == 64) || !cols.is_multiple_of(gs) {
+    if !packs_q8(isa) {
         return false;
     }
-    assert!(wq.len() >= rows.end * cols && ws.len() >= rows.end * cols / gs);
-    assert!(acts.xq.len() >= acts.tokens * cols && acts.tokens.is_multiple_of(4));
+    let (cols, gs, n) = (w.cols, w.gs, acts.n);
+    assert!(
+        acts.tokens.is_multiple_of(4) && acts.tokens >= n && acts.xq.len() >= acts.tokens * cols
+    );
+    assert!(w.q.len() >= w.rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * cols);
     let x = avx512::Q8Tokens {
         xq: &acts.xq,
         xs_t: &acts.xs_t,
         xc_t: &acts.xc_t,
         tokens: acts.tokens,
     };
-    if acts.n == 1 {
-        sweep::<16, 1>(rows, 1, out_t, |j, t| {
-            // SAFETY: AVX-512 with VNNI was confirmed (caller's `Isa`); rows
-            // are below `rows.end`, checked against `wq` and `ws` above.
-            let lanes = unsafe { avx512::tile_q8::<16, 1>(wq, ws, cols, gs, j, &x, t[0]) };
-            lanes.map(|v| [v])
-        })
+    let blocks = rows.start / BLOCK_ROWS..rows.end.div_ceil(BLOCK_ROWS);
+    let mut store = |b0: usize, t0: usize, v: &[__m512], t_step: usize| {
+        for (i, &v) in v.iter().enumerate() {
+            let (b, t) = (b0 + i / t_step, t0 + i % t_step);
+            if t >= n {
+                continue;
+            }
+            let mut lanes = [0f32; BLOCK_ROWS];
+            // SAFETY: AVX-512F was confirmed (caller's `Isa`); `lanes` holds 16 f32.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+            for (r, &l) in lanes.iter().enumerate() {
+                let j = b * BLOCK_ROWS + r;
+                if rows.contains(&j) {
+                    out_t[(j - rows.start) * n + t] = l;
+                }
+            }
+        }
+    };
+    let block = |b: usize| {
+        // SAFETY: `b` is below the matrix's block count (asserted above),
+        // so these offsets stay inside `w.q` and `w.s`.
+        unsafe {
+            (
+                w.q.as_ptr().add(b * BLOCK_ROWS * cols),
+                w.s.as_ptr().add(b * BLOCK_ROWS * (cols / gs)),
+            )
+        }
+    };
+    let mut b = blocks.start;
+    if n == 1 {
+        while b < blocks.end {
+            let (q, s) = block(b);
+            if b + 4 <= blocks.end {
+                // SAFETY: AVX-512 with VNNI was confirmed (caller's `Isa`);
+                // blocks `b..b + 4` exist; token 0 exists.
+                let v = unsafe { avx512::tile_q8_packed::<4, 1>(q, s, cols, gs, &x, 0) };
+                store(b, 0, v.as_flattened(), 1);
+                b += 4;
+            } else {
+                // SAFETY: as above, for block `b`.
+                let v = unsafe { avx512::tile_q8_packed::<1, 1>(q, s, cols, gs, &x, 0) };
+                store(b, 0, v.as_flattened(), 1);
+                b += 1;
+            }
+        }
     } else {
-        sweep::<4, 4>(rows, acts.n, out_t, |j, t| {
-            // SAFETY: as above; tokens `t[0]..t[0] + 4` exist because
-            // `sweep` starts tiles at multiples of 4 and `acts.tokens` is
-            // padded to a multiple of 4.
-            let l = unsafe { avx512::tile_q8::<4, 4>(wq, ws, cols, gs, j, &x, t[0]) };
-            [0, 1, 2, 3].map(|r| [l[4 * r], l[4 * r + 1], l[4 * r + 2], l[4 * r + 3]])
-        })
+        while b < blocks.end {
+            let (q, s) = block(b);
+            let two = b + 2 <= blocks.end;
+            for t0 in (0..n).step_by(4) {
+                // SAFETY: AVX-512 with VNNI was confirmed; blocks `b..b + 2`
+                // (or `b`) exist; tokens `t0..t0 + 4` exist since
+                // `acts.tokens` is a multiple of 4 at least `n`.
+                if two {
+                    let v = unsafe { avx512::tile_q8_packed::<2, 4>(q, s, cols, gs, &x, t0) };
+                    store(b, t0, v.as_flattened(), 4);
+                } else {
+                    let v = unsafe { avx512::tile_q8_packed::<1, 4>(q, s, cols, gs, &x, t0) };
+                    store(b, t0, v.as_flattened(), 4);
+                }
+            }
+            b += if two { 2 } else { 1 };
+        }
     }
     true
 }

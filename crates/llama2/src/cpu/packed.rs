@@ -1,0 +1,155 @@
+//! The CPU backend's weight matrices: the checkpoint's `HostMatrix` as is,
+//! or Q8_0 weights repacked at upload for the VNNI product. The packed
+//! layout interleaves 16 rows four bytes at a time, so one 64-byte load
+//! feeds `vpdpbusd` with four columns of 16 rows and each lane accumulates
+//! one row's exact group dot: no horizontal add tree per group.
+//!
+//! This file owns the layout (packing, reading rows back); the tiles that
+//! read it live in `simd/`.
+
+use std::ops::Range;
+
+use super::kernels::{Isa, Q8Acts};
+use super::simd;
+use crate::tensor::{HostMatrix, MatrixData, Q8Data};
+
+/// Rows interleaved in one packed block.
+pub const BLOCK_ROWS: usize = 16;
+
+/// A weight matrix as the CPU backend stores it.
+#[derive(Clone, Debug)]
+pub enum CpuMatrix {
+    /// The file's (or converted) storage, read in place.
+    Host(HostMatrix),
+    /// Q8_0 repacked for the VNNI product.
+    PackedQ8(PackedQ8),
+}
+
+impl CpuMatrix {
+    /// `m` in the layout `isa`'s kernels read fastest.
+    pub fn new(isa: Isa, m: HostMatrix) -> CpuMatrix {
+        match &m.data {
+            MatrixData::Q8(d) if simd::packs_q8(isa) => {
+                PackedQ8::new(d, m.rows, m.cols).map_or(CpuMatrix::Host(m), CpuMatrix::PackedQ8)
+            }
+            _ => CpuMatrix::Host(m),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            CpuMatrix::Host(m) => m.rows,
+            CpuMatrix::PackedQ8(p) => p.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            CpuMatrix::Host(m) => m.cols,
+            CpuMatrix::PackedQ8(p) => p.cols,
+        }
+    }
+
+    /// The Q8_0 group size, if the matrix is quantized.
+    pub fn q8_group_size(&self) -> Option<usize> {
+        match self {
+            CpuMatrix::Host(HostMatrix {
+                data: MatrixData::Q8(d),
+                ..
+            }) => Some(d.group_size),
+            CpuMatrix::Host(_) => None,
+            CpuMatrix::PackedQ8(p) => Some(p.gs),
+        }
+    }
+
+    /// Row `r` as f32 values, equal to `HostMatrix::row_f32` of the source.
+    pub fn row_f32(&self, r: usize) -> Vec<f32> {
+        match self {
+            CpuMatrix::Host(m) => m.row_f32(r),
+            CpuMatrix::PackedQ8(p) => p.row_f32(r),
+        }
+    }
+}
+
+/// Q8_0 weights in blocks of `BLOCK_ROWS` rows; the last block is padded
+/// with zero rows. Requires whole groups per row and groups of a multiple
+/// of 4 values.
+#[derive(Clone, Debug)]
+pub struct PackedQ8 {
+    pub rows: usize,
+    pub cols: usize,
+    pub gs: usize,
+    /// Values plus 128 (as `vpdpbusd` wants unsigned weights),
+    /// `[block][cols / 4][16 rows][4]`.
+    pub q: Vec<u8>,
+    /// Scales `[block][groups][16 rows]`.
+    pub s: Vec<f32>,
+}
+
+impl PackedQ8 {
+    /// Repacks `d` (a `[rows][cols]` matrix); `None` when groups straddle
+    /// rows or are not a multiple of 4 long.
+    pub fn new(d: &Q8Data, rows: usize, cols: usize) -> Option<PackedQ8> {
+        let gs = d.group_size;
+        if gs == 0 || !gs.is_multiple_of(4) || !cols.is_multiple_of(gs) {
+            return None;
+        }
+        let groups = cols / gs;
+        let blocks = rows.div_ceil(BLOCK_ROWS);
+        let mut q = vec![0x80u8; blocks * BLOCK_ROWS * cols];
+        let mut s = vec![0f32; blocks * BLOCK_ROWS * groups];
+        for row in 0..rows {
+            let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
+            let src = &d.q[row * cols..(row + 1) * cols];
+            let block = &mut q[b * BLOCK_ROWS * cols..(b + 1) * BLOCK_ROWS * cols];
+            for (k4, v) in src.chunks_exact(4).enumerate() {
+                let at = (k4 * BLOCK_ROWS + r) * 4;
+                for (o, &x) in block[at..at + 4].iter_mut().zip(v) {
+                    *o = (x as u8) ^ 0x80;
+                }
+            }
+            for g in 0..groups {
+                s[(b * groups + g) * BLOCK_ROWS + r] = d.scales[row * groups + g];
+            }
+        }
+        Some(PackedQ8 {
+            rows,
+            cols,
+            gs,
+            q,
+            s,
+        })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.cols / self.gs
+    }
+
+    /// Row `r` dequantized: value times its group's scale.
+    pub fn row_f32(&self, row: usize) -> Vec<f32> {
+        let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
+        let block = &self.q[b * BLOCK_ROWS * self.cols..];
+        (0..self.cols)
+            .map(|k| {
+                let v = (block[((k / 4) * BLOCK_ROWS + r) * 4 + k % 4] ^ 0x80) as i8;
+                v as f32 * self.s[(b * self.groups() + k / self.gs) * BLOCK_ROWS + r]
+            })
+            .collect()
+    }
+}
+
+/// `out_t[(j - rows.start) * n + t] = w[j] · x[t]` for a packed matrix, with
+/// `acts` the activations quantized in `w`'s group size; bit-identical to
+/// `kernels::dot_q8`.
+pub fn product_packed(
+    isa: Isa,
+    w: &PackedQ8,
+    acts: &Q8Acts,
+    rows: Range<usize>,
+    out_t: &mut [f32],
+) {
+    assert!(acts.gs == w.gs && acts.cols == w.cols && rows.end <= w.rows);
+    assert!(out_t.len() >= rows.len() * acts.n);
+    let done = simd::q8_packed_rows(isa, w, acts, rows, out_t);
+    assert!(done, "a packed Q8 matrix needs the level that packed it");
+}
