@@ -1,7 +1,8 @@
 // Causal multi-head attention over the KV cache [L][S][KV], in f32 or f16.
 // Positions come from the step buffer (pos0 + row), so one recorded graph
-// serves every position: the grid covers all heads and rows, and each block
-// loops over however many cached positions its row sees.
+// serves every position: the grid covers all heads and rows (and for
+// decoding, chunks of positions up to the cache's length), and each block
+// loops over however many cached positions it sees.
 
 __device__ __forceinline__ float cache_get(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float cache_get(const u16* p, size_t i) { return f16_to_f32(p[i]); }
@@ -48,31 +49,18 @@ __device__ __forceinline__ float4 cache_get4(const u16* p, size_t i) {
                        f16_to_f32(h.y >> 16));
 }
 
-// One block per (head, row). Dynamic shared memory: q [hs], partial sums
-// [4 * blockDim], scores [seq_len]. One thread per cached position computes
-// its score; scores are scaled and softmaxed in place as in
-// reference::attention; the weighted sum of values gives each thread 4
-// dimensions (1 when hs or KV is not a multiple of 4) of every
-// blockDim / (hs / 4)-th position, and the groups' partial sums are added.
+// Scores of positions [t0, t1) against the query in shared memory `qs`
+// [hs], scaled and softmaxed over that range in `att` [t1 - t0] as in
+// reference::attention (left unnormalized: exp(s - m)); returns their sum
+// and sets `m` to their max. One thread per position.
 template <typename C>
-__device__ __forceinline__ void attention_block(float* out, const float* q, const C* kc,
-                                                const C* vc, const int* step, size_t layer_off,
-                                                int d, int kv, int hs, int kv_group) {
-    extern __shared__ float smem[];
-    __shared__ float scratch[32];
-    int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
-    int pos = STEP_POS0(step) + r;
+__device__ __forceinline__ float attention_scores(float* att, float& m, const float* qs,
+                                                  const C* kc, size_t off, int kv, int hs, int t0,
+                                                  int t1, float* scratch) {
+    int tid = threadIdx.x;
     bool vec = hs % 4 == 0 && kv % 4 == 0;
-    float* qs = smem;
-    float* part = smem + hs;
-    float* att = part + 4 * blockDim.x;
-    const float* qh = q + (size_t)r * d + (size_t)h * hs;
-    for (int i = tid; i < hs; i += blockDim.x) qs[i] = qh[i];
-    __syncthreads();
-
-    size_t off = layer_off + (size_t)(h / kv_group) * hs;
     float scale = sqrtf((float)hs);
-    for (int t = tid; t <= pos; t += blockDim.x) {
+    for (int t = t0 + tid; t < t1; t += blockDim.x) {
         size_t kt = off + (size_t)t * kv;
         float s = 0.0f;
         if (vec) {
@@ -84,30 +72,40 @@ __device__ __forceinline__ void attention_block(float* out, const float* q, cons
         } else {
             for (int i = 0; i < hs; i++) s += qs[i] * cache_get(kc, kt + i);
         }
-        att[t] = s / scale;
+        att[t - t0] = s / scale;
     }
     __syncthreads();
 
-    float m = NEG_INF;
-    for (int t = tid; t <= pos; t += blockDim.x) m = fmaxf(m, att[t]);
+    m = NEG_INF;
+    for (int t = tid; t < t1 - t0; t += blockDim.x) m = fmaxf(m, att[t]);
     m = block_max(m, scratch);
     float sum = 0.0f;
-    for (int t = tid; t <= pos; t += blockDim.x) {
+    for (int t = tid; t < t1 - t0; t += blockDim.x) {
         float e = expf(att[t] - m);
         att[t] = e;
         sum += e;
     }
-    sum = block_sum(sum, scratch);
+    return block_sum(sum, scratch);
+}
 
-    float* outh = out + (size_t)r * d + (size_t)h * hs;
+// dst[i] = sum over t in [t0, t1) of att[t - t0] / norm * v[t][i], for the
+// hs values of one head. `part` is shared scratch of 4 * blockDim floats.
+// Each thread sums 4 dimensions (1 when hs or KV is not a multiple of 4) of
+// every blockDim / (hs / 4)-th position, then the groups' sums are added.
+template <typename C>
+__device__ __forceinline__ void attention_values(float* dst, const float* att, float norm,
+                                                 const C* vc, size_t off, int kv, int hs, int t0,
+                                                 int t1, float* part) {
+    int tid = threadIdx.x;
+    bool vec = hs % 4 == 0 && kv % 4 == 0;
     int width = vec ? 4 : 1, per = hs / width;
     if (per <= (int)blockDim.x) {
         int groups = blockDim.x / per, g = tid / per, c = (tid % per) * width;
         if (g < groups) {
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-            for (int t = g; t <= pos; t += groups) {
-                float w = att[t] / sum;
+            for (int t = t0 + g; t < t1; t += groups) {
+                float w = att[t - t0] / norm;
                 size_t vt = off + (size_t)t * kv + c;
                 if (vec) {
                     float4 v4 = cache_get4(vc, vt);
@@ -131,28 +129,115 @@ __device__ __forceinline__ void attention_block(float* out, const float* q, cons
         for (int i = tid; i < hs; i += blockDim.x) {
             float o = 0.0f;
             for (int gg = 0; gg < groups; gg++) o += part[gg * hs + i];
-            outh[i] = o;
+            dst[i] = o;
         }
     } else {
         for (int i = tid; i < hs; i += blockDim.x) {
             float acc = 0.0f;
-            for (int t = 0; t <= pos; t++) {
-                acc += (att[t] / sum) * cache_get(vc, off + (size_t)t * kv + i);
+            for (int t = t0; t < t1; t++) {
+                acc += (att[t - t0] / norm) * cache_get(vc, off + (size_t)t * kv + i);
             }
-            outh[i] = acc;
+            dst[i] = acc;
         }
     }
+}
+
+// One block per (head, row) over all of the row's positions. Dynamic shared
+// memory: q [hs], partial sums [4 * blockDim], scores [seq_len].
+template <typename C>
+__device__ __forceinline__ void attention_block(float* out, const float* q, const C* kc,
+                                                const C* vc, const int* step, size_t layer_off,
+                                                int d, int kv, int hs, int kv_group) {
+    extern __shared__ float smem[];
+    __shared__ float scratch[32];
+    int h = blockIdx.x, r = blockIdx.y;
+    int pos = STEP_POS0(step) + r;
+    float* qs = smem;
+    float* part = smem + hs;
+    float* att = part + 4 * blockDim.x;
+    const float* qh = q + (size_t)r * d + (size_t)h * hs;
+    for (int i = threadIdx.x; i < hs; i += blockDim.x) qs[i] = qh[i];
+    __syncthreads();
+    size_t off = layer_off + (size_t)(h / kv_group) * hs;
+    float m;
+    float sum = attention_scores(att, m, qs, kc, off, kv, hs, 0, pos + 1, scratch);
+    pdl_launch();
+    attention_values(out + (size_t)r * d + (size_t)h * hs, att, sum, vc, off, kv, hs, 0, pos + 1,
+                     part);
+}
+
+// Decoding (one row), split over positions as in flash-decoding, so short
+// models with few heads still fill the GPU: block (h, c) takes positions
+// [c * chunk, (c + 1) * chunk) of head h up to pos0 and writes its
+// unnormalized value sum, max and exp sum to `partial` [heads][chunks][hs + 2];
+// the last of a head's blocks to finish (counted in `done` [heads], reset
+// by that block) rescales the chunks to their common max and writes the
+// head's output. Blocks past pos0 exit at once. Dynamic shared memory: q
+// [hs], partial sums [4 * blockDim], scores [chunk].
+template <typename C>
+__device__ __forceinline__ void attention_split(float* out, const float* q, const C* kc,
+                                                const C* vc, const int* step, size_t layer_off,
+                                                int kv, int hs, int kv_group, float* partial,
+                                                unsigned int* done, int chunk) {
+    extern __shared__ float smem[];
+    __shared__ float scratch[32];
+    __shared__ bool last;
+    int h = blockIdx.x, c = blockIdx.y, tid = threadIdx.x;
+    int pos = STEP_POS0(step);
+    int t0 = c * chunk;
+    if (t0 > pos) return;
+    int t1 = min(t0 + chunk, pos + 1), chunks = pos / chunk + 1;
+    float* qs = smem;
+    float* part = smem + hs;
+    float* att = part + 4 * blockDim.x;
+    const float* qh = q + (size_t)h * hs;
+    for (int i = tid; i < hs; i += blockDim.x) qs[i] = qh[i];
+    __syncthreads();
+    size_t off = layer_off + (size_t)(h / kv_group) * hs;
+    float m;
+    float sum = attention_scores(att, m, qs, kc, off, kv, hs, t0, t1, scratch);
+    float* mine = partial + ((size_t)h * gridDim.y + c) * (hs + 2);
+    attention_values(mine, att, 1.0f, vc, off, kv, hs, t0, t1, part);
+    if (tid == 0) {
+        mine[hs] = m;
+        mine[hs + 1] = sum;
+    }
+    // Publish this chunk, then count it; the block that counts last combines.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(done + h, 1u) == (unsigned int)chunks - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    pdl_launch();
+    const volatile float* ph = partial + (size_t)h * gridDim.y * (hs + 2);
+    float mx = NEG_INF;
+    for (int k = 0; k < chunks; k++) mx = fmaxf(mx, ph[k * (hs + 2) + hs]);
+    float total = 0.0f;
+    for (int k = 0; k < chunks; k++) {
+        total += ph[k * (hs + 2) + hs + 1] * expf(ph[k * (hs + 2) + hs] - mx);
+    }
+    for (int i = tid; i < hs; i += blockDim.x) {
+        float o = 0.0f;
+        for (int k = 0; k < chunks; k++) {
+            o += ph[k * (hs + 2) + i] * expf(ph[k * (hs + 2) + hs] - mx);
+        }
+        out[(size_t)h * hs + i] = o / total;
+    }
+    if (tid == 0) done[h] = 0;
 }
 
 extern "C" __global__ void kv_store_f32(float* kc, float* vc, const float* k, const float* v,
                                         const int* step, unsigned long long layer_off, int kv,
                                         int rows) {
+    pdl_wait();
     kv_store<float>(kc, vc, k, v, step, layer_off, kv, rows);
 }
 
 extern "C" __global__ void kv_store_f16(u16* kc, u16* vc, const float* k, const float* v,
                                         const int* step, unsigned long long layer_off, int kv,
                                         int rows) {
+    pdl_wait();
     kv_store<u16>(kc, vc, k, v, step, layer_off, kv, rows);
 }
 
@@ -160,6 +245,8 @@ extern "C" __global__ void rope_kv_store_f32(float* kc, float* vc, float* q, flo
                                              const float* v, const int* step,
                                              unsigned long long layer_off, int d, int kv,
                                              int head_size) {
+    pdl_wait();
+    pdl_launch();
     rope_kv_store<float>(kc, vc, q, k, v, step, layer_off, d, kv, head_size);
 }
 
@@ -167,6 +254,8 @@ extern "C" __global__ void rope_kv_store_f16(u16* kc, u16* vc, float* q, float* 
                                              const float* v, const int* step,
                                              unsigned long long layer_off, int d, int kv,
                                              int head_size) {
+    pdl_wait();
+    pdl_launch();
     rope_kv_store<u16>(kc, vc, q, k, v, step, layer_off, d, kv, head_size);
 }
 
@@ -174,6 +263,7 @@ extern "C" __global__ void attention_f32(float* out, const float* q, const float
                                          const float* vc, const int* step,
                                          unsigned long long layer_off, int d, int kv, int hs,
                                          int kv_group) {
+    pdl_wait();
     attention_block<float>(out, q, kc, vc, step, layer_off, d, kv, hs, kv_group);
 }
 
@@ -181,5 +271,26 @@ extern "C" __global__ void attention_f16(float* out, const float* q, const u16* 
                                          const u16* vc, const int* step,
                                          unsigned long long layer_off, int d, int kv, int hs,
                                          int kv_group) {
+    pdl_wait();
     attention_block<u16>(out, q, kc, vc, step, layer_off, d, kv, hs, kv_group);
+}
+
+extern "C" __global__ void attention_split_f32(float* out, const float* q, const float* kc,
+                                               const float* vc, const int* step,
+                                               unsigned long long layer_off, int kv, int hs,
+                                               int kv_group, float* partial, unsigned int* done,
+                                               int chunk) {
+    pdl_wait();
+    attention_split<float>(out, q, kc, vc, step, layer_off, kv, hs, kv_group, partial, done,
+                           chunk);
+}
+
+extern "C" __global__ void attention_split_f16(float* out, const float* q, const u16* kc,
+                                               const u16* vc, const int* step,
+                                               unsigned long long layer_off, int kv, int hs,
+                                               int kv_group, float* partial, unsigned int* done,
+                                               int chunk) {
+    pdl_wait();
+    attention_split<u16>(out, q, kc, vc, step, layer_off, kv, hs, kv_group, partial, done,
+                         chunk);
 }

@@ -14,6 +14,24 @@ typedef unsigned short u16;
 #define STEP_POS0(step) ((step)[0])
 #define STEP_TOKEN(step, r) ((step)[1 + (r)])
 
+// Programmatic dependent launch (sm_90+). Every kernel calls `pdl_wait`
+// before touching global memory: with the launch attribute set (device.rs)
+// a kernel may be started while the previous one drains, and the wait
+// blocks until that kernel has finished and its writes are visible (without
+// the attribute it returns at once). `pdl_launch` lets the next kernel start
+// launching early; it is called once a block's main work is done.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));

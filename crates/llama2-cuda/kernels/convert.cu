@@ -20,6 +20,7 @@ __device__ __forceinline__ float random_value(unsigned long long seed, unsigned 
 
 extern "C" __global__ void random_f32(float* out, unsigned long long n,
                                       unsigned long long seed, float scale) {
+    pdl_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         out[i] = random_value(seed, i, scale);
@@ -27,6 +28,7 @@ extern "C" __global__ void random_f32(float* out, unsigned long long n,
 }
 
 extern "C" __global__ void convert_f16(u16* out, const float* in, unsigned long long n) {
+    pdl_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         out[i] = f32_to_f16(in[i]);
@@ -34,6 +36,7 @@ extern "C" __global__ void convert_f16(u16* out, const float* in, unsigned long 
 }
 
 extern "C" __global__ void convert_bf16(u16* out, const float* in, unsigned long long n) {
+    pdl_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         out[i] = f32_to_bf16(in[i]);
@@ -44,6 +47,7 @@ extern "C" __global__ void convert_bf16(u16* out, const float* in, unsigned long
 // the flattened matrix, scale = max|w| / 127, q = round half to even.
 extern "C" __global__ void convert_q8(signed char* q, float* scales, const float* in,
                                       unsigned long long groups, int gs) {
+    pdl_wait();
     for (unsigned long long g = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
          g < groups; g += (unsigned long long)gridDim.x * blockDim.x) {
         const float* v = in + g * gs;

@@ -3,18 +3,24 @@
 // Grid: (ceil(D / blockDim), rows).
 
 extern "C" __global__ void embed_f32(float* out, const float* table, const int* step, int d) {
+    pdl_wait();
+    pdl_launch();
     int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i >= d) return;
     out[(size_t)r * d + i] = table[(size_t)STEP_TOKEN(step, r) * d + i];
 }
 
 extern "C" __global__ void embed_f16(float* out, const u16* table, const int* step, int d) {
+    pdl_wait();
+    pdl_launch();
     int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i >= d) return;
     out[(size_t)r * d + i] = f16_to_f32(table[(size_t)STEP_TOKEN(step, r) * d + i]);
 }
 
 extern "C" __global__ void embed_bf16(float* out, const u16* table, const int* step, int d) {
+    pdl_wait();
+    pdl_launch();
     int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i >= d) return;
     out[(size_t)r * d + i] = bf16_to_f32(table[(size_t)STEP_TOKEN(step, r) * d + i]);
@@ -23,6 +29,8 @@ extern "C" __global__ void embed_bf16(float* out, const u16* table, const int* s
 // Q8_0 groups run over the flattened table, so the scale index is global.
 extern "C" __global__ void embed_q8(float* out, const signed char* q, const float* scales,
                                     int gs, const int* step, int d) {
+    pdl_wait();
+    pdl_launch();
     int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i >= d) return;
     size_t e = (size_t)STEP_TOKEN(step, r) * d + i;

@@ -9,6 +9,9 @@
 //   MODE_RESIDUAL out0[j] = w0[j] . x; res[j] += out0[j] (wo, w2 + residual add)
 //   MODE_SWIGLU  out1[j] = w1[j] . x; out0[j] = silu(w0[j] . x) * out1[j]
 //                                                        (w1, w3 + SwiGLU gate)
+// The float kernels can also fold in the RMS norm that precedes the product
+// (argument g); Q8 products fold it into the activation quantization
+// (`rmsnorm_quantize_q8`) instead.
 // Prefill without cuBLAS: `matmul_*` kernels, one warp per weight row applied
 // to R = 8 batch rows at a time; grid (ceil(n_out / warps), ceil(rows / R)).
 // Rows whose byte length is not a multiple of 16 take a scalar loop instead.
@@ -25,9 +28,8 @@ struct F32W {
     typedef float T;
     enum { N = 4 };
     static __device__ __forceinline__ float dot(uint4 w, const float* x) {
-        float4 a = *(const float4*)x;
-        return __uint_as_float(w.x) * a.x + __uint_as_float(w.y) * a.y +
-               __uint_as_float(w.z) * a.z + __uint_as_float(w.w) * a.w;
+        return __uint_as_float(w.x) * x[0] + __uint_as_float(w.y) * x[1] +
+               __uint_as_float(w.z) * x[2] + __uint_as_float(w.w) * x[3];
     }
     static __device__ __forceinline__ float one(const T* w, int i) { return w[i]; }
 };
@@ -35,11 +37,9 @@ struct F32W {
 // Eight 16-bit values against eight activations, via `widen`.
 template <float (*widen)(u16)>
 __device__ __forceinline__ float dot_half8(uint4 w, const float* x) {
-    float4 a = *(const float4*)x;
-    float4 b = *(const float4*)(x + 4);
-    return widen(w.x & 0xffff) * a.x + widen(w.x >> 16) * a.y + widen(w.y & 0xffff) * a.z +
-           widen(w.y >> 16) * a.w + widen(w.z & 0xffff) * b.x + widen(w.z >> 16) * b.y +
-           widen(w.w & 0xffff) * b.z + widen(w.w >> 16) * b.w;
+    return widen(w.x & 0xffff) * x[0] + widen(w.x >> 16) * x[1] + widen(w.y & 0xffff) * x[2] +
+           widen(w.y >> 16) * x[3] + widen(w.z & 0xffff) * x[4] + widen(w.z >> 16) * x[5] +
+           widen(w.w & 0xffff) * x[6] + widen(w.w >> 16) * x[7];
 }
 
 struct F16W {
@@ -105,6 +105,7 @@ __device__ __forceinline__ void matvec_rows(float* out, const typename E::T* w, 
 #define MATMUL(name, E, R)                                                                   \
     extern "C" __global__ void name(float* out, const E::T* w, const float* x, int n_out,    \
                                     int cols, int rows) {                                    \
+        pdl_wait();                                                                          \
         matvec_rows<E, R>(out, w, x, n_out, cols, rows);                                     \
     }
 
@@ -124,12 +125,39 @@ __device__ __forceinline__ void mv_store(float* o0, float* o1, float* res, int m
     }
 }
 
+// E::N activations from x[i..]: with NORM, multiplied by the norm weights
+// g[i..] and their squares added to `ss`.
+template <class E, bool NORM>
+__device__ __forceinline__ void mv_load_x(float* xv, const float* x, const float* g, int i,
+                                          float& ss) {
+#pragma unroll
+    for (int k = 0; k < E::N; k += 4) {
+        float4 a = *(const float4*)(x + i + k);
+        xv[k] = a.x;
+        xv[k + 1] = a.y;
+        xv[k + 2] = a.z;
+        xv[k + 3] = a.w;
+        if (NORM) {
+            float4 b = *(const float4*)(g + i + k);
+            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            xv[k] *= b.x;
+            xv[k + 1] *= b.y;
+            xv[k + 2] *= b.z;
+            xv[k + 3] *= b.w;
+        }
+    }
+}
+
 // Dots of P weight rows with x, summed over the warp (every lane gets them).
-template <class E, int P>
-__device__ __forceinline__ void mv_dots(const typename E::T* const* wr, const float* x, int cols,
-                                        float* acc) {
+// With NORM, x is the un-normalized row and g the RMS norm weights: the dots
+// are taken with x * g and scaled by 1 / rms(x) at the end, which equals the
+// product with rmsnorm(x) up to float rounding.
+template <class E, int P, bool NORM>
+__device__ __forceinline__ void mv_dots(const typename E::T* const* wr, const float* x,
+                                        const float* g, int cols, float* acc) {
     const int U = MV_UNROLL / P;
     int lane = threadIdx.x & 31;
+    float ss = 0.0f;
 #pragma unroll
     for (int p = 0; p < P; p++) acc[p] = 0.0f;
     if (cols % E::N == 0) {
@@ -148,34 +176,48 @@ __device__ __forceinline__ void mv_dots(const typename E::T* const* wr, const fl
             for (int u = 0; u < U; u++) {
                 int i = base + 32 * u;
                 if (i < nv) {
+                    float xv[E::N];
+                    mv_load_x<E, NORM>(xv, x, g, i * E::N, ss);
 #pragma unroll
-                    for (int p = 0; p < P; p++) acc[p] += E::dot(wc[p][u], x + i * E::N);
+                    for (int p = 0; p < P; p++) acc[p] += E::dot(wc[p][u], xv);
                 }
             }
         }
     } else {
         for (int i = lane; i < cols; i += 32) {
+            float xi = x[i];
+            if (NORM) {
+                ss += xi * xi;
+                xi *= g[i];
+            }
 #pragma unroll
-            for (int p = 0; p < P; p++) acc[p] += E::one(wr[p], i) * x[i];
+            for (int p = 0; p < P; p++) acc[p] += E::one(wr[p], i) * xi;
         }
     }
+    pdl_launch();
 #pragma unroll
     for (int p = 0; p < P; p++) acc[p] = warp_sum(acc[p]);
+    if (NORM) {
+        float inv = 1.0f / sqrtf(warp_sum(ss) / (float)cols + 1e-5f);
+#pragma unroll
+        for (int p = 0; p < P; p++) acc[p] *= inv;
+    }
 }
 
 // One warp per output row; see the top of the file for the modes.
-template <class E>
+template <class E, bool NORM>
 __device__ __forceinline__ void matvec_multi(const typename E::T* w0, float* o0, int n0,
                                              const typename E::T* w1, float* o1, int n1,
                                              const typename E::T* w2, float* o2, int n2,
-                                             const float* x, int cols, float* res, int mode) {
+                                             const float* x, int cols, float* res, int mode,
+                                             const float* g) {
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     bool lead = (threadIdx.x & 31) == 0;
     if (mode == MODE_SWIGLU) {
         if (j >= n0) return;
         const typename E::T* wr[2] = {w0 + (size_t)j * cols, w1 + (size_t)j * cols};
         float acc[2];
-        mv_dots<E, 2>(wr, x, cols, acc);
+        mv_dots<E, 2, NORM>(wr, x, g, cols, acc);
         if (lead) mv_store(o0, o1, res, mode, j, acc[0], acc[1]);
         return;
     }
@@ -194,15 +236,23 @@ __device__ __forceinline__ void matvec_multi(const typename E::T* w0, float* o0,
     }
     const typename E::T* wr[1] = {w + (size_t)j * cols};
     float acc[1];
-    mv_dots<E, 1>(wr, x, cols, acc);
+    mv_dots<E, 1, NORM>(wr, x, g, cols, acc);
     if (lead) mv_store(o, o, res, mode, j, acc[0], 0.0f);
 }
 
+// `g`: the RMS norm weights [cols] folded into the product (x is then the
+// un-normalized row), or null for a plain product.
 #define MATVEC(name, E)                                                                       \
     extern "C" __global__ void name(const E::T* w0, float* o0, int n0, const E::T* w1,        \
                                     float* o1, int n1, const E::T* w2, float* o2, int n2,     \
-                                    const float* x, int cols, float* res, int mode) {         \
-        matvec_multi<E>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode);              \
+                                    const float* x, int cols, float* res, int mode,           \
+                                    const float* g) {                                         \
+        pdl_wait();                                                                           \
+        if (g) {                                                                              \
+            matvec_multi<E, true>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode, g); \
+        } else {                                                                              \
+            matvec_multi<E, false>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode, g);\
+        }                                                                                     \
     }
 
 MATVEC(matvec_f32, F32W)
@@ -219,6 +269,7 @@ MATVEC(matvec_bf16, BF16W)
 // [rows][ceil(cols / gs)].
 extern "C" __global__ void quantize_q8(signed char* xq, float* xs, const float* x, int rows,
                                        int cols, int gs) {
+    pdl_wait();
     int groups = (cols + gs - 1) / gs, lane = threadIdx.x & 31;
     int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= rows * groups) return;
@@ -233,6 +284,35 @@ extern "C" __global__ void quantize_q8(signed char* xq, float* xs, const float* 
     for (int k = start + lane; k < end; k += 32) {
         float v = m == 0.0f ? 0.0f : fminf(fmaxf(roundf(xr[k] / scale), -128.0f), 127.0f);
         xq[(size_t)r * cols + k] = (signed char)v;
+    }
+}
+
+// The RMS norm fused with quantize_q8 for one row per block (1024 threads):
+// the block sums x^2, then each warp quantizes whole groups of
+// w[k] * (inv * x[k]), the exact values rmsnorm_f32 would have written.
+extern "C" __global__ void rmsnorm_quantize_q8(signed char* xq, float* xs, const float* x,
+                                               const float* w, int cols, int gs) {
+    pdl_wait();
+    __shared__ float scratch[32];
+    int groups = (cols + gs - 1) / gs, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* xr = x + (size_t)blockIdx.x * cols;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, scratch);
+    pdl_launch();
+    float inv = 1.0f / sqrtf(ss / (float)cols + 1e-5f);
+    for (int g = warp; g < groups; g += blockDim.x >> 5) {
+        int start = g * gs, end = min(start + gs, cols);
+        float m = 0.0f;
+        for (int k = start + lane; k < end; k += 32) m = fmaxf(m, fabsf(w[k] * (inv * xr[k])));
+        m = warp_max(m);
+        float scale = m / 127.0f;
+        if (lane == 0) xs[(size_t)blockIdx.x * groups + g] = scale;
+        for (int k = start + lane; k < end; k += 32) {
+            float y = w[k] * (inv * xr[k]);
+            float v = m == 0.0f ? 0.0f : fminf(fmaxf(roundf(y / scale), -128.0f), 127.0f);
+            xq[(size_t)blockIdx.x * cols + k] = (signed char)v;
+        }
     }
 }
 
@@ -286,6 +366,7 @@ __device__ __forceinline__ void q8_dots(const signed char* const* wq, const floa
             }
         }
     }
+    pdl_launch();
 #pragma unroll
     for (int p = 0; p < P; p++) acc[p] = warp_sum(acc[p]);
 }
@@ -297,6 +378,7 @@ extern "C" __global__ void matvec_q8(const signed char* w0, const float* s0, flo
                                      const signed char* w2, const float* s2, float* o2, int n2,
                                      const signed char* xq, const float* xs, int cols, int gs,
                                      float* res, int mode) {
+    pdl_wait();
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     bool lead = (threadIdx.x & 31) == 0;
     int shift = gs == 16 ? 0 : (gs == 32 ? 1 : 2), gpr = cols / gs;
@@ -337,6 +419,7 @@ extern "C" __global__ void matvec_q8(const signed char* w0, const float* s0, flo
 extern "C" __global__ void matmul_q8(float* out, const signed char* wq, const float* ws,
                                      const signed char* xq, const float* xs, int n_out, int cols,
                                      int gs, int rows) {
+    pdl_wait();
     const int R = 8;
     int lane = threadIdx.x & 31;
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -376,6 +459,7 @@ extern "C" __global__ void matmul_q8(float* out, const signed char* wq, const fl
 extern "C" __global__ void matvec_q8_generic(float* out, const signed char* wq, const float* ws,
                                              const signed char* xq, const float* xs, int n_out,
                                              int cols, int gs, int rows) {
+    pdl_wait();
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n_out * rows) return;
     int r = t / n_out, j = t % n_out;

@@ -2,6 +2,8 @@
 // with the same operation order as reference::rmsnorm.
 
 extern "C" __global__ void rmsnorm_f32(float* out, const float* x, const float* w, int d) {
+    pdl_wait();
+    pdl_launch();
     __shared__ float scratch[32];
     const float* xr = x + (size_t)blockIdx.x * d;
     float* outr = out + (size_t)blockIdx.x * d;

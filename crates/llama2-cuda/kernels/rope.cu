@@ -30,6 +30,7 @@ __device__ __forceinline__ bool rope_pair(float* q, float* k, const int* step, i
 
 extern "C" __global__ void rope_f32(float* q, float* k, const int* step, int d, int kv,
                                     int head_size) {
+    pdl_wait();
     rope_pair(q, k, step, d, kv, head_size, 2 * (blockIdx.x * blockDim.x + threadIdx.x),
               blockIdx.y);
 }

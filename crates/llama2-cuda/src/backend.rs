@@ -5,10 +5,13 @@
 //! token: the kernels read the token ids and the position from a small device
 //! buffer that `step` fills before each launch.
 //!
-//! Inside a step, a one-row product and a rope are held back (`Pending`)
-//! until the next op, so that op can be fused into the same launch: the
-//! residual add and the SwiGLU gate into the product's epilogue, the KV store
-//! into the rope. Every other op launches what is pending first.
+//! Inside a step, a one-row product, a one-row RMS norm and a rope are held
+//! back (`Pending`) until the next op, so that op can be fused into the same
+//! launch: the residual add and the SwiGLU gate into the product's epilogue,
+//! the norm into the product that reads it (for Q8, into the activation
+//! quantization), the KV store into the rope. Every other op launches what
+//! is pending first. A norm folded into a product leaves its output buffer
+//! unwritten: the forward pass reads it only through that product.
 
 use cudarc::driver::{result as driver, sys, CudaGraph, CudaSlice};
 use llama2::quant::group_size_for;
@@ -36,6 +39,10 @@ const PINNED_READ_MAX: usize = 1 << 20;
 const MATMUL_ROWS: usize = 8;
 /// Threads per attention block.
 const ATTENTION_THREADS: usize = 256;
+/// Threads per block of the split decode attention (`attention_split_*`).
+const SPLIT_THREADS: usize = 128;
+/// Threads of the fused RMS norm + Q8 quantization (one block per row).
+const NORM_QUANTIZE_THREADS: u32 = 1024;
 /// Shared memory a kernel may use without opting in to more.
 const SHARED_LIMIT: usize = 48 * 1024;
 
@@ -64,11 +71,20 @@ struct MatArgs {
 /// A launch held back until the next op (see the module comment).
 enum Pending {
     /// A `matvec_*` launch: up to 3 matrices, then the shared arguments (x
-    /// and cols, or xq, xs, cols and gs for Q8).
+    /// and cols, or xq, xs, cols and gs for Q8), and the RMS norm weights
+    /// folded into a float product.
     Matvec {
         kernel: &'static str,
         mats: Vec<MatArgs>,
         tail: Vec<Arg>,
+        norm: Option<u64>,
+    },
+    /// A one-row `rmsnorm_f32` launch: out = rmsnorm(x) * w over `len` values.
+    Norm {
+        out: u64,
+        x: u64,
+        w: u64,
+        len: usize,
     },
     /// A `rope_f32` launch on q and k (addresses kept to match the attention).
     Rope {
@@ -134,6 +150,11 @@ pub struct CudaBackend {
     gemm_tried: bool,
     /// Activations rounded to f16/bf16 for GemmEx, grown on demand.
     x16: CudaSlice<u16>, // [rows][cols]
+    /// Split decode attention: positions per block, and per-chunk partial
+    /// results and per-head finished-chunk counts (sized by `kv_cache`).
+    split_chunk: usize,
+    split_partial: CudaSlice<f32>, // [heads][ceil(seq_len / split_chunk)][head_size + 2]
+    split_done: CudaSlice<u32>,    // [heads], zero between launches
 }
 
 impl CudaBackend {
@@ -148,6 +169,7 @@ impl CudaBackend {
         // LLAMA2_CUDA_CUBLAS=0 keeps prefill on the built-in kernels.
         let gemm_tried = std::env::var("LLAMA2_CUDA_CUBLAS").is_ok_and(|v| v == "0");
         let x16 = dev.zeros(1)?;
+        let (split_partial, split_done) = (dev.zeros(1)?, dev.zeros(1)?);
         Ok(CudaBackend {
             dev,
             name,
@@ -167,6 +189,9 @@ impl CudaBackend {
             gemm: None,
             gemm_tried,
             x16,
+            split_chunk: 0,
+            split_partial,
+            split_done,
         })
     }
 
@@ -206,8 +231,15 @@ impl CudaBackend {
     fn flush(&mut self) -> Result<()> {
         match self.pending.take() {
             None => Ok(()),
-            Some(Pending::Matvec { kernel, mats, tail }) => {
-                self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None)
+            Some(Pending::Matvec {
+                kernel,
+                mats,
+                tail,
+                norm,
+            }) => self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None, norm),
+            Some(Pending::Norm { out, x, w, len }) => {
+                let args = [Arg::Ptr(out), Arg::Ptr(x), Arg::Ptr(w), int(len)?];
+                self.dev.launch("rmsnorm_f32", (1, 1), 256, 0, &args)
             }
             Some(Pending::Rope { args, grid, .. }) => {
                 self.dev.launch("rope_f32", grid, 256, 0, &args)
@@ -216,7 +248,8 @@ impl CudaBackend {
     }
 
     /// One `matvec_*` launch over `mats` with epilogue `mode` (`res` is the
-    /// residual stream for MODE_RESIDUAL).
+    /// residual stream for MODE_RESIDUAL; `norm` the RMS norm weights folded
+    /// into a float product).
     fn launch_matvec(
         &self,
         kernel: &str,
@@ -224,6 +257,7 @@ impl CudaBackend {
         tail: &[Arg],
         mode: i32,
         res: Option<u64>,
+        norm: Option<u64>,
     ) -> Result<()> {
         let q8 = mats[0].scales.is_some();
         let mut args = Vec::with_capacity(20);
@@ -247,6 +281,9 @@ impl CudaBackend {
         args.extend_from_slice(tail);
         args.push(Arg::Ptr(res.unwrap_or(0)));
         args.push(Arg::I32(mode));
+        if !q8 {
+            args.push(Arg::Ptr(norm.unwrap_or(0)));
+        }
         let warps = if mode == MODE_SWIGLU {
             mats[0].n
         } else {
@@ -259,11 +296,14 @@ impl CudaBackend {
 
     /// `out = w · x` for one activation row and each pair of `outs`: one
     /// launch when the matrices share a storage type (and Q8 group size),
-    /// held back inside a step for fusion with the next op.
+    /// held back inside a step for fusion with the next op. `norm` is a held
+    /// back RMS norm that wrote x, folded into this launch (or launched first
+    /// when the product cannot take it).
     fn matvec(
         &mut self,
         x: &CudaSlice<f32>,
         outs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+        norm: Option<Pending>,
     ) -> Result<()> {
         let key = |w: &CudaMatrix| match &w.data {
             Weights::F32(_) => ("matvec_f32", 0),
@@ -281,6 +321,14 @@ impl CudaBackend {
             && outs
                 .iter()
                 .all(|(w, _)| key(w) == (kernel, gs) && w.cols == cols);
+        let norm = match norm {
+            Some(Pending::Norm { x, w, len, .. }) if fused && len == cols => Some((x, w)),
+            other => {
+                self.pending = other;
+                self.flush()?;
+                None
+            }
+        };
         if !fused {
             let mut quantized = None;
             let mut staged = None;
@@ -290,9 +338,14 @@ impl CudaBackend {
             return Ok(());
         }
         let tail = if gs == 0 {
-            vec![self.dev.ptr(x), int(cols)?]
+            let input = norm.map_or(self.dev.addr(x), |(raw, _)| raw);
+            vec![Arg::Ptr(input), int(cols)?]
         } else {
-            self.quantize(x, 1, cols, gs)?;
+            if let Some((raw, w)) = norm {
+                self.norm_quantize(raw, w, cols, gs)?;
+            } else {
+                self.quantize(x, 1, cols, gs)?;
+            }
             vec![
                 self.dev.ptr(&self.xq),
                 self.dev.ptr(&self.xs),
@@ -316,12 +369,39 @@ impl CudaBackend {
                 }
             })
             .collect::<Vec<_>>();
+        let norm = if gs == 0 { norm.map(|(_, w)| w) } else { None };
         if self.in_step {
-            self.pending = Some(Pending::Matvec { kernel, mats, tail });
+            self.pending = Some(Pending::Matvec {
+                kernel,
+                mats,
+                tail,
+                norm,
+            });
             Ok(())
         } else {
-            self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None)
+            self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None, norm)
         }
+    }
+
+    /// The RMS norm of the row at `x` (weights `w`, `cols` values) quantized
+    /// in groups of `gs` into the Q8 scratch, in one launch.
+    fn norm_quantize(&mut self, x: u64, w: u64, cols: usize, gs: usize) -> Result<()> {
+        self.reserve_q8(1, cols, gs)?;
+        let args = [
+            self.dev.ptr(&self.xq),
+            self.dev.ptr(&self.xs),
+            Arg::Ptr(x),
+            Arg::Ptr(w),
+            int(cols)?,
+            int(gs)?,
+        ];
+        self.dev.launch(
+            "rmsnorm_quantize_q8",
+            (1, 1),
+            NORM_QUANTIZE_THREADS,
+            0,
+            &args,
+        )
     }
 
     /// Quantizes `rows` x `cols` of x in groups of `gs` into the Q8 scratch.
@@ -477,7 +557,7 @@ impl CudaBackend {
                 "bf16" => "matvec_bf16",
                 _ => "matvec_f32",
             };
-            return self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None);
+            return self.launch_matvec(kernel, &mats, &tail, MODE_PLAIN, None, None);
         }
         if self.gemm_product(op, wptr, x, rows, w, out, staged)? {
             return Ok(());
@@ -598,7 +678,7 @@ impl CudaBackend {
                 int(cols)?,
                 int(gs)?,
             ];
-            return self.launch_matvec("matvec_q8", &mats, &tail, MODE_PLAIN, None);
+            return self.launch_matvec("matvec_q8", &mats, &tail, MODE_PLAIN, None, None);
         }
         let blocks = w.rows.div_ceil((MATMUL_THREADS / 32) as usize) as u32;
         let row_blocks = rows.div_ceil(MATMUL_ROWS) as u32;
@@ -701,6 +781,11 @@ impl Backend for CudaBackend {
                 c.seq_len
             )));
         }
+        // Few heads (small models) get short chunks, so enough blocks are busy.
+        self.split_chunk = if c.n_heads >= 24 { 64 } else { 32 };
+        let chunks = c.seq_len.div_ceil(self.split_chunk);
+        self.split_partial = self.dev.zeros(c.n_heads * chunks * (c.head_size() + 2))?;
+        self.split_done = self.dev.zeros(c.n_heads)?;
         let len = c.n_layers * c.seq_len * c.kv_dim();
         Ok(if self.kv_f16 {
             CudaKvCache::F16 {
@@ -785,6 +870,15 @@ impl Backend for CudaBackend {
         rows: usize,
     ) -> Result<()> {
         self.flush()?;
+        if self.in_step && rows == 1 {
+            self.pending = Some(Pending::Norm {
+                out: self.dev.addr(out),
+                x: self.dev.addr(x),
+                w: self.dev.addr(weight),
+                len: weight.len(),
+            });
+            return Ok(());
+        }
         let args = [
             self.dev.ptr(out),
             self.dev.ptr(x),
@@ -801,10 +895,28 @@ impl Backend for CudaBackend {
         rows: usize,
         outs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
     ) -> Result<()> {
-        self.flush()?;
         if rows == 1 && !outs.is_empty() {
-            return self.matvec(x, outs);
+            let norm = match self.pending.take() {
+                Some(Pending::Norm {
+                    out,
+                    x: raw,
+                    w,
+                    len,
+                }) if out == self.dev.addr(x) => Some(Pending::Norm {
+                    out,
+                    x: raw,
+                    w,
+                    len,
+                }),
+                other => {
+                    self.pending = other;
+                    self.flush()?;
+                    None
+                }
+            };
+            return self.matvec(x, outs, norm);
         }
+        self.flush()?;
         let mut quantized = None;
         let mut staged = None;
         for (w, out) in outs.iter_mut() {
@@ -904,6 +1016,32 @@ impl Backend for CudaBackend {
                 &store,
             )?;
         }
+        if rows == 1 && self.split_chunk > 0 {
+            let chunk = self.split_chunk;
+            let args = [
+                self.dev.ptr(out),
+                self.dev.ptr(q),
+                kc,
+                vc,
+                step,
+                layer_off,
+                int(kv)?,
+                int(hs)?,
+                int(c.kv_group())?,
+                self.dev.ptr(&self.split_partial),
+                self.dev.ptr(&self.split_done),
+                int(chunk)?,
+            ];
+            let shared = ((hs + 4 * SPLIT_THREADS + chunk) * 4) as u32;
+            let grid = (c.n_heads as u32, c.seq_len.div_ceil(chunk) as u32);
+            return self.dev.launch(
+                &format!("attention_split_{ty}"),
+                grid,
+                SPLIT_THREADS as u32,
+                shared,
+                &args,
+            );
+        }
         let args = [
             self.dev.ptr(out),
             self.dev.ptr(q),
@@ -940,10 +1078,16 @@ impl Backend for CudaBackend {
                 && mats[0].n == len
                 && mats[1].n == len);
         if pair {
-            let Some(Pending::Matvec { kernel, mats, tail }) = self.pending.take() else {
+            let Some(Pending::Matvec {
+                kernel,
+                mats,
+                tail,
+                norm,
+            }) = self.pending.take()
+            else {
                 unreachable!("matched above")
             };
-            return self.launch_matvec(kernel, &mats, &tail, MODE_SWIGLU, None);
+            return self.launch_matvec(kernel, &mats, &tail, MODE_SWIGLU, None, norm);
         }
         self.flush()?;
         let args = [self.dev.ptr(gate), self.dev.ptr(up), int(len)?];
@@ -954,11 +1098,17 @@ impl Backend for CudaBackend {
         let single = matches!(&self.pending, Some(Pending::Matvec { mats, .. })
             if mats.len() == 1 && mats[0].out == self.dev.addr(y) && mats[0].n == len);
         if single {
-            let Some(Pending::Matvec { kernel, mats, tail }) = self.pending.take() else {
+            let Some(Pending::Matvec {
+                kernel,
+                mats,
+                tail,
+                norm,
+            }) = self.pending.take()
+            else {
                 unreachable!("matched above")
             };
             let res = Some(self.dev.addr(x));
-            return self.launch_matvec(kernel, &mats, &tail, MODE_RESIDUAL, res);
+            return self.launch_matvec(kernel, &mats, &tail, MODE_RESIDUAL, res, norm);
         }
         self.flush()?;
         let args = [self.dev.ptr(x), self.dev.ptr(y), int(len)?];

@@ -1,21 +1,26 @@
 //! The GPU as the backend sees it: a context, one stream (not the legacy
 //! default stream, which cannot be captured into a graph), the compiled
 //! kernels by name, pinned host staging memory, and the small helpers every
-//! op uses to allocate, copy and launch.
+//! op uses to allocate, copy and launch. On sm_90+ every launch is a
+//! programmatic dependent launch (see `pdl_wait` in `kernels/common.cu`), so
+//! a kernel starts while the previous one drains, in graphs too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::cell::Cell;
+use std::ffi::c_void;
+
 use cudarc::driver::{
-    result as driver, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    result as driver, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use llama2::{Error, Result};
 
 /// Every kernel the backend launches; all are looked up at start so a
 /// missing one is an error at load time, not mid-generation.
-const KERNELS: [&str; 28] = [
+const KERNELS: [&str; 31] = [
     "random_f32",
     "convert_f16",
     "convert_bf16",
@@ -44,6 +49,9 @@ const KERNELS: [&str; 28] = [
     "rope_kv_store_f16",
     "attention_f32",
     "attention_f16",
+    "attention_split_f32",
+    "attention_split_f16",
+    "rmsnorm_quantize_q8",
 ];
 
 /// One kernel argument, held by value until the launch has read it.
@@ -85,6 +93,9 @@ pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// Whether launches carry the programmatic-dependent-launch attribute
+    /// (sm_90+, unless LLAMA2_CUDA_PDL=0; cleared after a refused launch).
+    pdl: Cell<bool>,
 }
 
 impl Device {
@@ -106,7 +117,13 @@ impl Device {
                 .map_err(|e| Error::Backend(format!("kernel {name} is missing: {e}")))?;
             funcs.insert(name, f);
         }
-        Ok(Device { ctx, stream, funcs })
+        let pdl = cc.0 >= 9 && std::env::var("LLAMA2_CUDA_PDL").map_or(true, |v| v != "0");
+        Ok(Device {
+            ctx,
+            stream,
+            funcs,
+            pdl: Cell::new(pdl),
+        })
     }
 
     /// A zeroed device array of `len` elements.
@@ -146,26 +163,64 @@ impl Device {
             .funcs
             .get(name)
             .ok_or_else(|| Error::Backend(format!("kernel {name} was not loaded")))?;
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(p) | Arg::U64(p) => b.arg(p),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: shared,
+        // Each argument by value, then the array of their addresses that
+        // cuLaunchKernelEx reads.
+        let mut values: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| {
+                let mut slot = [0u8; 8];
+                match *a {
+                    Arg::Ptr(p) | Arg::U64(p) => slot = p.to_ne_bytes(),
+                    Arg::I32(v) => slot[..4].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::F32(v) => slot[..4].copy_from_slice(&v.to_ne_bytes()),
+                }
+                slot
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v.as_mut_ptr() as *mut c_void)
+            .collect();
+        // SAFETY: the union is plain data; zero is a valid pattern for it.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0.max(1),
+            gridDimY: grid.1.max(1),
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl.get()),
         };
         // SAFETY: every kernel in KERNELS is launched only from backend.rs,
         // whose call sites pass the argument list of that kernel's signature
         // in order, with device addresses of live allocations sized as the
-        // kernel indexes them (shape comments on each buffer).
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| Error::Backend(format!("kernel {name} failed to launch: {e}")))
+        // kernel indexes them (shape comments on each buffer). Each argument
+        // is read from the start of its 8-byte slot, and the driver copies the arguments
+        // before cuLaunchKernelEx returns. Every kernel calls pdl_wait before
+        // touching memory, so the PDL attribute keeps stream order.
+        let launch = |cfg: &sys::CUlaunchConfig, params: &mut Vec<*mut c_void>| unsafe {
+            sys::cuLaunchKernelEx(
+                cfg,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+        };
+        let mut result = launch(&cfg, &mut params);
+        if result.is_err() && self.pdl.get() {
+            // A driver that refuses the attribute: launch plainly from now on.
+            self.pdl.set(false);
+            cfg.numAttrs = 0;
+            result = launch(&cfg, &mut params);
+        }
+        result.map_err(|e| Error::Backend(format!("kernel {name} failed to launch: {e}")))
     }
 
     /// A grid-stride launch over `n` elements.
