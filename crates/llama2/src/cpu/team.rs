@@ -3,7 +3,10 @@
 //! atomic counter. A forward step issues ~30 parallel loops per token, each
 //! tens of microseconds long, so helpers spin between loops instead of
 //! sleeping (a futex wake-up costs about as much as a small loop); they park
-//! once no work has come for `SPIN` outside a step.
+//! once no work has come for `SPIN` outside a step. The machine may be
+//! shared, so spinners yield now and then, and a loop never waits for a
+//! helper that has not started on it: the caller retires the job and only
+//! waits for helpers holding a reference to it.
 //!
 //! This is deliberately not a general pool: one loop at a time, run from the
 //! thread that owns the `Team`, no nesting, no futures.
@@ -22,7 +25,7 @@ const SPIN: Duration = Duration::from_micros(300);
 struct Job<'a> {
     tasks: usize,
     next: AtomicUsize,
-    /// Helpers that have finished with this job (and will not touch it again).
+    /// Tasks finished.
     done: AtomicUsize,
     panicked: AtomicBool,
     f: &'a (dyn Fn(usize) + Sync),
@@ -37,15 +40,27 @@ impl Job<'_> {
                 return;
             }
             (self.f)(i);
+            self.done.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// After a task panicked: counts it and every unclaimed task as done,
+    /// so `run` stops waiting and re-raises the panic.
+    fn abandon(&self) {
+        let left = self
+            .tasks
+            .saturating_sub(self.next.swap(self.tasks, Ordering::Relaxed));
+        self.done.fetch_add(left + 1, Ordering::Release);
     }
 }
 
 struct Shared {
     /// Bumped once per job; helpers compare it with the last one they ran.
     generation: AtomicUsize,
-    /// The current job, valid while the caller of `run` waits in it.
+    /// The current job, null between jobs; valid while non-null.
     job: AtomicPtr<Job<'static>>,
+    /// Helpers that may be dereferencing `job`.
+    refs: AtomicUsize,
     /// Inside a forward step: helpers spin without time limit.
     active: AtomicBool,
     /// Per helper: parked (or about to park), so `run` must unpark it.
@@ -68,6 +83,7 @@ impl Team {
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
+            refs: AtomicUsize::new(0),
             active: AtomicBool::new(false),
             sleeping: (0..helpers).map(|_| AtomicBool::new(false)).collect(),
             quit: AtomicBool::new(false),
@@ -113,14 +129,14 @@ impl Team {
             f,
         };
         let s = &*self.shared;
-        // SAFETY: the pointer is only dereferenced by helpers between the
-        // generation bump below and their increment of `done`, and this
-        // function does not return (or unwind) before every helper has
-        // incremented `done`, so `job` and `f` outlive every use.
+        // SAFETY: helpers dereference the pointer only while counted in
+        // `refs` and after reading it non-null; this function clears it and
+        // then waits for `refs` to drop to zero before returning (or
+        // unwinding), so `job` and `f` outlive every use.
         let ptr = unsafe {
             std::mem::transmute::<*const Job<'_>, *mut Job<'static>>(&job as *const Job<'_>)
         };
-        s.job.store(ptr, Ordering::Relaxed);
+        s.job.store(ptr, Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
         for (i, (t, _)) in self.helpers.iter().enumerate() {
             if s.sleeping[i].swap(false, Ordering::SeqCst) {
@@ -128,9 +144,12 @@ impl Team {
             }
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job.work()));
-        while job.done.load(Ordering::Acquire) < self.helpers.len() {
-            std::hint::spin_loop();
+        if mine.is_err() {
+            job.abandon();
         }
+        wait_until(|| job.done.load(Ordering::Acquire) >= job.tasks);
+        s.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+        wait_until(|| s.refs.load(Ordering::SeqCst) == 0);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
@@ -186,6 +205,20 @@ impl Drop for Team {
     }
 }
 
+/// Spins until `ready`, yielding the core now and then in case the thread
+/// being waited for is not running.
+fn wait_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) {
+            thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// A helper's loop: wait for a new generation (spinning, then parking), run
 /// the job's tasks, check out.
 fn helper(s: &Shared, i: usize) {
@@ -207,6 +240,7 @@ fn helper(s: &Shared, i: usize) {
                 std::hint::spin_loop();
                 continue;
             }
+            thread::yield_now();
             if s.active.load(Ordering::Relaxed) {
                 idle_since = Instant::now();
                 continue;
@@ -221,13 +255,17 @@ fn helper(s: &Shared, i: usize) {
             s.sleeping[i].store(false, Ordering::SeqCst);
             idle_since = Instant::now();
         }
-        let job = s.job.load(Ordering::Relaxed);
-        // SAFETY: `run` stored a live job before bumping the generation we
-        // just saw and keeps it alive until we increment `done`.
-        let job = unsafe { &*job };
-        if catch_unwind(AssertUnwindSafe(|| job.work())).is_err() {
-            job.panicked.store(true, Ordering::Relaxed);
+        s.refs.fetch_add(1, Ordering::SeqCst);
+        let job = s.job.load(Ordering::SeqCst);
+        if !job.is_null() {
+            // SAFETY: non-null and read while counted in `refs`: `run` keeps
+            // the job alive until `refs` drops to zero after clearing it.
+            let job = unsafe { &*job };
+            if catch_unwind(AssertUnwindSafe(|| job.work())).is_err() {
+                job.panicked.store(true, Ordering::Relaxed);
+                job.abandon();
+            }
         }
-        job.done.fetch_add(1, Ordering::Release);
+        s.refs.fetch_sub(1, Ordering::Release);
     }
 }
