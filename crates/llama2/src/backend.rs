@@ -6,6 +6,13 @@
 //! `pos0..pos0 + rows`: decoding is a batch of one, prompt prefill a batch of
 //! many (weights are then read once for the whole batch). Activation buffers
 //! are row-major `[rows][width]` in the backend's own memory.
+//!
+//! The trait has two layers. The primitive ops (rmsnorm, matmul, rope,
+//! attention, silu_mul, add, ...) are what every backend implements. The
+//! fused ops (`norm_matmul`, `rope_attention`, `matmul_add`, `norm_swiglu`)
+//! are what `model.rs` calls: their default bodies chain the primitives, and
+//! a backend overrides them where one kernel can do the work of several
+//! (saving launches and memory passes) without the forward pass changing.
 
 use crate::config::Config;
 use crate::error::Result;
@@ -128,4 +135,81 @@ pub trait Backend {
 
     /// Copies the first `out.len()` values of `src` to the host.
     fn read(&mut self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
+
+    // ------------------------------------------------------------------
+    // Fused ops: defaults chain the primitives above.
+
+    /// For each `(w, out)` pair: `out[r] = w · rmsnorm(x[r]) * weight`.
+    /// `normed` `[rows][D]` is scratch for the normalized rows; a backend
+    /// that folds the norm into the product may leave it untouched.
+    fn norm_matmul(
+        &mut self,
+        x: &Self::Buffer,
+        weight: &Self::Vector,
+        rows: usize,
+        normed: &mut Self::Buffer,
+        outs: &mut [(&Self::Matrix, &mut Self::Buffer)],
+    ) -> Result<()> {
+        self.rmsnorm(normed, x, weight, rows)?;
+        self.matmul(normed, rows, outs)
+    }
+
+    /// Rotary embedding of `q` and `k`, then `attention`: stores k and v in
+    /// the cache and attends.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &mut self,
+        out: &mut Self::Buffer,
+        q: &mut Self::Buffer,
+        k: &mut Self::Buffer,
+        v: &Self::Buffer,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        rows: usize,
+        pos0: usize,
+        config: &Config,
+    ) -> Result<()> {
+        self.rope(q, k, rows, pos0, config)?;
+        self.attention(out, q, k, v, cache, layer, rows, pos0, config)
+    }
+
+    /// The residual connection of a projection: `residual[r] += w · x[r]`,
+    /// with `proj` `[rows][D]` as scratch for the product.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_add(
+        &mut self,
+        x: &Self::Buffer,
+        rows: usize,
+        w: &Self::Matrix,
+        proj: &mut Self::Buffer,
+        residual: &mut Self::Buffer,
+        config: &Config,
+    ) -> Result<()> {
+        self.matmul(x, rows, &mut [(w, proj)])?;
+        self.add(residual, proj, rows * config.dim)
+    }
+
+    /// The SwiGLU feed-forward input: `gate = silu(w1 · n) * (w3 · n)` with
+    /// `n = rmsnorm(x) * weight`; `normed` and `up` `[rows][H]` are scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_swiglu(
+        &mut self,
+        x: &Self::Buffer,
+        weight: &Self::Vector,
+        rows: usize,
+        normed: &mut Self::Buffer,
+        (w1, w3): (&Self::Matrix, &Self::Matrix),
+        gate: &mut Self::Buffer,
+        up: &mut Self::Buffer,
+        config: &Config,
+    ) -> Result<()> {
+        self.norm_matmul(
+            x,
+            weight,
+            rows,
+            normed,
+            &mut [(w1, &mut *gate), (w3, &mut *up)],
+        )?;
+        self.silu_mul(gate, up, rows * config.hidden_dim)
+    }
 }

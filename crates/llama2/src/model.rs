@@ -163,45 +163,54 @@ fn forward<B: Backend>(
     want: Logits,
 ) -> Result<()> {
     let n = tokens.len();
-    let (d, h) = (c.dim, c.hidden_dim);
     b.embed(&mut s.x, &w.token_embedding, tokens)?;
     for (l, layer) in w.layers.iter().enumerate() {
         // Attention block: x += wo · attention(rope(wq·xb), rope(wk·xb), wv·xb)
-        b.rmsnorm(&mut s.xb, &s.x, &layer.rms_att, n)?;
-        b.matmul(
-            &s.xb,
+        // with xb = rmsnorm(x).
+        b.norm_matmul(
+            &s.x,
+            &layer.rms_att,
             n,
+            &mut s.xb,
             &mut [
                 (&layer.wq, &mut s.q),
                 (&layer.wk, &mut s.k),
                 (&layer.wv, &mut s.v),
             ],
         )?;
-        b.rope(&mut s.q, &mut s.k, n, pos0, c)?;
-        b.attention(&mut s.att, &s.q, &s.k, &s.v, &mut s.cache, l, n, pos0, c)?;
-        b.matmul(&s.att, n, &mut [(&layer.wo, &mut s.proj)])?;
-        b.add(&mut s.x, &s.proj, n * d)?;
-
-        // Feed-forward block: x += w2 · (silu(w1·xb) * (w3·xb))
-        b.rmsnorm(&mut s.xb, &s.x, &layer.rms_ffn, n)?;
-        b.matmul(
-            &s.xb,
+        b.rope_attention(
+            &mut s.att,
+            &mut s.q,
+            &mut s.k,
+            &s.v,
+            &mut s.cache,
+            l,
             n,
-            &mut [(&layer.w1, &mut s.gate), (&layer.w3, &mut s.up)],
+            pos0,
+            c,
         )?;
-        b.silu_mul(&mut s.gate, &s.up, n * h)?;
-        b.matmul(&s.gate, n, &mut [(&layer.w2, &mut s.proj)])?;
-        b.add(&mut s.x, &s.proj, n * d)?;
+        b.matmul_add(&s.att, n, &layer.wo, &mut s.proj, &mut s.x, c)?;
+
+        // Feed-forward block: x += w2 · (silu(w1·xb) * (w3·xb)), xb = rmsnorm(x).
+        let ffn = (&layer.w1, &layer.w3);
+        b.norm_swiglu(
+            &s.x,
+            &layer.rms_ffn,
+            n,
+            &mut s.xb,
+            ffn,
+            &mut s.gate,
+            &mut s.up,
+            c,
+        )?;
+        b.matmul_add(&s.gate, n, &layer.w2, &mut s.proj, &mut s.x, c)?;
     }
+    let classifier = &mut [(w.classifier(), &mut s.logits)];
     match want {
-        Logits::All => {
-            b.rmsnorm(&mut s.xb, &s.x, &w.rms_final, n)?;
-            b.matmul(&s.xb, n, &mut [(w.classifier(), &mut s.logits)])
-        }
+        Logits::All => b.norm_matmul(&s.x, &w.rms_final, n, &mut s.xb, classifier),
         Logits::Last => {
-            b.copy_row(&mut s.last, &s.x, n - 1, d)?;
-            b.rmsnorm(&mut s.xb, &s.last, &w.rms_final, 1)?;
-            b.matmul(&s.xb, 1, &mut [(w.classifier(), &mut s.logits)])
+            b.copy_row(&mut s.last, &s.x, n - 1, c.dim)?;
+            b.norm_matmul(&s.last, &w.rms_final, 1, &mut s.xb, classifier)
         }
     }
 }
