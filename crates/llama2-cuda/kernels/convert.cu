@@ -60,3 +60,14 @@ extern "C" __global__ void convert_q8(signed char* q, float* scales, const float
         }
     }
 }
+
+// Q8_0 weights back to f16 (q * scale of the value's group in the flattened
+// matrix), for prefill products on tensor cores. One thread per value.
+extern "C" __global__ void dequantize_q8_f16(u16* out, const signed char* q, const float* scales,
+                                             unsigned long long n, int gs) {
+    pdl_wait();
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        out[i] = f32_to_f16((float)q[i] * scales[i / gs]);
+    }
+}

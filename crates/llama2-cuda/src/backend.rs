@@ -12,7 +12,7 @@
 //! | `rope_attention`        | rope + KV store, then attention                      |
 //! | `matmul_add`, one row   | matvec with the residual add as epilogue             |
 //! | `norm_swiglu`, one row  | the norm folded into the w1/w3 matvec, SwiGLU epilogue |
-//! | any of them, many rows  | the primitive chain (products through cuBLAS)        |
+//! | any of them, many rows  | the primitive chain (products through cuBLAS, Q8 too) |
 //!
 //! A decode step (one token) is recorded once as a CUDA graph and replayed
 //! for every later token: the kernels read the token ids and the position
@@ -84,6 +84,8 @@ pub struct CudaBackend {
     gemm_tried: bool,
     /// Activations rounded to f16/bf16 for GemmEx, grown on demand.
     x16: CudaSlice<u16>, // [rows][cols]
+    /// A Q8 matrix dequantized to f16 for GemmEx, grown on demand.
+    w16: CudaSlice<u16>, // [n_out][cols]
     /// Split decode attention: positions per block, and per-chunk partial
     /// results and per-head finished-chunk counts (sized by `kv_cache`).
     split_chunk: usize,
@@ -102,7 +104,7 @@ impl CudaBackend {
         let graphs = std::env::var("LLAMA2_CUDA_GRAPHS").map_or(true, |v| v != "0");
         // LLAMA2_CUDA_CUBLAS=0 keeps prefill on the built-in kernels.
         let gemm_tried = std::env::var("LLAMA2_CUDA_CUBLAS").is_ok_and(|v| v == "0");
-        let x16 = dev.zeros(1)?;
+        let (x16, w16) = (dev.zeros(1)?, dev.zeros(1)?);
         let (split_partial, split_done) = (dev.zeros(1)?, dev.zeros(1)?);
         Ok(CudaBackend {
             dev,
@@ -122,6 +124,7 @@ impl CudaBackend {
             gemm: None,
             gemm_tried,
             x16,
+            w16,
             split_chunk: 0,
             split_partial,
             split_done,

@@ -20,7 +20,7 @@ use llama2::{Error, Result};
 
 /// Every kernel the backend launches; all are looked up at start so a
 /// missing one is an error at load time, not mid-generation.
-const KERNELS: [&str; 31] = [
+const KERNELS: [&str; 32] = [
     "random_f32",
     "convert_f16",
     "convert_bf16",
@@ -52,6 +52,7 @@ const KERNELS: [&str; 31] = [
     "attention_split_f32",
     "attention_split_f16",
     "rmsnorm_quantize_q8",
+    "dequantize_q8_f16",
 ];
 
 /// One kernel argument, held by value until the launch has read it.

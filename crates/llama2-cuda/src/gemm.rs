@@ -1,7 +1,8 @@
 //! Batched products for prompt prefill through cuBLAS: f32 weights by SGEMM,
 //! f16 and bf16 weights by GemmEx on tensor cores (activations rounded to
-//! the weight's type, f32 accumulation and output). Decoding never comes
-//! here: single rows use the bandwidth-bound matvec kernels.
+//! the weight's type, f32 accumulation and output); Q8 weights arrive here
+//! dequantized to f16. Decoding never comes here: single rows use the
+//! bandwidth-bound matvec kernels.
 
 use std::ffi::c_void;
 use std::sync::Arc;

@@ -7,8 +7,9 @@
 //! | `libs.rs`     | finding libcuda / libnvrtc / libcublas without panicking     |
 //! | `compile.rs`  | joining the kernel files, NVRTC compile, the on-disk cache   |
 //! | `device.rs`   | context, stream, kernel lookup, allocation and launch helpers |
-//! | `gemm.rs`     | cuBLAS GEMMs for batched prefill (f32, f16, bf16)            |
-//! | `backend.rs`  | `CudaBackend`: every `Backend` op, CUDA-graph decode steps    |
+//! | `gemm.rs`     | cuBLAS GEMMs for batched prefill (f32, f16, bf16; Q8 as f16) |
+//! | `backend.rs`  | `CudaBackend`: the `Backend` ops, CUDA-graph decode steps; its |
+//! |               | submodules hold weights, products, quantization, attention  |
 //!
 //! Everything is loaded at run time (cudarc's dynamic loading), so the crate
 //! builds and the binary runs on machines without CUDA; there every entry

@@ -3,6 +3,11 @@
 //! launch cannot take (Q8 groups that only the generic kernel handles,
 //! matrices of mixed types). The shared input is quantized or rounded to
 //! half precision once per call, not once per matrix.
+//!
+//! Batched Q8 products with cuBLAS dequantize the matrix to an f16 scratch
+//! copy and run GemmEx on tensor cores (W8A16: activations rounded to f16
+//! rather than quantized as in runq's W8A8); without cuBLAS they take the
+//! dp4a `matmul_q8` kernel, W8A8.
 
 use cudarc::driver::CudaSlice;
 use llama2::{Error, Result};
@@ -65,8 +70,9 @@ impl CudaBackend {
             Weights::BF16(_) => GemmType::BF16,
             Weights::Q8 { gs, .. } => return self.product_q8(x, rows, w, *gs, out, prepared),
         };
-        if self.gemm_product(ty, x, rows, w, out, prepared)? {
-            return Ok(());
+        if self.gemm_ready() {
+            let weights = w.values_addr(&self.dev);
+            return self.gemm(ty, weights, x, rows, w, out, prepared);
         }
         let kernel = match ty {
             GemmType::F32 => "matmul_f32",
@@ -85,24 +91,28 @@ impl CudaBackend {
             .launch(kernel, matmul_grid(w, rows), MATMUL_THREADS, 0, &args)
     }
 
-    /// The product through cuBLAS (f16/bf16: x rounded to `x16` first);
-    /// false when cuBLAS is unavailable.
-    fn gemm_product(
+    /// Whether cuBLAS is there, starting it on first use.
+    fn gemm_ready(&mut self) -> bool {
+        if !self.gemm_tried {
+            self.gemm_tried = true;
+            self.gemm = Gemm::new(self.dev.stream.clone()).ok();
+        }
+        self.gemm.is_some()
+    }
+
+    /// `out[r] = w · x[r]` through cuBLAS, with w's values at `weights` in
+    /// type `ty` (f16/bf16: x is rounded to `x16` first). Needs `gemm_ready`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
         &mut self,
         ty: GemmType,
+        weights: u64,
         x: &CudaSlice<f32>,
         rows: usize,
         w: &CudaMatrix,
         out: &mut CudaSlice<f32>,
         prepared: &mut Prepared,
-    ) -> Result<bool> {
-        if !self.gemm_tried {
-            self.gemm_tried = true;
-            self.gemm = Gemm::new(self.dev.stream.clone()).ok();
-        }
-        if self.gemm.is_none() {
-            return Ok(false);
-        }
+    ) -> Result<()> {
         let xin = match ty {
             GemmType::F32 => self.dev.addr(x),
             GemmType::F16 | GemmType::BF16 => {
@@ -113,14 +123,34 @@ impl CudaBackend {
                 self.dev.addr(&self.x16)
             }
         };
-        let Arg::Ptr(weights) = w.args(&self.dev).0 else {
-            return Err(Error::Backend("weight argument is not an address".into()));
-        };
-        let gemm = self.gemm.as_ref().expect("checked above");
-        // SAFETY: the weights hold w.rows * w.cols values, x (or its rounded
-        // copy) rows * cols, out rows * w.rows (the model's buffer shapes).
-        unsafe { gemm.run(ty, weights, xin, self.dev.addr(out), w.rows, w.cols, rows) }?;
-        Ok(true)
+        let gemm = self
+            .gemm
+            .as_ref()
+            .ok_or_else(|| Error::Backend("cuBLAS is not available".into()))?;
+        // SAFETY: `weights` holds w.rows * w.cols values of `ty`, x (or its
+        // rounded copy) rows * cols, out rows * w.rows (the model's buffer
+        // shapes).
+        unsafe { gemm.run(ty, weights, xin, self.dev.addr(out), w.rows, w.cols, rows) }
+    }
+
+    /// Q8 matrix `w` (groups of `gs`) dequantized to f16 into `w16`; returns
+    /// the copy's address.
+    fn dequantize_to_f16(&mut self, w: &CudaMatrix, gs: usize) -> Result<u64> {
+        let n = w.rows * w.cols;
+        if self.w16.len() < n {
+            self.w16 = self.dev.zeros(n)?;
+        }
+        let (values, scales) = w.args(&self.dev);
+        let scales = scales.expect("Q8 matrices have scales");
+        let args = [
+            self.dev.ptr(&self.w16),
+            values,
+            scales,
+            Arg::U64(n as u64),
+            int(gs)?,
+        ];
+        self.dev.launch_1d("dequantize_q8_f16", n, &args)?;
+        Ok(self.dev.addr(&self.w16))
     }
 
     /// The first `n` values of x rounded to f16 or bf16 into `x16`.
@@ -137,8 +167,9 @@ impl CudaBackend {
         self.dev.launch_1d(kernel, n, &args)
     }
 
-    /// The W8A8 product: x quantized in the weight's groups (once per call
-    /// and group size), then int8 dots: `matmul_q8` for batches, the
+    /// The Q8 product: batches through cuBLAS on a dequantized copy where
+    /// it is there; else W8A8, x quantized in the weight's groups (once per
+    /// call and group size), then int8 dots: `matmul_q8` for batches, the
     /// generic kernel for groups the fast kernels cannot take.
     fn product_q8(
         &mut self,
@@ -149,6 +180,10 @@ impl CudaBackend {
         out: &mut CudaSlice<f32>,
         prepared: &mut Prepared,
     ) -> Result<()> {
+        if rows > 1 && self.gemm_ready() {
+            let weights = self.dequantize_to_f16(w, gs)?;
+            return self.gemm(GemmType::F16, weights, x, rows, w, out, prepared);
+        }
         if prepared.q8_gs != Some(gs) {
             self.quantize(x, rows, w.cols, gs)?;
             prepared.q8_gs = Some(gs);

@@ -30,6 +30,15 @@ pub struct CudaMatrix {
 }
 
 impl CudaMatrix {
+    /// The device address of the values (Q8: the int8 values).
+    pub(super) fn values_addr(&self, dev: &Device) -> u64 {
+        match &self.data {
+            Weights::F32(d) => dev.addr(d),
+            Weights::F16(d) | Weights::BF16(d) => dev.addr(d),
+            Weights::Q8 { q, .. } => dev.addr(q),
+        }
+    }
+
     /// The kernel arguments naming the values, and the Q8 scales (`None`
     /// for the other storage types).
     pub(super) fn args(&self, dev: &Device) -> (Arg, Option<Arg>) {
