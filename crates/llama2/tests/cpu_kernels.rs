@@ -116,7 +116,7 @@ fn matrix(rng: &mut Rng, rows: usize, cols: usize, dtype: DType, gs: usize) -> H
 }
 
 /// `kernels::product` over all rows of `w`, split in two ranges as a
-/// parallel matmul would, returned as `[n][rows]`.
+/// parallel matmul would, into `[n][rows]` (NaN marks a missed output).
 fn product(isa: Isa, w: &HostMatrix, x: &[f32], n: usize) -> Vec<f32> {
     let mut acts = Q8Acts::default();
     let q8 = if let llama2::tensor::MatrixData::Q8(d) = &w.data {
@@ -125,17 +125,10 @@ fn product(isa: Isa, w: &HostMatrix, x: &[f32], n: usize) -> Vec<f32> {
     } else {
         None
     };
-    let mut out_t = vec![0f32; w.rows * n];
+    let mut out = vec![f32::NAN; w.rows * n];
     let split = w.rows / 3;
-    let (a, b) = out_t.split_at_mut(split * n);
-    kernels::product(isa, w, x, n, q8, 0..split, a);
-    kernels::product(isa, w, x, n, q8, split..w.rows, b);
-    let mut out = vec![0f32; w.rows * n];
-    for j in 0..w.rows {
-        for t in 0..n {
-            out[t * w.rows + j] = out_t[j * n + t];
-        }
-    }
+    kernels::product(isa, w, x, n, q8, 0..split, &mut out, w.rows);
+    kernels::product(isa, w, x, n, q8, split..w.rows, &mut out[split..], w.rows);
     out
 }
 
@@ -239,10 +232,9 @@ fn packed_q8_products_match_reference() {
                 acts.quantize(isa, &x, n, cols, gs);
                 // Split at a row that is not a block boundary, as a task may.
                 let split = below(&mut rng, rows + 1);
-                let mut out_t = vec![0f32; rows * n];
-                let (a, b) = out_t.split_at_mut(split * n);
-                packed::product_packed(isa, p, &acts, 0..split, a);
-                packed::product_packed(isa, p, &acts, split..rows, b);
+                let mut out = vec![f32::NAN; rows * n];
+                packed::product_packed(isa, p, &acts, 0..split, &mut out, rows);
+                packed::product_packed(isa, p, &acts, split..rows, &mut out[split..], rows);
                 let llama2::tensor::MatrixData::Q8(d) = &w.data else {
                     unreachable!()
                 };
@@ -255,8 +247,8 @@ fn packed_q8_products_match_reference() {
                         gs,
                         &x[t * cols..(t + 1) * cols],
                     );
-                    let got: Vec<f32> = (0..rows).map(|j| out_t[j * n + t]).collect();
-                    assert_same(&format!("{what} token {t}"), &got, &want);
+                    let got = &out[t * rows..(t + 1) * rows];
+                    assert_same(&format!("{what} token {t}"), got, &want);
                 }
             }
         }

@@ -240,10 +240,12 @@ impl WeightRows<'_> {
     }
 }
 
-/// `out_t[(j - rows.start) * n + t] = w[j] · x[t]` for weight rows `rows`
-/// and `n` activation rows `x` `[n][w.cols]`: one task's share of a product,
-/// output transposed so the task owns a contiguous slice. `acts` holds `x`
+/// `out[t * ld + j - rows.start] = w[j] · x[t]` for weight rows `rows` and
+/// `n` activation rows `x` `[n][w.cols]`: one task's share of a product, in
+/// the `[tokens][rows]` layout of the op's output (`ld` apart per token), so
+/// a block of rows for one token is one contiguous store. `acts` holds `x`
 /// quantized with `w`'s group size when `w` is Q8_0.
+#[allow(clippy::too_many_arguments)]
 pub fn product(
     isa: Isa,
     w: &HostMatrix,
@@ -251,8 +253,10 @@ pub fn product(
     n: usize,
     acts: Option<&Q8Acts>,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
 ) {
+    assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
     let cols = w.cols;
     let floats = match &w.data {
         MatrixData::F32(d) => WeightRows::F32(d),
@@ -261,42 +265,50 @@ pub fn product(
         MatrixData::Q8(d) => {
             let acts = acts.expect("Q8 products need quantized activations");
             assert!(acts.gs == d.group_size && acts.cols == cols && acts.n == n);
-            if !simd::q8_rows(isa, &d.q, &d.scales, acts, rows.clone(), out_t) {
-                q8_rows_scalar(&d.q, &d.scales, acts, rows, out_t);
+            if !simd::q8_rows(isa, &d.q, &d.scales, acts, rows.clone(), out, ld) {
+                q8_rows_scalar(&d.q, &d.scales, acts, rows, out, ld);
             }
             return;
         }
     };
-    if !simd::f32_rows(isa, floats, cols, x, n, rows.clone(), out_t) {
+    if !simd::f32_rows(isa, floats, cols, x, n, rows.clone(), out, ld) {
         let mut row = Vec::with_capacity(cols);
-        for (j, outs) in rows.zip(out_t.chunks_mut(n)) {
+        for (i, j) in rows.enumerate() {
             floats.row_into(j, cols, &mut row);
-            for (t, o) in outs.iter_mut().enumerate() {
-                *o = dot_f32(isa, &row, &x[t * cols..(t + 1) * cols]);
+            for t in 0..n {
+                out[t * ld + i] = dot_f32(isa, &row, &x[t * cols..(t + 1) * cols]);
             }
         }
     }
 }
 
-fn q8_rows_scalar(wq: &[i8], ws: &[f32], a: &Q8Acts, rows: Range<usize>, out_t: &mut [f32]) {
+fn q8_rows_scalar(
+    wq: &[i8],
+    ws: &[f32],
+    a: &Q8Acts,
+    rows: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
     let (cols, groups) = (a.cols, a.groups());
-    for (j, outs) in rows.zip(out_t.chunks_mut(a.n)) {
-        for (t, o) in outs.iter_mut().enumerate() {
+    for (i, j) in rows.enumerate() {
+        for t in 0..a.n {
             let xq = &a.xq[t * cols..(t + 1) * cols];
             let xs = &a.xs[t * groups..(t + 1) * groups];
-            *o = dot_q8(wq, ws, a.gs, j, xq, xs);
+            out[t * ld + i] = dot_q8(wq, ws, a.gs, j, xq, xs);
         }
     }
 }
 
 /// Runs `tile` over weight rows `rows` x tokens `0..n` in tiles of `R` rows
 /// and `T` tokens (tokens starting at multiples of `T`), storing results in
-/// `out_t[(j - rows.start) * n + t]`. Partial tiles repeat their last row or
+/// `out[t * ld + j - rows.start]`. Partial tiles repeat their last row or
 /// token, whose results are dropped, so tiles always see full arrays.
 pub fn sweep<const R: usize, const T: usize>(
     rows: Range<usize>,
     n: usize,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
     mut tile: impl FnMut([usize; R], [usize; T]) -> [[f32; T]; R],
 ) {
     let start = rows.start;
@@ -306,9 +318,8 @@ pub fn sweep<const R: usize, const T: usize>(
             let ts: [usize; T] = std::array::from_fn(|t| (t0 + t).min(n - 1));
             let v = tile(js, ts);
             for (r, vr) in v.iter().enumerate().take(rows.end - j0) {
-                let o = &mut out_t[(j0 + r - start) * n..][..n];
                 for (t, &x) in vr.iter().enumerate().take(n - t0) {
-                    o[t0 + t] = x;
+                    out[(t0 + t) * ld + j0 + r - start] = x;
                 }
             }
         }

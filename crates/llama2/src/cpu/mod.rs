@@ -49,8 +49,8 @@ pub struct CpuBackend {
     /// The input of the current product quantized for each Q8 group size in
     /// use (usually one), reused between calls.
     acts: Vec<Q8Acts>,
-    /// Product outputs of all matrices of one `matmul`, transposed:
-    /// `[sum of rows][tokens]`, so each task owns a contiguous slice.
+    /// Product outputs of all matrices of one `matmul`, task by task: each
+    /// task's rows as `[tokens][its rows]`, a contiguous slice it owns.
     scratch: Vec<f32>,
     /// Attention scores, one stretch of `positions` per (token, head) task.
     att: Vec<f32>,
@@ -129,8 +129,8 @@ fn acts_for<'a>(acts: &'a [Q8Acts], w: &CpuMatrix) -> Option<&'a Q8Acts> {
     acts.iter().find(|a| a.gs == gs)
 }
 
-/// Computes global rows `g0..g0 + out_t.len() / n` of the matrices of `ws`
-/// stacked on top of each other, into `out_t` `[rows][n]`.
+/// Computes global rows `g0..g0 + out.len() / n` of the matrices of `ws`
+/// stacked on top of each other, into `out` `[n][rows]`.
 fn product_range(
     isa: Isa,
     ws: &[(&CpuMatrix, &mut Vec<f32>)],
@@ -138,20 +138,21 @@ fn product_range(
     x: &[f32],
     n: usize,
     g0: usize,
-    out_t: &mut [f32],
+    out: &mut [f32],
 ) {
-    let g1 = g0 + out_t.len() / n;
+    let ld = out.len() / n;
+    let g1 = g0 + ld;
     let mut offset = 0;
     for (w, _) in ws {
         let (lo, hi) = (g0.max(offset), g1.min(offset + w.rows()));
         if lo < hi {
-            let out = &mut out_t[(lo - g0) * n..(hi - g0) * n];
+            let out = &mut out[lo - g0..];
             let (rows, a) = (lo - offset..hi - offset, acts_for(acts, w));
             match w {
-                CpuMatrix::Host(m) => kernels::product(isa, m, x, n, a, rows, out),
+                CpuMatrix::Host(m) => kernels::product(isa, m, x, n, a, rows, out, ld),
                 CpuMatrix::PackedQ8(p) => {
                     let a = a.expect("Q8 products need quantized activations");
-                    packed::product_packed(isa, p, a, rows, out)
+                    packed::product_packed(isa, p, a, rows, out, ld)
                 }
             }
         }
@@ -159,16 +160,21 @@ fn product_range(
     }
 }
 
-/// Copies matrix `j`-major results `src` `[rows][n]` to `dst` `[n][rows]`.
-fn untranspose(src: &[f32], n: usize, rows: usize, dst: &mut [f32]) {
-    if n == 1 {
-        dst[..rows].copy_from_slice(src);
-        return;
-    }
-    for (j, col) in src.chunks_exact(n).enumerate() {
-        for (t, &v) in col.iter().enumerate() {
-            dst[t * rows + j] = v;
+/// Copies one task's results `src` `[n][len]` (global rows `g0..g0 + len`
+/// of the stacked matrices) into the outputs `[n][rows]` of `outs`.
+fn scatter_range(src: &[f32], n: usize, g0: usize, outs: &mut [(&CpuMatrix, &mut Vec<f32>)]) {
+    let len = src.len() / n;
+    let mut offset = 0;
+    for (w, out) in outs.iter_mut() {
+        let rows = w.rows();
+        let (lo, hi) = (g0.max(offset), (g0 + len).min(offset + rows));
+        if lo < hi {
+            for t in 0..n {
+                let s = &src[t * len + lo - g0..t * len + hi - g0];
+                out[t * rows + lo - offset..t * rows + hi - offset].copy_from_slice(s);
+            }
         }
+        offset += rows;
     }
 }
 
@@ -274,21 +280,20 @@ impl Backend for CpuBackend {
         scratch.resize(total * n, 0.0);
         let ws = &*outs;
         let (isa, acts, x) = (self.isa, &self.acts[..used], &x[..]);
-        if work < PARALLEL_WORK || self.threads == 1 {
+        // Each task's share is `[n][its rows]`, contiguous in `scratch`.
+        let chunk = if work < PARALLEL_WORK || self.threads == 1 {
             product_range(isa, ws, acts, x, n, 0, &mut scratch);
+            total
         } else {
             let tasks = self.threads * TASKS_PER_THREAD;
             let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
-            self.team
-                .for_each_chunk(&mut scratch, chunk * n, |k, out_t| {
-                    product_range(isa, ws, acts, x, n, k * chunk, out_t)
-                });
-        }
-        let mut offset = 0;
-        for (w, out) in outs.iter_mut() {
-            let r = w.rows();
-            untranspose(&scratch[offset * n..(offset + r) * n], n, r, out);
-            offset += r;
+            self.team.for_each_chunk(&mut scratch, chunk * n, |k, out| {
+                product_range(isa, ws, acts, x, n, k * chunk, out)
+            });
+            chunk
+        };
+        for (k, src) in scratch.chunks(chunk * n).enumerate() {
+            scatter_range(src, n, k * chunk, outs);
         }
         self.scratch = scratch;
         Ok(())

@@ -138,7 +138,7 @@ impl PackedQ8 {
     }
 }
 
-/// `out_t[(j - rows.start) * n + t] = w[j] · x[t]` for a packed matrix, with
+/// `out[t * ld + j - rows.start] = w[j] · x[t]` for a packed matrix, with
 /// `acts` the activations quantized in `w`'s group size; bit-identical to
 /// `kernels::dot_q8`.
 pub fn product_packed(
@@ -146,10 +146,11 @@ pub fn product_packed(
     w: &PackedQ8,
     acts: &Q8Acts,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
 ) {
     assert!(acts.gs == w.gs && acts.cols == w.cols && rows.end <= w.rows);
-    assert!(out_t.len() >= rows.len() * acts.n);
-    let done = simd::q8_packed_rows(isa, w, acts, rows, out_t);
+    assert!(rows.is_empty() || out.len() >= (acts.n - 1) * ld + rows.len());
+    let done = simd::q8_packed_rows(isa, w, acts, rows, out, ld);
     assert!(done, "a packed Q8 matrix needs the level that packed it");
 }

@@ -71,6 +71,7 @@ pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
     None
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn f32_rows(
     isa: Isa,
     w: WeightRows,
@@ -78,14 +79,15 @@ pub fn f32_rows(
     x: &[f32],
     n: usize,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
 ) -> bool {
     let (Level::Neon, WeightRows::F32(d)) = (isa.level(), w) else {
         return false;
     };
     assert!(d.len() >= rows.end * cols && x.len() >= n * cols);
     let (wp, xp) = (d.as_ptr(), x.as_ptr());
-    sweep::<1, 1>(rows, n, out_t, |j, t| {
+    sweep::<1, 1>(rows, n, out, ld, |j, t| {
         // SAFETY: NEON was confirmed; `sweep` gives rows below `rows.end`
         // and tokens below `n`, checked against `d` and `x` above.
         [[unsafe { dot_n(wp.add(j[0] * cols), xp.add(t[0] * cols), cols) }]]
@@ -93,7 +95,15 @@ pub fn f32_rows(
     true
 }
 
-pub fn q8_rows(_: Isa, _: &[i8], _: &[f32], _: &Q8Acts, _: Range<usize>, _: &mut [f32]) -> bool {
+pub fn q8_rows(
+    _: Isa,
+    _: &[i8],
+    _: &[f32],
+    _: &Q8Acts,
+    _: Range<usize>,
+    _: &mut [f32],
+    _: usize,
+) -> bool {
     false
 }
 
@@ -107,6 +117,7 @@ pub fn q8_packed_rows(
     _: &Q8Acts,
     _: Range<usize>,
     _: &mut [f32],
+    _: usize,
 ) -> bool {
     false
 }

@@ -29,11 +29,20 @@ pub fn f32_rows(
     _: usize,
     _: Range<usize>,
     _: &mut [f32],
+    _: usize,
 ) -> bool {
     false
 }
 
-pub fn q8_rows(_: Isa, _: &[i8], _: &[f32], _: &Q8Acts, _: Range<usize>, _: &mut [f32]) -> bool {
+pub fn q8_rows(
+    _: Isa,
+    _: &[i8],
+    _: &[f32],
+    _: &Q8Acts,
+    _: Range<usize>,
+    _: &mut [f32],
+    _: usize,
+) -> bool {
     false
 }
 
@@ -47,6 +56,7 @@ pub fn q8_packed_rows(
     _: &Q8Acts,
     _: Range<usize>,
     _: &mut [f32],
+    _: usize,
 ) -> bool {
     false
 }

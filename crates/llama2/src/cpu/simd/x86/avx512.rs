@@ -290,6 +290,24 @@ pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
     f
 }
 
+/// Stores lanes `lanes` (within `0..16`) of `v` contiguously at `dst`;
+/// other lanes are not written.
+///
+/// # Safety
+/// AVX-512F is available; `dst..dst + lanes.len()` is writable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn store_lanes(dst: *mut f32, v: __m512, lanes: std::ops::Range<usize>) {
+    if lanes.start == 0 && lanes.end == 16 {
+        _mm512_storeu_ps(dst, v);
+    } else {
+        // Masked-off lanes are never accessed, so the base may lie before
+        // `dst`'s allocation; `wrapping_sub` keeps the arithmetic defined.
+        let m = mask16(lanes.end) & !mask16(lanes.start);
+        _mm512_mask_storeu_ps(dst.wrapping_sub(lanes.start), m, v);
+    }
+}
+
 /// Four activation bytes at `xq + at` broadcast to every 32-bit lane.
 ///
 /// # Safety

@@ -6,7 +6,7 @@
 mod avx2;
 mod avx512;
 
-use std::arch::x86_64::{__m512, _mm512_storeu_ps};
+use std::arch::x86_64::__m512;
 use std::ops::Range;
 
 use half::{bf16, f16};
@@ -66,7 +66,8 @@ pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
     Some(unsafe { avx512::quantize_group16(x, q) })
 }
 
-/// `out_t[(j - rows.start) * n + t] = w[j] · x[t]` for `j` in `rows`.
+/// `out[t * ld + j - rows.start] = w[j] · x[t]` for `j` in `rows`.
+#[allow(clippy::too_many_arguments)]
 pub fn f32_rows(
     isa: Isa,
     w: WeightRows,
@@ -74,16 +75,17 @@ pub fn f32_rows(
     x: &[f32],
     n: usize,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
 ) -> bool {
     assert!(w.len() >= rows.end * cols && x.len() >= n * cols);
     match (isa.level(), w) {
-        (Level::Avx512, WeightRows::F32(d)) => rows512::<f32>(d, cols, x, n, rows, out_t),
-        (Level::Avx512, WeightRows::F16(d)) => rows512::<f16>(d, cols, x, n, rows, out_t),
-        (Level::Avx512, WeightRows::BF16(d)) => rows512::<bf16>(d, cols, x, n, rows, out_t),
-        (Level::Avx2, WeightRows::F32(d)) => rows256::<f32>(d, cols, x, n, rows, out_t),
-        (Level::Avx2, WeightRows::F16(d)) => rows256::<f16>(d, cols, x, n, rows, out_t),
-        (Level::Avx2, WeightRows::BF16(d)) => rows256::<bf16>(d, cols, x, n, rows, out_t),
+        (Level::Avx512, WeightRows::F32(d)) => rows512::<f32>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx512, WeightRows::F16(d)) => rows512::<f16>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx512, WeightRows::BF16(d)) => rows512::<bf16>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx2, WeightRows::F32(d)) => rows256::<f32>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx2, WeightRows::F16(d)) => rows256::<f16>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx2, WeightRows::BF16(d)) => rows256::<bf16>(d, cols, x, n, rows, (out, ld)),
         _ => return false,
     }
     true
@@ -98,11 +100,11 @@ fn rows512<W: avx512::Wide>(
     x: &[f32],
     n: usize,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    (out, ld): (&mut [f32], usize),
 ) {
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     if n == 1 {
-        sweep::<8, 1>(rows, n, out_t, |j, t| {
+        sweep::<8, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX-512 was confirmed (caller's `Isa`); `sweep` gives
             // rows below `rows.end` and tokens below `n`, which `f32_rows`
             // checked lie inside `w` and `x`.
@@ -115,7 +117,7 @@ fn rows512<W: avx512::Wide>(
             }
         })
     } else {
-        sweep::<4, 4>(rows, n, out_t, |j, t| {
+        sweep::<4, 4>(rows, n, out, ld, |j, t| {
             // SAFETY: as above.
             unsafe {
                 avx512::tile_f32(
@@ -135,11 +137,11 @@ fn rows256<W: avx2::Wide>(
     x: &[f32],
     n: usize,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    (out, ld): (&mut [f32], usize),
 ) {
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     if n == 1 {
-        sweep::<8, 1>(rows, n, out_t, |j, t| {
+        sweep::<8, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); rows and
             // tokens are in range as checked by `f32_rows`.
             unsafe {
@@ -151,7 +153,7 @@ fn rows256<W: avx2::Wide>(
             }
         })
     } else {
-        sweep::<4, 2>(rows, n, out_t, |j, t| {
+        sweep::<4, 2>(rows, n, out, ld, |j, t| {
             // SAFETY: as above.
             unsafe {
                 avx2::tile_f32(
@@ -167,7 +169,15 @@ fn rows256<W: avx2::Wide>(
 /// Unpacked Q8_0 products run the scalar loop: at the AVX-512 level the
 /// backend repacks Q8_0 matrices (`q8_packed_rows`) whenever their groups
 /// allow it, and the rest have groups straddling rows.
-pub fn q8_rows(_: Isa, _: &[i8], _: &[f32], _: &Q8Acts, _: Range<usize>, _: &mut [f32]) -> bool {
+pub fn q8_rows(
+    _: Isa,
+    _: &[i8],
+    _: &[f32],
+    _: &Q8Acts,
+    _: Range<usize>,
+    _: &mut [f32],
+    _: usize,
+) -> bool {
     false
 }
 
@@ -178,13 +188,15 @@ pub fn packs_q8(isa: Isa) -> bool {
 
 /// The product over rows `rows` of a packed Q8_0 matrix: whole blocks are
 /// computed, rows outside `rows` dropped. Decoding runs four blocks (64
-/// rows) per tile, batches two blocks by four tokens.
+/// rows) per tile, batches two blocks by four tokens. Results go to
+/// `out[t * ld + j - rows.start]`.
 pub fn q8_packed_rows(
     isa: Isa,
     w: &PackedQ8,
     acts: &Q8Acts,
     rows: Range<usize>,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
 ) -> bool {
     if !packs_q8(isa) {
         return false;
@@ -201,20 +213,26 @@ pub fn q8_packed_rows(
         tokens: acts.tokens,
     };
     let blocks = rows.start / BLOCK_ROWS..rows.end.div_ceil(BLOCK_ROWS);
-    let mut store = |b0: usize, t0: usize, v: &[__m512], t_step: usize| {
+    assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
+    let out_p = out.as_mut_ptr();
+    let store = |b0: usize, t0: usize, v: &[__m512], t_step: usize| {
         for (i, &v) in v.iter().enumerate() {
             let (b, t) = (b0 + i / t_step, t0 + i % t_step);
             if t >= n {
                 continue;
             }
-            let mut lanes = [0f32; BLOCK_ROWS];
-            // SAFETY: AVX-512F was confirmed (caller's `Isa`); `lanes` holds 16 f32.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
-            for (r, &l) in lanes.iter().enumerate() {
-                let j = b * BLOCK_ROWS + r;
-                if rows.contains(&j) {
-                    out_t[(j - rows.start) * n + t] = l;
-                }
+            // Rows of block `b` inside `rows`, as lanes.
+            let first = (b * BLOCK_ROWS).max(rows.start);
+            let last = ((b + 1) * BLOCK_ROWS).min(rows.end);
+            if first >= last {
+                continue;
+            }
+            let lanes = (first - b * BLOCK_ROWS)..(last - b * BLOCK_ROWS);
+            // SAFETY: AVX-512F was confirmed (caller's `Isa`); lanes `lanes`
+            // land on `out[t * ld + first - rows.start ..][..lanes.len()]`,
+            // inside `out` as asserted above.
+            unsafe {
+                avx512::store_lanes(out_p.add(t * ld + first - rows.start), v, lanes);
             }
         }
     };
