@@ -77,6 +77,50 @@ fn dot_and_axpy_match_scalar() {
 }
 
 #[test]
+fn attention_kernels_match_scalar() {
+    let mut rng = Rng::new(11);
+    for isa in Isa::all() {
+        for hs in [1, 7, 16, 24, 48, 64, 72, 100] {
+            for _ in 0..4 {
+                let n = below(&mut rng, 40);
+                let stride = hs + below(&mut rng, 3) * 8;
+                let len = if n == 0 { 0 } else { (n - 1) * stride + hs };
+                let keys = random_vec(&mut rng, len);
+                let q = random_vec(&mut rng, hs);
+                let what = format!("{isa:?} hs {hs} keys {n} stride {stride}");
+                let scale = (hs as f32).sqrt();
+                let mut got = vec![f32::NAN; n];
+                kernels::attention_scores(isa, &mut got, &q, &keys, stride, scale);
+                let want: Vec<f32> = (0..n)
+                    .map(|t| kernels::dot_f32_scalar(&q, &keys[t * stride..][..hs]) / scale)
+                    .collect();
+                assert_close(&format!("scores {what}"), &got, &want, 1e-4);
+                // Bit-identical to one dot per key at the same level.
+                let per_key: Vec<f32> = (0..n)
+                    .map(|t| kernels::dot_f32(isa, &q, &keys[t * stride..][..hs]) / scale)
+                    .collect();
+                assert_same(&format!("scores per key {what}"), &got, &per_key);
+                let att = random_vec(&mut rng, n);
+                let mut got = vec![f32::NAN; hs];
+                kernels::weighted_sum(isa, &mut got, &att, &keys, stride);
+                let mut want = vec![0f32; hs];
+                for (t, &a) in att.iter().enumerate() {
+                    for (o, &v) in want.iter_mut().zip(&keys[t * stride..][..hs]) {
+                        *o += a * v;
+                    }
+                }
+                assert_close(&format!("weighted sum {what}"), &got, &want, 1e-4);
+                let mut per_key = vec![0f32; hs];
+                for (t, &a) in att.iter().enumerate() {
+                    kernels::axpy(isa, &mut per_key, a, &keys[t * stride..][..hs]);
+                }
+                assert_same(&format!("weighted sum per key {what}"), &got, &per_key);
+            }
+        }
+    }
+}
+
+#[test]
 fn quantize_is_bit_identical_to_reference() {
     let mut rng = Rng::new(2);
     for isa in Isa::all() {

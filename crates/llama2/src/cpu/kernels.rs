@@ -102,6 +102,34 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Attention scores of one head: `att[t] = (q · keys[t * stride..][..hs]) /
+/// scale` for `t` in `0..att.len()`, `hs = q.len()`.
+pub fn attention_scores(
+    isa: Isa,
+    att: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+) {
+    if !simd::attention_scores(isa, att, q, keys, stride, scale) {
+        for (t, a) in att.iter_mut().enumerate() {
+            *a = dot_f32(isa, q, &keys[t * stride..][..q.len()]) / scale;
+        }
+    }
+}
+
+/// `out = sum over t of att[t] * values[t * stride..][..out.len()]`,
+/// accumulated in key order.
+pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: &[f32], stride: usize) {
+    if !simd::weighted_sum(isa, out, att, values, stride) {
+        out.fill(0.0);
+        for (t, &a) in att.iter().enumerate() {
+            axpy(isa, out, a, &values[t * stride..][..out.len()]);
+        }
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Activation quantization
 

@@ -414,12 +414,7 @@ fn attend_head(
 ) {
     let (hs, kv) = (c.head_size(), c.kv_dim());
     let scale = (hs as f32).sqrt();
-    for (t, a) in att.iter_mut().enumerate() {
-        *a = kernels::dot_f32(isa, qh, &keys[t * kv + kv_off..][..hs]) / scale;
-    }
+    kernels::attention_scores(isa, att, qh, &keys[kv_off..], kv, scale);
     reference::softmax(att);
-    out.fill(0.0);
-    for (t, &a) in att.iter().enumerate() {
-        kernels::axpy(isa, out, a, &values[t * kv + kv_off..][..hs]);
-    }
+    kernels::weighted_sum(isa, &mut out[..hs], att, &values[kv_off..], kv);
 }

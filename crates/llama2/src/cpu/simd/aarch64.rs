@@ -67,6 +67,14 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
+pub fn attention_scores(_: Isa, _: &mut [f32], _: &[f32], _: &[f32], _: usize, _: f32) -> bool {
+    false
+}
+
+pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: &[f32], _: usize) -> bool {
+    false
+}
+
 pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
     None
 }

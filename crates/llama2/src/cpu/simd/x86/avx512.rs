@@ -153,6 +153,73 @@ pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Attention scores of one head: `att[t] = (q · keys[t * stride..][..hs]) /
+/// scale` for every `t`, eight keys per tile. Bit-identical to one
+/// `dot_f32` per key (each key has its own chain and reduction).
+///
+/// # Safety
+/// AVX-512F/BW/VL and F16C are available; `keys` holds `att.len()` rows of
+/// `stride` with `q.len() <= stride` (the last row may end after `hs`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn attention_scores(
+    att: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+) {
+    let (hs, n) = (q.len(), att.len());
+    let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+    let mut t = 0;
+    while t + 8 <= n {
+        let v = tile_f32::<f32, 8, 1>(std::array::from_fn(|r| kp.add((t + r) * stride)), [qp], hs);
+        for r in 0..8 {
+            att[t + r] = v[r][0] / scale;
+        }
+        t += 8;
+    }
+    while t < n {
+        att[t] = tile_f32::<f32, 1, 1>([kp.add(t * stride)], [qp], hs)[0][0] / scale;
+        t += 1;
+    }
+}
+
+/// `out = sum over t of att[t] * values[t * stride..][..out.len()]`, in `t`
+/// order with the sums held in registers 64 values at a time: the same
+/// fused multiply-adds in the same order as one `axpy` per key on a zeroed
+/// `out`, so bit-identical to it.
+///
+/// # Safety
+/// AVX-512F/BW/VL are available; `values` holds `att.len()` rows of
+/// `stride` with `out.len() <= stride`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub unsafe fn weighted_sum(out: &mut [f32], att: &[f32], values: &[f32], stride: usize) {
+    let hs = out.len();
+    let vp = values.as_ptr();
+    let mut k = 0;
+    while k < hs {
+        let m: [__mmask16; 4] = std::array::from_fn(|i| {
+            let left = hs.saturating_sub(k + 16 * i);
+            mask16(left.min(16))
+        });
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (t, &a) in att.iter().enumerate() {
+            let av = _mm512_set1_ps(a);
+            // Masked-off lanes are never read; `wrapping_add` keeps the
+            // address arithmetic defined when they run past `values`.
+            let row = vp.wrapping_add(t * stride + k);
+            for i in 0..4 {
+                let v = _mm512_maskz_loadu_ps(m[i], row.wrapping_add(16 * i));
+                acc[i] = _mm512_fmadd_ps(av, v, acc[i]);
+            }
+        }
+        for i in 0..4 {
+            _mm512_mask_storeu_ps(out.as_mut_ptr().wrapping_add(k + 16 * i), m[i], acc[i]);
+        }
+        k += 64;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Q8_0
 

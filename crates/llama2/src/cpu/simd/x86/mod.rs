@@ -56,6 +56,37 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
+/// Attention scores of one head against `att.len()` keys `stride` apart.
+pub fn attention_scores(
+    isa: Isa,
+    att: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+) -> bool {
+    if isa.level() != Level::Avx512 {
+        return false;
+    }
+    let n = att.len();
+    assert!(n == 0 || (q.len() <= stride && keys.len() >= (n - 1) * stride + q.len()));
+    // SAFETY: AVX-512 was confirmed (the `Isa`); `keys` covers every row read.
+    unsafe { avx512::attention_scores(att, q, keys, stride, scale) };
+    true
+}
+
+/// `out = sum of att[t] * values[t * stride..]`, in key order.
+pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: &[f32], stride: usize) -> bool {
+    if isa.level() != Level::Avx512 {
+        return false;
+    }
+    let n = att.len();
+    assert!(n == 0 || (out.len() <= stride && values.len() >= (n - 1) * stride + out.len()));
+    // SAFETY: AVX-512 was confirmed (the `Isa`); `values` covers every row read.
+    unsafe { avx512::weighted_sum(out, att, values, stride) };
+    true
+}
+
 /// Quantizes a group whose length is a multiple of 16; `None` when this
 /// level has no vector version.
 pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
