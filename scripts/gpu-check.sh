@@ -43,7 +43,7 @@ step 120 "$bin" check "$models/stories260K_q8_gs4.bin" --device cuda --prompt-to
 for dtype in f32 f16 bf16 q8; do
     step 120 "$bin" check --shape stories15M --device cuda --dtype "$dtype"
 done
-for dtype in f16 q8; do
+for dtype in f32 f16 bf16 q8; do
     step 240 "$bin" check --shape llama2-7b --device cuda --dtype "$dtype" --prompt-tokens 4 --steps 2
 done
 
