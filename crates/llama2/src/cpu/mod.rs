@@ -54,6 +54,12 @@ pub struct CpuBackend {
     scratch: Vec<f32>,
     /// Attention scores, one stretch of `positions` per (token, head) task.
     att: Vec<f32>,
+    /// Rotary factors `(cos, sin)` `[position][head_size / 2]` for the
+    /// positions seen so far: the same values for every layer and head, so
+    /// computed once instead of a `powf` and `sin_cos` per pair and layer.
+    rope_table: Vec<(f32, f32)>,
+    /// The head size `rope_table` was built for.
+    rope_hs: usize,
 }
 
 impl CpuBackend {
@@ -85,6 +91,8 @@ impl CpuBackend {
             acts: Vec::new(),
             scratch: Vec::new(),
             att: Vec::new(),
+            rope_table: Vec::new(),
+            rope_hs: 0,
         })
     }
 
@@ -307,14 +315,25 @@ impl Backend for CpuBackend {
         pos0: usize,
         c: &Config,
     ) -> Result<()> {
-        let (d, kv) = (c.dim, c.kv_dim());
+        let (d, kv, hs) = (c.dim, c.kv_dim(), c.head_size());
+        let half = hs / 2;
+        if self.rope_hs != hs {
+            self.rope_table.clear();
+            self.rope_hs = hs;
+        }
+        let have = self.rope_table.len() / half.max(1);
+        for pos in have..pos0 + rows {
+            // The factors exactly as `reference::rope` computes them.
+            self.rope_table.extend((0..hs).step_by(2).map(|head_dim| {
+                let freq = 1.0 / 10000f32.powf(head_dim as f32 / hs as f32);
+                let (fci, fcr) = (pos as f32 * freq).sin_cos();
+                (fcr, fci)
+            }));
+        }
         for r in 0..rows {
-            reference::rope(
-                &mut q[r * d..(r + 1) * d],
-                &mut k[r * kv..(r + 1) * kv],
-                pos0 + r,
-                c.head_size(),
-            );
+            let f = &self.rope_table[(pos0 + r) * half..(pos0 + r + 1) * half];
+            rope_rotate(&mut q[r * d..(r + 1) * d], f);
+            rope_rotate(&mut k[r * kv..(r + 1) * kv], f);
         }
         Ok(())
     }
@@ -396,6 +415,18 @@ impl Backend for CpuBackend {
     fn read(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<()> {
         out.copy_from_slice(&src[..out.len()]);
         Ok(())
+    }
+}
+
+/// Rotates each pair `(v[i], v[i + 1])` of every head of one token by the
+/// factors `f` `[head_size / 2]`, as `reference::rope` does.
+fn rope_rotate(v: &mut [f32], f: &[(f32, f32)]) {
+    for head in v.chunks_exact_mut(2 * f.len()) {
+        for (p, &(fcr, fci)) in head.chunks_exact_mut(2).zip(f) {
+            let (v0, v1) = (p[0], p[1]);
+            p[0] = v0 * fcr - v1 * fci;
+            p[1] = v0 * fci + v1 * fcr;
+        }
     }
 }
 
