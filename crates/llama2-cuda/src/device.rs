@@ -281,3 +281,34 @@ impl<T: Copy> Drop for Pinned<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::KERNELS;
+
+    /// A kernel defined but not listed cannot be launched ("not loaded"),
+    /// and one listed but not defined fails every load: the two must agree.
+    /// Kernels are defined directly, or by a macro whose parameter is
+    /// `name`, instantiated at the start of a line as `MACRO(kernel, ...)`.
+    #[test]
+    fn kernel_list_matches_the_source() {
+        let src = crate::compile::kernel_source();
+        let direct = src
+            .split("extern \"C\" __global__ void ")
+            .skip(1)
+            .filter_map(|rest| rest.split('(').next())
+            .map(str::trim)
+            .filter(|name| *name != "name");
+        let by_macro = src.lines().filter_map(|line| {
+            let (head, rest) = line.split_once('(')?;
+            let is_macro =
+                !head.is_empty() && head.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+            is_macro.then(|| rest.split(',').next().unwrap_or("").trim())
+        });
+        let defined: BTreeSet<&str> = direct.chain(by_macro).collect();
+        let listed: BTreeSet<&str> = KERNELS.into_iter().collect();
+        assert_eq!(defined, listed);
+    }
+}
