@@ -265,11 +265,13 @@ MATVEC(matvec_bf16, BF16W)
 // sums, over groups, int32 dot * w_scale * x_scale.
 
 // One warp per (row, group) of x [rows][cols], lanes striding over the
-// group; a final partial group gets its own scale. xs is
-// [rows][ceil(cols / gs)].
-extern "C" __global__ void quantize_q8(signed char* xq, float* xs, const float* x, int rows,
-                                       int cols, int gs) {
-    pdl_wait();
+// group; a final partial group gets its own scale. HALF = false writes q to
+// xq [rows][cols] and the scales to xs [rows][ceil(cols / gs)]; HALF = true
+// writes f16(q * scale) to x16 [rows][cols] instead, the activations that
+// tensor-core prefill multiplies (W8A8's values, each rounded only to f16).
+template <bool HALF>
+__device__ __forceinline__ void quantize_q8_warp(signed char* xq, float* xs, u16* x16,
+                                                 const float* x, int rows, int cols, int gs) {
     int groups = (cols + gs - 1) / gs, lane = threadIdx.x & 31;
     int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= rows * groups) return;
@@ -280,11 +282,26 @@ extern "C" __global__ void quantize_q8(signed char* xq, float* xs, const float* 
     for (int k = start + lane; k < end; k += 32) m = fmaxf(m, fabsf(xr[k]));
     m = warp_max(m);
     float scale = m / 127.0f;
-    if (lane == 0) xs[t] = scale;
+    if (!HALF && lane == 0) xs[t] = scale;
     for (int k = start + lane; k < end; k += 32) {
         float v = m == 0.0f ? 0.0f : fminf(fmaxf(roundf(xr[k] / scale), -128.0f), 127.0f);
-        xq[(size_t)r * cols + k] = (signed char)v;
+        if (HALF) {
+            x16[(size_t)r * cols + k] = f32_to_f16(v * scale);
+        } else {
+            xq[(size_t)r * cols + k] = (signed char)v;
+        }
     }
+}
+
+extern "C" __global__ void quantize_q8(signed char* xq, float* xs, const float* x, int rows,
+                                       int cols, int gs) {
+    pdl_wait();
+    quantize_q8_warp<false>(xq, xs, nullptr, x, rows, cols, gs);
+}
+
+extern "C" __global__ void quantize_q8_f16(u16* x16, const float* x, int rows, int cols, int gs) {
+    pdl_wait();
+    quantize_q8_warp<true>(nullptr, nullptr, x16, x, rows, cols, gs);
 }
 
 // The RMS norm fused with quantize_q8 for one row per block (1024 threads):

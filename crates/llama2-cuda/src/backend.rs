@@ -82,7 +82,8 @@ pub struct CudaBackend {
     /// `None` after a failed start (the matmul kernels are used instead).
     gemm: Option<Gemm>,
     gemm_tried: bool,
-    /// Activations rounded to f16/bf16 for GemmEx, grown on demand.
+    /// Activations in f16/bf16 for GemmEx (rounded, or Q8-quantized and
+    /// dequantized), grown on demand.
     x16: CudaSlice<u16>, // [rows][cols]
     /// A Q8 matrix dequantized to f16 for GemmEx, grown on demand.
     w16: CudaSlice<u16>, // [n_out][cols]

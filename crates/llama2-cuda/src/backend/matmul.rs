@@ -5,14 +5,16 @@
 //! half precision once per call, not once per matrix.
 //!
 //! Batched Q8 products with cuBLAS dequantize the matrix to an f16 scratch
-//! copy and run GemmEx on tensor cores (W8A16: activations rounded to f16
-//! rather than quantized as in runq's W8A8); without cuBLAS they take the
-//! dp4a `matmul_q8` kernel, W8A8.
+//! copy and run GemmEx on tensor cores on activations quantized as runq
+//! does and written back as f16(q * scale): runq's W8A8 terms, each factor
+//! rounded only to f16. Without cuBLAS they take the dp4a `matmul_q8`
+//! kernel, W8A8 exactly.
 
 use cudarc::driver::CudaSlice;
 use llama2::{Error, Result};
 
 use super::matvec::{one_launch, Epilogue, Outs, Row};
+use super::quantize::QUANTIZE_WARPS;
 use super::weights::{CudaMatrix, Weights};
 use super::CudaBackend;
 use crate::device::{int, Arg};
@@ -30,8 +32,17 @@ const GENERIC_THREADS: usize = 128;
 struct Prepared {
     /// The group size x is quantized with in the Q8 scratch.
     q8_gs: Option<usize>,
-    /// The type x is rounded to in `x16`.
-    half: Option<GemmType>,
+    /// What `x16` holds of x.
+    half: Option<Half>,
+}
+
+/// A half-precision copy of the activations in `x16`.
+#[derive(Clone, Copy, PartialEq)]
+enum Half {
+    /// x rounded to f16 or bf16.
+    Rounded(GemmType),
+    /// x quantized in groups of this size, as f16(q * scale).
+    Q8(usize),
 }
 
 impl CudaBackend {
@@ -72,7 +83,7 @@ impl CudaBackend {
         };
         if self.gemm_ready() {
             let weights = w.values_addr(&self.dev);
-            return self.gemm(ty, weights, x, rows, w, out, prepared);
+            return self.gemm(ty, weights, x, rows, w, out, prepared, Half::Rounded(ty));
         }
         let kernel = match ty {
             GemmType::F32 => "matmul_f32",
@@ -101,7 +112,8 @@ impl CudaBackend {
     }
 
     /// `out[r] = w · x[r]` through cuBLAS, with w's values at `weights` in
-    /// type `ty` (f16/bf16: x is rounded to `x16` first). Needs `gemm_ready`.
+    /// type `ty` (f16/bf16: x is made into `half` in `x16` first). Needs
+    /// `gemm_ready`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &mut self,
@@ -112,13 +124,17 @@ impl CudaBackend {
         w: &CudaMatrix,
         out: &mut CudaSlice<f32>,
         prepared: &mut Prepared,
+        half: Half,
     ) -> Result<()> {
         let xin = match ty {
             GemmType::F32 => self.dev.addr(x),
             GemmType::F16 | GemmType::BF16 => {
-                if prepared.half != Some(ty) {
-                    self.round_to_half(x, rows * w.cols, ty)?;
-                    prepared.half = Some(ty);
+                if prepared.half != Some(half) {
+                    match half {
+                        Half::Rounded(ty) => self.round_to_half(x, rows * w.cols, ty)?,
+                        Half::Q8(gs) => self.quantize_to_f16(x, rows, w.cols, gs)?,
+                    }
+                    prepared.half = Some(half);
                 }
                 self.dev.addr(&self.x16)
             }
@@ -155,9 +171,7 @@ impl CudaBackend {
 
     /// The first `n` values of x rounded to f16 or bf16 into `x16`.
     fn round_to_half(&mut self, x: &CudaSlice<f32>, n: usize, ty: GemmType) -> Result<()> {
-        if self.x16.len() < n {
-            self.x16 = self.dev.zeros(n)?;
-        }
+        self.reserve_x16(n)?;
         let kernel = if ty == GemmType::F16 {
             "convert_f16"
         } else {
@@ -165,6 +179,38 @@ impl CudaBackend {
         };
         let args = [self.dev.ptr(&self.x16), self.dev.ptr(x), Arg::U64(n as u64)];
         self.dev.launch_1d(kernel, n, &args)
+    }
+
+    /// x `[rows][cols]` quantized in groups of `gs` exactly as `quantize`
+    /// does, written to `x16` as f16(q * scale).
+    fn quantize_to_f16(
+        &mut self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        gs: usize,
+    ) -> Result<()> {
+        self.reserve_x16(rows * cols)?;
+        let args = [
+            self.dev.ptr(&self.x16),
+            self.dev.ptr(x),
+            int(rows)?,
+            int(cols)?,
+            int(gs)?,
+        ];
+        let groups = rows * cols.div_ceil(gs);
+        let blocks = groups.div_ceil(QUANTIZE_WARPS) as u32;
+        let threads = (32 * QUANTIZE_WARPS) as u32;
+        self.dev
+            .launch("quantize_q8_f16", (blocks, 1), threads, 0, &args)
+    }
+
+    /// Grows `x16` to at least `n` values.
+    fn reserve_x16(&mut self, n: usize) -> Result<()> {
+        if self.x16.len() < n {
+            self.x16 = self.dev.zeros(n)?;
+        }
+        Ok(())
     }
 
     /// The Q8 product: batches through cuBLAS on a dequantized copy where
@@ -182,7 +228,16 @@ impl CudaBackend {
     ) -> Result<()> {
         if rows > 1 && self.gemm_ready() {
             let weights = self.dequantize_to_f16(w, gs)?;
-            return self.gemm(GemmType::F16, weights, x, rows, w, out, prepared);
+            return self.gemm(
+                GemmType::F16,
+                weights,
+                x,
+                rows,
+                w,
+                out,
+                prepared,
+                Half::Q8(gs),
+            );
         }
         if prepared.q8_gs != Some(gs) {
             self.quantize(x, rows, w.cols, gs)?;

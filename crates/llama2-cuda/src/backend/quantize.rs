@@ -12,7 +12,7 @@ use crate::device::int;
 /// Threads of the fused RMS norm + Q8 quantization (one block per row).
 const NORM_QUANTIZE_THREADS: u32 = 1024;
 /// Warps per block of `quantize_q8` (one warp per group).
-const QUANTIZE_WARPS: usize = 8;
+pub(super) const QUANTIZE_WARPS: usize = 8;
 
 impl CudaBackend {
     /// Quantizes x `[rows][cols]` in groups of `gs` into the Q8 scratch.
