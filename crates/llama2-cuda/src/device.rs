@@ -20,7 +20,7 @@ use llama2::{Error, Result};
 
 /// Every kernel the backend launches; all are looked up at start so a
 /// missing one is an error at load time, not mid-generation.
-const KERNELS: [&str; 32] = [
+const KERNELS: [&str; 33] = [
     "random_f32",
     "convert_f16",
     "convert_bf16",
@@ -40,6 +40,7 @@ const KERNELS: [&str; 32] = [
     "matmul_f16",
     "matmul_bf16",
     "quantize_q8",
+    "quantize_q8_f16",
     "matvec_q8",
     "matmul_q8",
     "matvec_q8_generic",
