@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use llama2::cpu::kernels::{self, Isa};
 use llama2::sampler::{argmax, Rng};
 use llama2::synth::{self, shape_config, shape_names};
 use llama2::{checkpoint, Config, CpuBackend, DType, LanguageModel, Transformer};
@@ -32,21 +33,36 @@ pub fn weight_bytes_per_token(c: &Config, dtype: DType) -> f64 {
     matrices * dtype.bytes_per_element(gs) + ((2 * c.n_layers + 1) * c.dim * 4) as f64
 }
 
-/// Read bandwidth of host memory in GB/s: a parallel sum over 1 GiB, best of three.
-pub fn host_read_bandwidth_gbs() -> f64 {
-    let data = vec![1u64; 1 << 27];
+/// Read bandwidth of host memory in GB/s over a working set of `bytes`
+/// (what one decode step streams, so that caches help the probe exactly as
+/// much as they help the model) with `threads` threads (0: all cores). The
+/// probe streams f32 values through the CPU backend's widest dot product, so
+/// it reads memory the way the model's kernels do; best of five passes after
+/// a warm-up pass.
+pub fn host_read_bandwidth_gbs(bytes: f64, threads: usize) -> Result<f64> {
+    let floats = (bytes.clamp(16e6, 2e9) / 4.0) as usize;
+    let data = vec![1f32; floats];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let isa = Isa::best();
     let mut best = 0f64;
-    for _ in 0..3 {
+    for pass in 0..6 {
         let start = Instant::now();
-        let sum: u64 = data
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().sum::<u64>())
-            .sum();
+        // One contiguous stretch per thread, as the model's products split rows.
+        let per_thread = floats.div_ceil(pool.current_num_threads());
+        let sum: f32 = pool.install(|| {
+            data.par_chunks(per_thread)
+                .map(|c| kernels::dot_f32(isa, c, c))
+                .sum()
+        });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sum);
-        best = best.max((data.len() * 8) as f64 / secs / 1e9);
+        if pass > 0 {
+            best = best.max((floats * 4) as f64 / secs / 1e9);
+        }
     }
-    best
+    Ok(best)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -98,9 +114,10 @@ fn time_decode(model: &mut dyn LanguageModel, n: usize) -> Result<f64> {
 fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
     let device = device::resolve(&args.device)?;
     let (mut model, config, dtype) = build(args, device)?;
+    let bytes_per_token = weight_bytes_per_token(&config, dtype);
     let peak_gbs = match device {
         Device::Cuda => llama2_cuda::copy_bandwidth_gbs()?,
-        _ => host_read_bandwidth_gbs(),
+        _ => host_read_bandwidth_gbs(bytes_per_token, args.device.threads)?,
     };
     let gen = args.gen_tokens.clamp(1, config.seq_len - 1);
     let prompt = args.prompt_tokens.min(config.seq_len);
@@ -120,7 +137,7 @@ fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
     let measured = Measured {
         prefill_tps: (!prefill.is_empty()).then(|| median(prefill)),
         decode_tps: median(decode),
-        bytes_per_token: weight_bytes_per_token(&config, dtype),
+        bytes_per_token,
         peak_gbs,
     };
     Ok((measured, config, dtype, model.describe()))
