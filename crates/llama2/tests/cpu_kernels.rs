@@ -1,12 +1,12 @@
 //! The CPU kernels against their scalar twins in `cpu::reference`, at every
 //! SIMD level this machine supports (scalar included): dot products,
 //! activation quantization, products for each weight type (Q8_0 with
-//! straddling group sizes too, and repacked for VNNI), the backend's rmsnorm, rope and attention,
+//! straddling group sizes too, and repacked for VNNI and AMX), the backend's rmsnorm, rope and attention,
 //! and batched prefill against one token at a time. Shapes are random,
 //! seeded, and include sizes that are not multiples of the vector width or
 //! the group size.
 
-use llama2::cpu::kernels::{self, Isa, Q8Acts};
+use llama2::cpu::kernels::{self, Isa, Level, Q8Acts};
 use llama2::cpu::packed::{self, CpuMatrix};
 use llama2::cpu::reference;
 use llama2::sampler::Rng;
@@ -294,6 +294,52 @@ fn packed_q8_products_match_reference() {
                     let got = &out[t * rows..(t + 1) * rows];
                     assert_same(&format!("{what} token {t}"), got, &want);
                 }
+            }
+        }
+    }
+}
+
+/// The AMX tile product (batches of packed Q8_0) against the reference:
+/// token counts and rows that are not multiples of the 16-token and
+/// 16-row tiles, group sizes of one K step, part of one, and several.
+#[test]
+fn amx_q8_products_match_reference() {
+    let Some(isa) = Isa::new(Level::Amx) else {
+        eprintln!("note: AMX is not available here; its product is not tested");
+        return;
+    };
+    let mut rng = Rng::new(7);
+    let cases = [
+        (64, 768),
+        (32, 288),
+        (128, 384),
+        (12, 36),
+        (4, 172),
+        (64, 64),
+    ];
+    for &(gs, cols) in &cases {
+        for _ in 0..4 {
+            let (rows, n) = (1 + below(&mut rng, 100), 2 + below(&mut rng, 80));
+            let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
+            let CpuMatrix::PackedQ8(p) = CpuMatrix::new(isa, w.clone()) else {
+                panic!("the AMX level packs Q8_0 with groups of {gs}");
+            };
+            let x = random_vec(&mut rng, n * cols);
+            let mut acts = Q8Acts::default();
+            acts.quantize(isa, &x, n, cols, gs);
+            let split = below(&mut rng, rows + 1);
+            let mut out = vec![f32::NAN; rows * n];
+            packed::product_packed(isa, &p, &acts, 0..split, &mut out, rows);
+            packed::product_packed(isa, &p, &acts, split..rows, &mut out[split..], rows);
+            let llama2::tensor::MatrixData::Q8(d) = &w.data else {
+                unreachable!()
+            };
+            for t in 0..n {
+                let mut want = vec![0f32; rows];
+                let xt = &x[t * cols..(t + 1) * cols];
+                reference::matvec_q8(&mut want, &d.q, &d.scales, gs, xt);
+                let what = format!("amx gs {gs} {rows}x{cols} n {n} split {split} token {t}");
+                assert_same(&what, &out[t * rows..(t + 1) * rows], &want);
             }
         }
     }

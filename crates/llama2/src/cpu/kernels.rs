@@ -22,6 +22,9 @@ pub enum Level {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL with VNNI.
     Avx512,
+    /// `Avx512` plus AMX-TILE/INT8 granted by the OS: batched Q8_0
+    /// products run on the tile unit, everything else as at `Avx512`.
+    Amx,
     /// aarch64 Advanced SIMD.
     Neon,
 }
@@ -32,6 +35,7 @@ impl Level {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
+            Level::Amx => "amx",
             Level::Neon => "neon",
         }
     }
@@ -65,10 +69,16 @@ impl Isa {
 
     /// Every supported level, narrowest first.
     pub fn all() -> Vec<Isa> {
-        [Level::Scalar, Level::Avx2, Level::Avx512, Level::Neon]
-            .into_iter()
-            .filter_map(Isa::new)
-            .collect()
+        [
+            Level::Scalar,
+            Level::Avx2,
+            Level::Avx512,
+            Level::Amx,
+            Level::Neon,
+        ]
+        .into_iter()
+        .filter_map(Isa::new)
+        .collect()
     }
 
     pub fn level(self) -> Level {
@@ -182,8 +192,9 @@ pub fn quantize_row_at(
 pub struct Q8Acts {
     /// Tokens quantized.
     pub n: usize,
-    /// `n` rounded up to 4; the extra rows repeat the last token, so vector
-    /// tiles of 4 tokens never need a partial load.
+    /// `n` rounded up to 4 for one token, to 16 for batches; the extra rows
+    /// repeat the last token, so vector tiles of 4 tokens and AMX tiles of
+    /// 16 never need a partial load.
     pub tokens: usize,
     pub cols: usize,
     pub gs: usize,
@@ -202,7 +213,7 @@ impl Q8Acts {
     /// Quantizes `n` rows of `cols` from `x` in groups of `gs`.
     pub fn quantize(&mut self, isa: Isa, x: &[f32], n: usize, cols: usize, gs: usize) {
         let groups = cols.div_ceil(gs);
-        let tokens = n.div_ceil(4) * 4;
+        let tokens = if n == 1 { 4 } else { n.div_ceil(16) * 16 };
         (self.n, self.tokens, self.cols, self.gs) = (n, tokens, cols, gs);
         self.xq.resize(tokens * cols, 0);
         self.xs.resize(tokens * groups, 0.0);

@@ -1,8 +1,10 @@
-//! x86-64 kernels: AVX-512 (with VNNI) and AVX2 levels, detected at run
-//! time. This file maps an `Isa` and a weight type to the right tile and
+//! x86-64 kernels: AMX, AVX-512 (with VNNI) and AVX2 levels, detected at
+//! run time. This file maps an `Isa` and a weight type to the right tile and
 //! sweeps the tile over a range of weight rows; the tiles themselves live in
-//! `avx512.rs` and `avx2.rs`.
+//! `amx.rs`, `avx512.rs` and `avx2.rs`. The AMX level is the AVX-512 level
+//! with batched packed Q8_0 products on the tile unit.
 
+mod amx;
 mod avx2;
 mod avx512;
 
@@ -31,14 +33,21 @@ pub fn supported(level: Level) -> bool {
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni")
         }
+        Level::Amx => supported(Level::Avx512) && amx::available(),
         Level::Neon => false,
     }
 }
 
+/// Whether `isa` runs the AVX-512 kernels (AMX implies them).
+fn wide(isa: Isa) -> bool {
+    matches!(isa.level(), Level::Avx512 | Level::Amx)
+}
+
 pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> Option<f32> {
     match isa.level() {
-        // SAFETY: an `Isa` only holds a level `supported` confirmed.
-        Level::Avx512 => Some(unsafe { avx512::dot_f32(a, b) }),
+        // SAFETY: an `Isa` only holds a level `supported` confirmed, and
+        // `Amx` includes `Avx512`.
+        Level::Avx512 | Level::Amx => Some(unsafe { avx512::dot_f32(a, b) }),
         // SAFETY: as above.
         Level::Avx2 => Some(unsafe { avx2::dot_f32(a, b) }),
         _ => None,
@@ -47,8 +56,9 @@ pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> Option<f32> {
 
 pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     match isa.level() {
-        // SAFETY: an `Isa` only holds a level `supported` confirmed.
-        Level::Avx512 => unsafe { avx512::axpy(y, a, x) },
+        // SAFETY: an `Isa` only holds a level `supported` confirmed, and
+        // `Amx` includes `Avx512`.
+        Level::Avx512 | Level::Amx => unsafe { avx512::axpy(y, a, x) },
         // SAFETY: as above.
         Level::Avx2 => unsafe { avx2::axpy(y, a, x) },
         _ => return false,
@@ -65,7 +75,7 @@ pub fn attention_scores(
     stride: usize,
     scale: f32,
 ) -> bool {
-    if isa.level() != Level::Avx512 {
+    if !wide(isa) {
         return false;
     }
     let n = att.len();
@@ -77,7 +87,7 @@ pub fn attention_scores(
 
 /// `out = sum of att[t] * values[t * stride..]`, in key order.
 pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: &[f32], stride: usize) -> bool {
-    if isa.level() != Level::Avx512 {
+    if !wide(isa) {
         return false;
     }
     let n = att.len();
@@ -90,7 +100,7 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: &[f32], stri
 /// Quantizes a group whose length is a multiple of 16; `None` when this
 /// level has no vector version.
 pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
-    if isa.level() != Level::Avx512 || !x.len().is_multiple_of(16) || q.len() < x.len() {
+    if !wide(isa) || !x.len().is_multiple_of(16) || q.len() < x.len() {
         return None;
     }
     // SAFETY: the level was confirmed by `supported`; `q` is long enough.
@@ -110,7 +120,12 @@ pub fn f32_rows(
     ld: usize,
 ) -> bool {
     assert!(w.len() >= rows.end * cols && x.len() >= n * cols);
-    match (isa.level(), w) {
+    let level = if wide(isa) {
+        Level::Avx512
+    } else {
+        isa.level()
+    };
+    match (level, w) {
         (Level::Avx512, WeightRows::F32(d)) => rows512::<f32>(d, cols, x, n, rows, (out, ld)),
         (Level::Avx512, WeightRows::F16(d)) => rows512::<f16>(d, cols, x, n, rows, (out, ld)),
         (Level::Avx512, WeightRows::BF16(d)) => rows512::<bf16>(d, cols, x, n, rows, (out, ld)),
@@ -214,7 +229,7 @@ pub fn q8_rows(
 
 /// Whether `isa` has a kernel for `PackedQ8` matrices (so uploads pack).
 pub fn packs_q8(isa: Isa) -> bool {
-    isa.level() == Level::Avx512
+    wide(isa)
 }
 
 /// The product over rows `rows` of a packed Q8_0 matrix: whole blocks are
@@ -278,7 +293,37 @@ pub fn q8_packed_rows(
         }
     };
     let mut b = blocks.start;
-    if n == 1 {
+    let amx_step = amx::k_step(gs).filter(|_| isa.level() == Level::Amx && n > 1);
+    if let Some(kk) = amx_step {
+        assert!(acts.tokens.is_multiple_of(amx::TILE_TOKENS));
+        // SAFETY: the `Amx` level means the OS granted the tile state;
+        // `kk` comes from `k_step`.
+        unsafe { amx::configure(kk) };
+        while b < blocks.end {
+            let (q, s) = block(b);
+            let two = b + 2 <= blocks.end;
+            for t0 in (0..n).step_by(2 * amx::TILE_TOKENS) {
+                let t2 = t0 + amx::TILE_TOKENS < n;
+                let dims = (cols, gs, kk);
+                // SAFETY: tiles configured for `kk` above; AVX-512 comes
+                // with `Amx`; blocks `b..b + 2` (or `b`) exist; tokens up to
+                // `t0 + 32` (or `t0 + 16`) exist because `acts.tokens` is a
+                // multiple of 16 at least `n`.
+                let v = unsafe {
+                    match (two, t2) {
+                        (true, true) => amx::tile_q8::<2, 2>(q, s, dims, &x, t0),
+                        (true, false) => amx::tile_q8::<2, 1>(q, s, dims, &x, t0),
+                        (false, true) => amx::tile_q8::<1, 2>(q, s, dims, &x, t0),
+                        (false, false) => amx::tile_q8::<1, 1>(q, s, dims, &x, t0),
+                    }
+                };
+                store(b, t0, v.as_flattened(), 32);
+            }
+            b += if two { 2 } else { 1 };
+        }
+        // SAFETY: as for `configure`.
+        unsafe { amx::release() };
+    } else if n == 1 {
         while b < blocks.end {
             let (q, s) = block(b);
             if b + 4 <= blocks.end {
