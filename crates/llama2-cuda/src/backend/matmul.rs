@@ -14,7 +14,6 @@ use cudarc::driver::CudaSlice;
 use llama2::{Error, Result};
 
 use super::matvec::{one_launch, Epilogue, Outs, Row};
-use super::quantize::QUANTIZE_WARPS;
 use super::weights::{CudaMatrix, Weights};
 use super::CudaBackend;
 use crate::device::{int, Arg};
@@ -198,11 +197,7 @@ impl CudaBackend {
             int(cols)?,
             int(gs)?,
         ];
-        let groups = rows * cols.div_ceil(gs);
-        let blocks = groups.div_ceil(QUANTIZE_WARPS) as u32;
-        let threads = (32 * QUANTIZE_WARPS) as u32;
-        self.dev
-            .launch("quantize_q8_f16", (blocks, 1), threads, 0, &args)
+        self.launch_per_group("quantize_q8_f16", &args, rows, cols, gs)
     }
 
     /// Grows `x16` to at least `n` values.

@@ -7,12 +7,12 @@ use cudarc::driver::CudaSlice;
 use llama2::Result;
 
 use super::CudaBackend;
-use crate::device::int;
+use crate::device::{int, Arg};
 
 /// Threads of the fused RMS norm + Q8 quantization (one block per row).
 const NORM_QUANTIZE_THREADS: u32 = 1024;
-/// Warps per block of `quantize_q8` (one warp per group).
-pub(super) const QUANTIZE_WARPS: usize = 8;
+/// Warps per block of the per-group quantize kernels (one warp per group).
+const QUANTIZE_WARPS: usize = 8;
 
 impl CudaBackend {
     /// Quantizes x `[rows][cols]` in groups of `gs` into the Q8 scratch.
@@ -32,11 +32,23 @@ impl CudaBackend {
             int(cols)?,
             int(gs)?,
         ];
+        self.launch_per_group("quantize_q8", &args, rows, cols, gs)
+    }
+
+    /// Launches a quantize kernel with one warp per group of `gs` values of
+    /// x `[rows][cols]` (`quantize_q8`, `quantize_q8_f16`).
+    pub(super) fn launch_per_group(
+        &self,
+        kernel: &str,
+        args: &[Arg],
+        rows: usize,
+        cols: usize,
+        gs: usize,
+    ) -> Result<()> {
         let groups = rows * cols.div_ceil(gs);
         let blocks = groups.div_ceil(QUANTIZE_WARPS) as u32;
         let threads = (32 * QUANTIZE_WARPS) as u32;
-        self.dev
-            .launch("quantize_q8", (blocks, 1), threads, 0, &args)
+        self.dev.launch(kernel, (blocks, 1), threads, 0, args)
     }
 
     /// Quantizes rmsnorm(x) * weight of one row (x and weight `[cols]`) in
