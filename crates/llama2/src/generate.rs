@@ -224,6 +224,6 @@ pub fn chat(
     }
     out.write_all(b"\n")?;
     out.flush()?;
-    stats.decode = decode_start.elapsed() - stats.prefill;
+    stats.decode = decode_start.elapsed().saturating_sub(stats.prefill);
     Ok(stats)
 }
