@@ -455,3 +455,45 @@ fn batched_forward_matches_one_token_at_a_time() {
         }
     }
 }
+
+/// Batches large enough that the backend splits rmsnorm, silu and add
+/// across its threads: each row equals the one-row reference exactly.
+#[test]
+fn backend_elementwise_batches_match_reference() {
+    let (rows, d) = (40, 512);
+    let mut rng = Rng::new(11);
+    for isa in Isa::all() {
+        let mut b = CpuBackend::with_isa(2, None, isa).unwrap();
+        let x = random_vec(&mut rng, rows * d);
+        let w = random_vec(&mut rng, d);
+        let mut out = b.buffer(rows * d).unwrap();
+        b.rmsnorm(&mut out, &x, &w, rows).unwrap();
+        for r in 0..rows {
+            let mut want = vec![0f32; d];
+            reference::rmsnorm(&mut want, &x[r * d..(r + 1) * d], &w);
+            assert_eq!(
+                &out[r * d..(r + 1) * d],
+                &want[..],
+                "rmsnorm {isa:?} row {r}"
+            );
+        }
+
+        let (gate, up) = (
+            random_vec(&mut rng, rows * d),
+            random_vec(&mut rng, rows * d),
+        );
+        let mut got = gate.clone();
+        b.silu_mul(&mut got, &up, rows * d).unwrap();
+        let want: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| reference::silu(g) * u)
+            .collect();
+        assert_eq!(got, want, "silu_mul {isa:?}");
+
+        let mut sum = gate.clone();
+        b.add(&mut sum, &up, rows * d).unwrap();
+        let want: Vec<f32> = gate.iter().zip(&up).map(|(&a, &b)| a + b).collect();
+        assert_eq!(sum, want, "add {isa:?}");
+    }
+}

@@ -24,6 +24,9 @@ use team::Team;
 /// across threads: a few microseconds of vector work, several times what
 /// handing it to a spinning helper costs.
 const PARALLEL_WORK: usize = 1 << 15;
+/// Values below which an element-wise op (rmsnorm, silu, add) over a batch
+/// runs on the calling thread: splitting it costs more than it saves.
+const ELEMENTWISE_WORK: usize = 1 << 14;
 /// Tasks per thread in a product: enough to even out uneven row ranges,
 /// few enough that each task amortizes its scheduling.
 const TASKS_PER_THREAD: usize = 4;
@@ -103,6 +106,17 @@ impl CpuBackend {
     /// The instruction set the kernels use.
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// How many of `rows` rows of `width` values one task of an element-wise
+    /// op takes: all of them (one task, on this thread) when the op is too
+    /// small to split, else an even share per thread.
+    fn rows_per_task(&self, rows: usize, width: usize) -> usize {
+        if rows * width < ELEMENTWISE_WORK || self.threads == 1 {
+            rows.max(1)
+        } else {
+            rows.div_ceil(self.threads)
+        }
     }
 
     /// Quantizes `x` once for every Q8 group size among `outs`' matrices;
@@ -268,9 +282,14 @@ impl Backend for CpuBackend {
         rows: usize,
     ) -> Result<()> {
         let d = w.len();
-        for r in 0..rows {
-            reference::rmsnorm(&mut out[r * d..(r + 1) * d], &x[r * d..(r + 1) * d], w);
-        }
+        let per = self.rows_per_task(rows, d);
+        self.team
+            .for_each_chunk(&mut out[..rows * d], per * d, |k, out| {
+                for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                    let at = (k * per + r) * d;
+                    reference::rmsnorm(o, &x[at..at + d], w);
+                }
+            });
         Ok(())
     }
 
@@ -388,16 +407,22 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
-        for (g, &u) in gate[..len].iter_mut().zip(&up[..len]) {
-            *g = reference::silu(*g) * u;
-        }
+        let per = self.rows_per_task(len, 1);
+        self.team.for_each_chunk(&mut gate[..len], per, |k, gate| {
+            for (g, &u) in gate.iter_mut().zip(&up[k * per..]) {
+                *g = reference::silu(*g) * u;
+            }
+        });
         Ok(())
     }
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
-        for (a, &b) in x[..len].iter_mut().zip(&y[..len]) {
-            *a += b;
-        }
+        let per = self.rows_per_task(len, 1);
+        self.team.for_each_chunk(&mut x[..len], per, |k, x| {
+            for (a, &b) in x.iter_mut().zip(&y[k * per..]) {
+                *a += b;
+            }
+        });
         Ok(())
     }
 
