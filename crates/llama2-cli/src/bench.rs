@@ -78,8 +78,7 @@ fn build(args: &BenchArgs, device: Device) -> Result<(Box<dyn LanguageModel>, Co
         let model = device::load_model(&weights, &args.device)?;
         return Ok((model, weights.config, dtype));
     }
-    let config = shape_config(&args.shape)
-        .with_context(|| format!("unknown shape '{}': expected {}", args.shape, shape_names()))?;
+    let config = shape_config(&args.shape)?;
     let dtype = args.device.dtype.unwrap_or(DType::F32);
     let model: Box<dyn LanguageModel> = match device {
         Device::Cuda => llama2_cuda::synthetic_model(&config, dtype, args.seed)?,
@@ -199,8 +198,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 
 /// `llama2 synth`: writes a random checkpoint of a named shape.
 pub fn synth(args: &crate::args::SynthArgs) -> Result<()> {
-    let config = shape_config(&args.shape)
-        .with_context(|| format!("unknown shape '{}': expected {}", args.shape, shape_names()))?;
+    let config = shape_config(&args.shape)?;
     let (dtype, format) = match args.format.as_str() {
         "v0" => (DType::F32, llama2::FileFormat::V0),
         "v1" => (DType::F32, llama2::FileFormat::V1),

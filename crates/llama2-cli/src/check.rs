@@ -3,7 +3,7 @@
 //! relative to the logits' scale, and whether the argmax agrees. This is how
 //! GPU correctness is verified, by users and by our own GPU script.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use llama2::sampler::argmax;
 use llama2::synth::{self, shape_config, shape_names};
 use llama2::{checkpoint, CpuBackend, DType, LanguageModel, ModelWeights, Transformer};
@@ -33,8 +33,7 @@ fn load_weights(args: &CheckArgs) -> Result<ModelWeights> {
     match (&args.checkpoint, &args.shape) {
         (Some(path), _) => Ok(checkpoint::load(path)?),
         (None, Some(shape)) => {
-            let config = shape_config(shape)
-                .with_context(|| format!("unknown shape '{shape}': expected {}", shape_names()))?;
+            let config = shape_config(shape)?;
             Ok(synth::random_weights(&config, DType::F32, 1234))
         }
         (None, None) => bail!("give a checkpoint or --shape {}", shape_names()),

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{FileFormat, LayerWeights, ModelWeights};
 use crate::config::Config;
+use crate::error::{Error, Result};
 use crate::sampler::Rng;
 use crate::tensor::{DType, HostMatrix, Storage};
 
@@ -31,12 +32,19 @@ const fn shape(d: usize, h: usize, l: usize, nh: usize, nkv: usize, v: usize, s:
     }
 }
 
-/// The config of a named shape.
-pub fn shape_config(name: &str) -> Option<Config> {
+/// The config of a named shape (case-insensitive), or an error naming the
+/// shapes there are.
+pub fn shape_config(name: &str) -> Result<Config> {
     SHAPES
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, c)| *c)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown shape '{name}': expected {}",
+                shape_names()
+            ))
+        })
 }
 
 /// Names of all shapes, for error messages.
