@@ -33,19 +33,13 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Reads `path`, which must hold exactly `vocab_size` entries.
     pub fn load(path: &Path, vocab_size: usize) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = read_file(path)?;
         Self::parse(&bytes, vocab_size).map_err(|reason| Error::tokenizer(path, reason))
     }
 
     /// Reads every entry of `path`, for when no model says how many there are.
     pub fn load_all(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = read_file(path)?;
         let count = count_entries(&bytes).map_err(|reason| Error::tokenizer(path, reason))?;
         Self::parse(&bytes, count).map_err(|reason| Error::tokenizer(path, reason))
     }
@@ -276,6 +270,14 @@ impl PartialEq for Candidate {
 }
 
 impl Eq for Candidate {}
+
+/// The bytes of the tokenizer file at `path`.
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 /// Number of whole entries in tokenizer.bin bytes.
 fn count_entries(bytes: &[u8]) -> std::result::Result<usize, String> {
