@@ -6,7 +6,7 @@
 //! seeded, and include sizes that are not multiples of the vector width or
 //! the group size.
 
-use llama2::cpu::kernels::{self, Isa, Level, Q8Acts};
+use llama2::cpu::kernels::{self, Isa, Level, Q8Acts, Rows};
 use llama2::cpu::packed::{self, CpuMatrix};
 use llama2::cpu::reference;
 use llama2::sampler::Rng;
@@ -81,42 +81,94 @@ fn attention_kernels_match_scalar() {
     let mut rng = Rng::new(11);
     for isa in Isa::all() {
         for hs in [1, 7, 16, 24, 48, 64, 72, 100] {
-            for _ in 0..4 {
+            // Blocks of 1 to 4 queries take the vector kernels; 5 takes
+            // the per-query loop.
+            for tokens in 1..=5 {
                 let n = below(&mut rng, 40);
                 let stride = hs + below(&mut rng, 3) * 8;
-                let len = if n == 0 { 0 } else { (n - 1) * stride + hs };
-                let keys = random_vec(&mut rng, len);
-                let q = random_vec(&mut rng, hs);
-                let what = format!("{isa:?} hs {hs} keys {n} stride {stride}");
+                let rows = |count: usize| {
+                    if count == 0 {
+                        0
+                    } else {
+                        (count - 1) * stride + hs
+                    }
+                };
+                let keys = random_vec(&mut rng, rows(n));
+                let qs = random_vec(&mut rng, rows(tokens));
+                let (keys_r, queries) = (
+                    Rows::new(&keys, stride, hs, n),
+                    Rows::new(&qs, stride, hs, tokens),
+                );
+                let what = format!("{isa:?} hs {hs} queries {tokens} keys {n} stride {stride}");
                 let scale = (hs as f32).sqrt();
-                let mut got = vec![f32::NAN; n];
-                kernels::attention_scores(isa, &mut got, &q, &keys, stride, scale);
-                let want: Vec<f32> = (0..n)
-                    .map(|t| kernels::dot_f32_scalar(&q, &keys[t * stride..][..hs]) / scale)
-                    .collect();
+                let mut got = vec![f32::NAN; tokens * n];
+                kernels::attention_scores(isa, &mut got, queries, keys_r, scale);
+                let pairs = |f: &dyn Fn(&[f32], &[f32]) -> f32| -> Vec<f32> {
+                    (0..tokens * n)
+                        .map(|i| f(queries.row(i / n), keys_r.row(i % n)) / scale)
+                        .collect()
+                };
+                let want = pairs(&|a, b| kernels::dot_f32_scalar(a, b));
                 assert_close(&format!("scores {what}"), &got, &want, 1e-4);
-                // Bit-identical to one dot per key at the same level.
-                let per_key: Vec<f32> = (0..n)
-                    .map(|t| kernels::dot_f32(isa, &q, &keys[t * stride..][..hs]) / scale)
-                    .collect();
+                // Bit-identical to one dot per (query, key) at the same level.
+                let per_key = pairs(&|a, b| kernels::dot_f32(isa, a, b));
                 assert_same(&format!("scores per key {what}"), &got, &per_key);
-                let att = random_vec(&mut rng, n);
-                let mut got = vec![f32::NAN; hs];
-                kernels::weighted_sum(isa, &mut got, &att, &keys, stride);
-                let mut want = vec![0f32; hs];
-                for (t, &a) in att.iter().enumerate() {
-                    for (o, &v) in want.iter_mut().zip(&keys[t * stride..][..hs]) {
-                        *o += a * v;
+
+                let att = random_vec(&mut rng, tokens * n);
+                let mut got = vec![f32::NAN; tokens * hs];
+                kernels::weighted_sum(isa, &mut got, &att, keys_r);
+                let mut want = vec![0f32; tokens * hs];
+                let mut per_key = vec![0f32; tokens * hs];
+                for t in 0..tokens {
+                    let (want, per_key) = (&mut want[t * hs..][..hs], &mut per_key[t * hs..][..hs]);
+                    for (j, &a) in att[t * n..][..n].iter().enumerate() {
+                        for (o, &v) in want.iter_mut().zip(keys_r.row(j)) {
+                            *o += a * v;
+                        }
+                        kernels::axpy(isa, per_key, a, keys_r.row(j));
                     }
                 }
                 assert_close(&format!("weighted sum {what}"), &got, &want, 1e-4);
-                let mut per_key = vec![0f32; hs];
-                for (t, &a) in att.iter().enumerate() {
-                    kernels::axpy(isa, &mut per_key, a, &keys[t * stride..][..hs]);
-                }
                 assert_same(&format!("weighted sum per key {what}"), &got, &per_key);
             }
         }
+    }
+}
+
+#[test]
+fn softmax_matches_reference() {
+    let mut rng = Rng::new(12);
+    for isa in Isa::all() {
+        for len in [1, 2, 15, 16, 17, 64, 100, 257] {
+            for spread in [0.1, 5.0, 40.0, 200.0] {
+                let x: Vec<f32> = random_vec(&mut rng, len)
+                    .iter()
+                    .map(|v| v * spread)
+                    .collect();
+                let mut want = x.clone();
+                reference::softmax(&mut want);
+                let mut got = x.clone();
+                kernels::softmax(isa, &mut got);
+                let what = format!("softmax {isa:?} len {len} spread {spread}");
+                // Relative to each value, not the vector's scale: small
+                // probabilities matter to attention as much as large ones.
+                let bad: Vec<_> = got
+                    .iter()
+                    .zip(&want)
+                    .enumerate()
+                    .filter(|(_, (g, w))| (*g - *w).abs() > 1e-6 * w.abs() + 1e-37 || g.is_nan())
+                    .take(5)
+                    .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+                    .collect();
+                assert!(bad.is_empty(), "{what}: {}", bad.join(", "));
+            }
+        }
+        let mut nan = vec![0.0, f32::NAN, 1.0];
+        kernels::softmax(isa, &mut nan);
+        assert!(
+            nan.iter().all(|v| v.is_nan()),
+            "{isa:?}: NaN input gives {nan:?}"
+        );
     }
 }
 

@@ -112,30 +112,103 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Attention scores of one head: `att[t] = (q · keys[t * stride..][..hs]) /
-/// scale` for `t` in `0..att.len()`, `hs = q.len()`.
-pub fn attention_scores(
-    isa: Isa,
-    att: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
+/// In-place softmax: the reference's (run.c's) at the scalar level; with
+/// vector exponentials (within 2 ulp of `f32::exp`) and lane-wise sums
+/// otherwise, so results differ from the reference by float rounding only.
+pub fn softmax(isa: Isa, x: &mut [f32]) {
+    if !simd::softmax(isa, x) {
+        super::reference::softmax(x)
+    }
+}
+
+/// `count` rows of `width` values, row `i` at `data[i * stride..][..width]`:
+/// one head's queries for a block of tokens, or its keys or values in the
+/// KV cache. The constructor checks that every row lies in `data`, which
+/// the vector kernels rely on.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    data: &'a [f32],
     stride: usize,
-    scale: f32,
-) {
-    if !simd::attention_scores(isa, att, q, keys, stride, scale) {
-        for (t, a) in att.iter_mut().enumerate() {
-            *a = dot_f32(isa, q, &keys[t * stride..][..q.len()]) / scale;
+    width: usize,
+    count: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Panics when row `count - 1` would end past `data` or rows overlap.
+    pub fn new(data: &'a [f32], stride: usize, width: usize, count: usize) -> Self {
+        assert!(
+            count == 0 || (width <= stride && (count - 1) * stride + width <= data.len()),
+            "{count} rows of {width} values {stride} apart do not fit in {} values",
+            data.len()
+        );
+        Rows {
+            data,
+            stride,
+            width,
+            count,
+        }
+    }
+
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.stride..][..self.width]
+    }
+
+    /// The values the rows lie in: row `i` starts `i * stride` in.
+    pub fn data(&self) -> &'a [f32] {
+        self.data
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Values per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+/// Attention scores of one head for a block of queries:
+/// `att[t * n + j] = (queries.row(t) · keys.row(j)) / scale` for the `n =
+/// keys.count()` keys. A block shares each loaded key among its queries.
+pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) {
+    let n = keys.count();
+    assert_eq!(att.len(), queries.count() * n, "scores are [queries][keys]");
+    assert_eq!(
+        queries.width(),
+        keys.width(),
+        "queries and keys differ in size"
+    );
+    if !simd::attention_scores(isa, att, queries, keys, scale) {
+        for (t, att) in att.chunks_exact_mut(n.max(1)).enumerate() {
+            for (j, a) in att.iter_mut().enumerate() {
+                *a = dot_f32(isa, queries.row(t), keys.row(j)) / scale;
+            }
         }
     }
 }
 
-/// `out = sum over t of att[t] * values[t * stride..][..out.len()]`,
-/// accumulated in key order.
-pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: &[f32], stride: usize) {
-    if !simd::weighted_sum(isa, out, att, values, stride) {
+/// For each query `t` of a block: `out[t * hs..][..hs] = sum over j of
+/// att[t * n + j] * values.row(j)`, accumulated in key order (`hs =
+/// values.width()`, `n = values.count()`). A block shares each loaded value
+/// row among its queries.
+pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) {
+    let (hs, n) = (values.width(), values.count());
+    assert_eq!(
+        out.len() * n,
+        att.len() * hs,
+        "outputs and scores differ in queries"
+    );
+    if !simd::weighted_sum(isa, out, att, values) {
         out.fill(0.0);
-        for (t, &a) in att.iter().enumerate() {
-            axpy(isa, out, a, &values[t * stride..][..out.len()]);
+        for (out, att) in out.chunks_exact_mut(hs.max(1)).zip(att.chunks(n.max(1))) {
+            for (j, &a) in att.iter().enumerate().take(n) {
+                axpy(isa, out, a, values.row(j));
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix};
-use kernels::{Isa, Q8Acts};
+use kernels::{Isa, Q8Acts, Rows};
 use packed::CpuMatrix;
 use team::Team;
 
@@ -34,6 +34,9 @@ const TASKS_PER_THREAD: usize = 4;
 const TILE_ROWS: usize = 16;
 /// Prompt tokens processed together in one batched step.
 const CPU_BATCH: usize = 64;
+/// Queries of one head scored together in batched attention, so each key
+/// and value row is loaded once per block (the vector kernels' widest).
+const QUERY_BLOCK: usize = 4;
 
 /// The key and value caches of all layers.
 pub struct CpuKvCache {
@@ -377,32 +380,57 @@ impl Backend for CpuBackend {
         let keys = &cache.keys[base..base + cache.layer_len];
         let values = &cache.values[base..base + cache.layer_len];
         let work = rows * c.n_heads * (pos0 + rows) * hs * 2;
-        let isa = self.isa;
+        let (isa, heads, scale) = (self.isa, c.n_heads, (hs as f32).sqrt());
+        let blocks = rows.div_ceil(QUERY_BLOCK);
+        // Task `i`: one head of one block of queries; its scores `[QUERY_BLOCK]
+        // [span]` then its outputs `[QUERY_BLOCK][hs]`. Later blocks see more
+        // keys, so they come first and the cheap ones even out the end.
         let span = pos0 + rows;
-        let mut att = std::mem::take(&mut self.att);
-        att.resize(rows * c.n_heads * span, 0.0);
-        // Task `i` is (token i / heads, head i % heads): its output `[hs]`
-        // next to its scores `[span]`.
-        let head = |i: usize, oh: &mut [f32], att: &mut [f32]| {
-            let (r, h) = (i / c.n_heads, i % c.n_heads);
-            let qh = &q[r * d + h * hs..][..hs];
-            let att = &mut att[..pos0 + r + 1];
-            attend_head(isa, oh, att, qh, keys, values, (h / c.kv_group()) * hs, c);
+        let task_len = QUERY_BLOCK * (span + hs);
+        let mut scratch = std::mem::take(&mut self.att);
+        scratch.resize(blocks * heads * task_len, 0.0);
+        let block_of = |i: usize| (blocks - 1 - i / heads, i % heads);
+        let task = |i: usize, s: &mut [f32]| {
+            let (b, h) = block_of(i);
+            let rs = b * QUERY_BLOCK..rows.min((b + 1) * QUERY_BLOCK);
+            let n = pos0 + rs.end;
+            let kv_off = (h / c.kv_group()) * hs;
+            let queries = Rows::new(&q[rs.start * d + h * hs..], d, hs, rs.len());
+            let (att, out) = s.split_at_mut(QUERY_BLOCK * span);
+            let att = &mut att[..rs.len() * n];
+            kernels::attention_scores(
+                isa,
+                att,
+                queries,
+                Rows::new(&keys[kv_off..], kv, hs, n),
+                scale,
+            );
+            for (r, att) in rs.clone().zip(att.chunks_exact_mut(n)) {
+                // Keys after this query's own position are the block's
+                // later tokens: zero weight keeps the sums exactly as if
+                // they were not there.
+                let (seen, later) = att.split_at_mut(pos0 + r + 1);
+                kernels::softmax(isa, seen);
+                later.fill(0.0);
+            }
+            let values = Rows::new(&values[kv_off..], kv, hs, n);
+            kernels::weighted_sum(isa, &mut out[..rs.len() * hs], att, values);
         };
-        let out = &mut out[..rows * d];
         if work < PARALLEL_WORK || self.threads == 1 {
-            for (i, (oh, a)) in out.chunks_mut(hs).zip(att.chunks_mut(span)).enumerate() {
-                head(i, oh, a);
+            for (i, s) in scratch.chunks_mut(task_len).enumerate() {
+                task(i, s);
             }
         } else {
-            let mut pairs: Vec<(&mut [f32], &mut [f32])> =
-                out.chunks_mut(hs).zip(att.chunks_mut(span)).collect();
-            self.team.for_each_chunk(&mut pairs, 1, |i, p| {
-                let (oh, a) = &mut p[0];
-                head(i, oh, a)
-            });
+            self.team.for_each_chunk(&mut scratch, task_len, task);
         }
-        self.att = att;
+        for (i, s) in scratch.chunks(task_len).enumerate() {
+            let (b, h) = block_of(i);
+            let outs = s[QUERY_BLOCK * span..].chunks_exact(hs);
+            for (r, o) in (b * QUERY_BLOCK..rows.min((b + 1) * QUERY_BLOCK)).zip(outs) {
+                out[r * d + h * hs..][..hs].copy_from_slice(o);
+            }
+        }
+        self.att = scratch;
         Ok(())
     }
 
@@ -453,24 +481,4 @@ fn rope_rotate(v: &mut [f32], f: &[(f32, f32)]) {
             p[1] = v0 * fci + v1 * fcr;
         }
     }
-}
-
-/// One head of one token: scores against keys `0..att.len()`, softmax,
-/// weighted sum of values into `out` `[hs]`. `att` is scratch for the scores.
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    isa: Isa,
-    out: &mut [f32],
-    att: &mut [f32],
-    qh: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    kv_off: usize,
-    c: &Config,
-) {
-    let (hs, kv) = (c.head_size(), c.kv_dim());
-    let scale = (hs as f32).sqrt();
-    kernels::attention_scores(isa, att, qh, &keys[kv_off..], kv, scale);
-    reference::softmax(att);
-    kernels::weighted_sum(isa, &mut out[..hs], att, &values[kv_off..], kv);
 }

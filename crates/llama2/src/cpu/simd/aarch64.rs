@@ -5,7 +5,7 @@
 use std::arch::aarch64::*;
 use std::ops::Range;
 
-use super::super::kernels::{sweep, Isa, Level, Q8Acts, WeightRows};
+use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, WeightRows};
 
 pub fn supported(level: Level) -> bool {
     match level {
@@ -67,11 +67,15 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
-pub fn attention_scores(_: Isa, _: &mut [f32], _: &[f32], _: &[f32], _: usize, _: f32) -> bool {
+pub fn attention_scores(_: Isa, _: &mut [f32], _: Rows, _: Rows, _: f32) -> bool {
     false
 }
 
-pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: &[f32], _: usize) -> bool {
+pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: Rows) -> bool {
+    false
+}
+
+pub fn softmax(_: Isa, _: &mut [f32]) -> bool {
     false
 }
 

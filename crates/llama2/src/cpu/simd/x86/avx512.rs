@@ -17,6 +17,8 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
+use super::super::super::kernels::Rows;
+
 /// A weight element type widened to f32 sixteen at a time.
 pub trait Wide: Copy {
     /// Loads 16 elements at `p` as f32.
@@ -153,70 +155,145 @@ pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Attention scores of one head: `att[t] = (q · keys[t * stride..][..hs]) /
-/// scale` for every `t`, eight keys per tile. Bit-identical to one
-/// `dot_f32` per key (each key has its own chain and reduction).
+/// Attention scores of one head for `T` queries: `att[t * n + j] =
+/// (queries.row(t) · keys.row(j)) / scale` for the `n` keys, `R` keys per
+/// tile so each loaded key serves all `T` queries. Bit-identical to one
+/// `dot_f32` per (query, key): each pair has its own chain and reduction.
 ///
 /// # Safety
-/// AVX-512F/BW/VL and F16C are available; `keys` holds `att.len()` rows of
-/// `stride` with `q.len() <= stride` (the last row may end after `hs`).
+/// AVX-512F/BW/VL and F16C are available; `queries` has `T` rows of the
+/// keys' length and `att` holds `T * n` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn attention_scores(
+pub unsafe fn attention_scores<const R: usize, const T: usize>(
     att: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    stride: usize,
+    queries: Rows,
+    keys: Rows,
     scale: f32,
 ) {
-    let (hs, n) = (q.len(), att.len());
-    let (qp, kp) = (q.as_ptr(), keys.as_ptr());
-    let mut t = 0;
-    while t + 8 <= n {
-        let v = tile_f32::<f32, 8, 1>(std::array::from_fn(|r| kp.add((t + r) * stride)), [qp], hs);
-        for r in 0..8 {
-            att[t + r] = v[r][0] / scale;
+    let (hs, n) = (keys.width(), keys.count());
+    let q = std::array::from_fn(|t| queries.row(t).as_ptr());
+    let (kp, stride) = (keys.data().as_ptr(), keys.stride());
+    let mut j = 0;
+    while j + R <= n {
+        let v = tile_f32::<f32, R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
+        for r in 0..R {
+            for t in 0..T {
+                *att.get_unchecked_mut(t * n + j + r) = v[r][t] / scale;
+            }
         }
-        t += 8;
+        j += R;
     }
-    while t < n {
-        att[t] = tile_f32::<f32, 1, 1>([kp.add(t * stride)], [qp], hs)[0][0] / scale;
-        t += 1;
+    while j < n {
+        let v = tile_f32::<f32, 1, T>([kp.add(j * stride)], q, hs);
+        for t in 0..T {
+            *att.get_unchecked_mut(t * n + j) = v[0][t] / scale;
+        }
+        j += 1;
     }
 }
 
-/// `out = sum over t of att[t] * values[t * stride..][..out.len()]`, in `t`
-/// order with the sums held in registers 64 values at a time: the same
-/// fused multiply-adds in the same order as one `axpy` per key on a zeroed
-/// `out`, so bit-identical to it.
+/// For each of `T` queries: `out[t * hs..][..hs] = sum over j of
+/// att[t * n + j] * values.row(j)`, in `j` order with the sums held in
+/// registers 64 values at a time, each loaded value row serving all `T`
+/// queries. The same fused multiply-adds in the same order as one `axpy`
+/// per key on a zeroed output, so bit-identical to it.
 ///
 /// # Safety
-/// AVX-512F/BW/VL are available; `values` holds `att.len()` rows of
-/// `stride` with `out.len() <= stride`.
+/// AVX-512F/BW/VL are available; `out` holds `T * hs` values and `att`
+/// `T * n`, for the `n` rows of `hs` values in `values`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-pub unsafe fn weighted_sum(out: &mut [f32], att: &[f32], values: &[f32], stride: usize) {
-    let hs = out.len();
-    let vp = values.as_ptr();
+pub unsafe fn weighted_sum<const T: usize>(out: &mut [f32], att: &[f32], values: Rows) {
+    let (hs, n) = (values.width(), values.count());
+    let (vp, stride) = (values.data().as_ptr(), values.stride());
     let mut k = 0;
     while k < hs {
         let m: [__mmask16; 4] = std::array::from_fn(|i| {
             let left = hs.saturating_sub(k + 16 * i);
             mask16(left.min(16))
         });
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (t, &a) in att.iter().enumerate() {
-            let av = _mm512_set1_ps(a);
+        let mut acc = [[_mm512_setzero_ps(); 4]; T];
+        for j in 0..n {
             // Masked-off lanes are never read; `wrapping_add` keeps the
             // address arithmetic defined when they run past `values`.
-            let row = vp.wrapping_add(t * stride + k);
-            for i in 0..4 {
-                let v = _mm512_maskz_loadu_ps(m[i], row.wrapping_add(16 * i));
-                acc[i] = _mm512_fmadd_ps(av, v, acc[i]);
+            let row = vp.wrapping_add(j * stride + k);
+            let v: [__m512; 4] =
+                std::array::from_fn(|i| _mm512_maskz_loadu_ps(m[i], row.wrapping_add(16 * i)));
+            for t in 0..T {
+                let a = _mm512_set1_ps(*att.get_unchecked(t * n + j));
+                for i in 0..4 {
+                    acc[t][i] = _mm512_fmadd_ps(a, v[i], acc[t][i]);
+                }
             }
         }
-        for i in 0..4 {
-            _mm512_mask_storeu_ps(out.as_mut_ptr().wrapping_add(k + 16 * i), m[i], acc[i]);
+        for t in 0..T {
+            let o = out.as_mut_ptr().add(t * hs);
+            for i in 0..4 {
+                _mm512_mask_storeu_ps(o.wrapping_add(k + 16 * i), m[i], acc[t][i]);
+            }
         }
         k += 64;
+    }
+}
+
+/// `e^x` lane by lane, within 2 ulp of `f32::exp` (NaN stays NaN): `x = n
+/// ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` from its Taylor series to `r^7`
+/// (truncation below 1e-8 relative), times `2^n` by `scalef`, which also
+/// takes results below the normal range to subnormals and zero.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    // Below -104, e^x is below the smallest subnormal; clamping keeps `n`
+    // small. `max(low, x)` returns `x` when it is NaN.
+    let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    // ln 2 in two parts: `n * LN2_HI` is exact for the `n` that occur.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    const INV_FACT: [f32; 8] = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+    ];
+    let mut p = _mm512_set1_ps(INV_FACT[7]);
+    for &c in INV_FACT[..7].iter().rev() {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// In-place softmax: maximum, `e^(x - max)` and their sum sixteen lanes at
+/// a time, then a true division by the sum as the reference does.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let chunks = (0..n).step_by(16).map(|k| (k, mask16((n - k).min(16))));
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    for (k, m) in chunks.clone() {
+        max = _mm512_mask_max_ps(max, m, max, _mm512_maskz_loadu_ps(m, p.add(k)));
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+    let mut sum = _mm512_setzero_ps();
+    for (k, m) in chunks.clone() {
+        let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(k)), max));
+        _mm512_mask_storeu_ps(p.add(k), m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    let sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for (k, m) in chunks {
+        let v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, p.add(k)), sum);
+        _mm512_mask_storeu_ps(p.add(k), m, v);
     }
 }
 

@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
-use super::super::kernels::{sweep, Isa, Level, Q8Acts, WeightRows};
+use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, WeightRows};
 use super::super::packed::{PackedQ8, BLOCK_ROWS};
 
 /// Whether this CPU runs `level`'s kernels. AVX-512 here means F, BW, VL and
@@ -66,34 +66,54 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
-/// Attention scores of one head against `att.len()` keys `stride` apart.
-pub fn attention_scores(
-    isa: Isa,
-    att: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    stride: usize,
-    scale: f32,
-) -> bool {
+/// Attention scores of one head for a block of up to four queries (the
+/// caller checked that `att` is `[queries][keys]`).
+pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) -> bool {
     if !wide(isa) {
         return false;
     }
-    let n = att.len();
-    assert!(n == 0 || (q.len() <= stride && keys.len() >= (n - 1) * stride + q.len()));
-    // SAFETY: AVX-512 was confirmed (the `Isa`); `keys` covers every row read.
-    unsafe { avx512::attention_scores(att, q, keys, stride, scale) };
+    // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its rows
+    // are in bounds and the caller sized `att`. The widest tile that stays
+    // in registers: 8 keys for up to 3 queries, 4 keys for 4.
+    unsafe {
+        match queries.count() {
+            1 => avx512::attention_scores::<8, 1>(att, queries, keys, scale),
+            2 => avx512::attention_scores::<8, 2>(att, queries, keys, scale),
+            3 => avx512::attention_scores::<8, 3>(att, queries, keys, scale),
+            4 => avx512::attention_scores::<4, 4>(att, queries, keys, scale),
+            _ => return false,
+        }
+    }
     true
 }
 
-/// `out = sum of att[t] * values[t * stride..]`, in key order.
-pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: &[f32], stride: usize) -> bool {
-    if !wide(isa) {
+/// Weighted sums of value rows for a block of up to four queries (the
+/// caller checked that `out` is `[queries][hs]` and `att` `[queries][keys]`).
+pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> bool {
+    if !wide(isa) || values.width() == 0 {
         return false;
     }
-    let n = att.len();
-    assert!(n == 0 || (out.len() <= stride && values.len() >= (n - 1) * stride + out.len()));
-    // SAFETY: AVX-512 was confirmed (the `Isa`); `values` covers every row read.
-    unsafe { avx512::weighted_sum(out, att, values, stride) };
+    // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its rows
+    // are in bounds and the caller sized `out` and `att`.
+    unsafe {
+        match out.len() / values.width() {
+            1 => avx512::weighted_sum::<1>(out, att, values),
+            2 => avx512::weighted_sum::<2>(out, att, values),
+            3 => avx512::weighted_sum::<3>(out, att, values),
+            4 => avx512::weighted_sum::<4>(out, att, values),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// In-place softmax with vector exponentials.
+pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
+    if !wide(isa) || x.is_empty() {
+        return false;
+    }
+    // SAFETY: AVX-512 was confirmed (the `Isa`).
+    unsafe { avx512::softmax(x) };
     true
 }
 
