@@ -121,6 +121,17 @@ pub fn softmax(isa: Isa, x: &mut [f32]) {
     }
 }
 
+/// `gate[i] = silu(gate[i]) * up[i]`: the reference's formula at the scalar
+/// level, with vector exponentials (within 2 ulp of `f32::exp`) otherwise.
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up differ in length");
+    if !simd::silu_mul(isa, gate, up) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = super::reference::silu(*g) * u;
+        }
+    }
+}
+
 /// `count` rows of `width` values, row `i` at `data[i * stride..][..width]`:
 /// one head's queries for a block of tokens, or its keys or values in the
 /// KV cache. The constructor checks that every row lies in `data`, which

@@ -436,10 +436,9 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
         let per = self.rows_per_task(len, 1);
+        let isa = self.isa;
         self.team.for_each_chunk(&mut gate[..len], per, |k, gate| {
-            for (g, &u) in gate.iter_mut().zip(&up[k * per..]) {
-                *g = reference::silu(*g) * u;
-            }
+            kernels::silu_mul(isa, gate, &up[k * per..][..gate.len()])
         });
         Ok(())
     }

@@ -297,6 +297,25 @@ pub unsafe fn softmax(x: &mut [f32]) {
     }
 }
 
+/// `gate = gate * (1 / (1 + e^-gate)) * up`, the reference's operations in
+/// its order, sixteen lanes at a time.
+///
+/// # Safety
+/// AVX-512F is available; `up.len() >= gate.len()`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let (n, g, u) = (gate.len(), gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm512_set1_ps(1.0);
+    for k in (0..n).step_by(16) {
+        let m = mask16((n - k).min(16));
+        let x = _mm512_maskz_loadu_ps(m, g.add(k));
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        let sig = _mm512_div_ps(one, _mm512_add_ps(one, e));
+        let v = _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_maskz_loadu_ps(m, u.add(k)));
+        _mm512_mask_storeu_ps(g.add(k), m, v);
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Q8_0
 

@@ -117,6 +117,17 @@ pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
     true
 }
 
+/// `gate = silu(gate) * up` with vector exponentials (equal lengths).
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) -> bool {
+    if !wide(isa) {
+        return false;
+    }
+    // SAFETY: AVX-512 was confirmed (the `Isa`); the caller checked that
+    // the lengths are equal.
+    unsafe { avx512::silu_mul(gate, up) };
+    true
+}
+
 /// Quantizes a group whose length is a multiple of 16; `None` when this
 /// level has no vector version.
 pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
