@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 use half::{bf16, f16};
 
 use super::super::super::kernels::Rows;
+use super::super::super::packed::BLOCK_ROWS;
 
 /// A weight element type widened to f32 sixteen at a time.
 pub trait Wide: Copy {
@@ -453,21 +454,47 @@ pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
     f
 }
 
-/// Stores lanes `lanes` (within `0..16`) of `v` contiguously at `dst`;
-/// other lanes are not written.
+/// Where a tile's results belong: `v[i]` holds the 16 rows of block `b0 +
+/// i / t_step` for token `t0 + i % t_step`.
+#[derive(Clone, Copy)]
+pub struct BlockTile {
+    pub b0: usize,
+    pub t0: usize,
+    pub t_step: usize,
+}
+
+/// Stores a tile's results `v` to `out[t * ld + j - rows.start]` for the
+/// rows `j` in `rows` and tokens `t < n`; rows and tokens outside are
+/// dropped. Compiled with AVX-512 so the masked stores inline.
 ///
 /// # Safety
-/// AVX-512F is available; `dst..dst + lanes.len()` is writable.
-#[inline]
+/// AVX-512F is available; every such position is writable.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn store_lanes(dst: *mut f32, v: __m512, lanes: std::ops::Range<usize>) {
-    if lanes.start == 0 && lanes.end == 16 {
-        _mm512_storeu_ps(dst, v);
-    } else {
-        // Masked-off lanes are never accessed, so the base may lie before
-        // `dst`'s allocation; `wrapping_sub` keeps the arithmetic defined.
-        let m = mask16(lanes.end) & !mask16(lanes.start);
-        _mm512_mask_storeu_ps(dst.wrapping_sub(lanes.start), m, v);
+pub unsafe fn store_blocks(
+    out: *mut f32,
+    ld: usize,
+    (rows, n): (std::ops::Range<usize>, usize),
+    tile: BlockTile,
+    v: &[__m512],
+) {
+    for (i, &v) in v.iter().enumerate() {
+        let (b, t) = (tile.b0 + i / tile.t_step, tile.t0 + i % tile.t_step);
+        let first = (b * BLOCK_ROWS).max(rows.start);
+        let last = ((b + 1) * BLOCK_ROWS).min(rows.end);
+        if t >= n || first >= last {
+            continue;
+        }
+        let dst = out.add(t * ld + first - rows.start);
+        if last - first == BLOCK_ROWS {
+            _mm512_storeu_ps(dst, v);
+        } else {
+            // Lanes `first - b * 16..last - b * 16`; masked-off lanes are
+            // never accessed, so the base may lie before `dst`'s
+            // allocation and `wrapping_sub` keeps the arithmetic defined.
+            let lanes = (first - b * BLOCK_ROWS, last - b * BLOCK_ROWS);
+            let m = mask16(lanes.1) & !mask16(lanes.0);
+            _mm512_mask_storeu_ps(dst.wrapping_sub(lanes.0), m, v);
+        }
     }
 }
 

@@ -293,25 +293,11 @@ pub fn q8_packed_rows(
     assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
     let out_p = out.as_mut_ptr();
     let store = |b0: usize, t0: usize, v: &[__m512], t_step: usize| {
-        for (i, &v) in v.iter().enumerate() {
-            let (b, t) = (b0 + i / t_step, t0 + i % t_step);
-            if t >= n {
-                continue;
-            }
-            // Rows of block `b` inside `rows`, as lanes.
-            let first = (b * BLOCK_ROWS).max(rows.start);
-            let last = ((b + 1) * BLOCK_ROWS).min(rows.end);
-            if first >= last {
-                continue;
-            }
-            let lanes = (first - b * BLOCK_ROWS)..(last - b * BLOCK_ROWS);
-            // SAFETY: AVX-512F was confirmed (caller's `Isa`); lanes `lanes`
-            // land on `out[t * ld + first - rows.start ..][..lanes.len()]`,
-            // inside `out` as asserted above.
-            unsafe {
-                avx512::store_lanes(out_p.add(t * ld + first - rows.start), v, lanes);
-            }
-        }
+        let tile = avx512::BlockTile { b0, t0, t_step };
+        // SAFETY: AVX-512F was confirmed (caller's `Isa`); the stores land
+        // on `out[t * ld + j - rows.start]` for rows `j` in `rows` and tokens
+        // `t < n`, inside `out` as asserted above.
+        unsafe { avx512::store_blocks(out_p, ld, (rows.clone(), n), tile, v) }
     };
     let block = |b: usize| {
         // SAFETY: `b` is below the matrix's block count (asserted above),
