@@ -14,6 +14,10 @@ use super::avx512::Q8Tokens;
 
 /// Tokens per A tile (its rows) and rows per block (the C tile's columns).
 pub const TILE_TOKENS: usize = 16;
+/// Groups whose int32 dots are stored before their f32 terms are added:
+/// each token's running sums are then loaded and stored once per chunk
+/// rather than once per group (64 of them do not fit in registers).
+const GROUP_CHUNK: usize = 4;
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 and Linux lets this process
 /// use the tile state (asked once; the grant covers every thread).
@@ -174,58 +178,69 @@ pub unsafe fn tile_q8<const B: usize, const T: usize>(
     let groups = cols / gs;
     let xq = x.xq.as_ptr() as *const u8;
     let mut f = [[_mm512_setzero_ps(); 32]; 2];
-    let mut ints = [[[0i32; 16 * TILE_TOKENS]; 2]; 2];
-    for g in 0..groups {
-        zero::<0>();
-        if T == 2 {
-            zero::<1>();
-        }
-        if B == 2 {
-            zero::<2>();
+    // Int32 dots `[group in chunk][block][token tile][token][row]`.
+    let mut ints = [[[[0i32; 16 * TILE_TOKENS]; 2]; 2]; GROUP_CHUNK];
+    for g0 in (0..groups).step_by(GROUP_CHUNK) {
+        let chunk = GROUP_CHUNK.min(groups - g0);
+        for (c, ints) in ints.iter_mut().enumerate().take(chunk) {
+            let g = g0 + c;
+            zero::<0>();
             if T == 2 {
-                zero::<3>();
-            }
-        }
-        for k in (g * gs..(g + 1) * gs).step_by(kk) {
-            load::<4>(xq.add(t0 * cols + k), cols);
-            if T == 2 {
-                load::<5>(xq.add((t0 + TILE_TOKENS) * cols + k), cols);
-            }
-            load::<6>(q.add(k * 16), 64);
-            dot::<0, 4, 6>();
-            if T == 2 {
-                dot::<1, 5, 6>();
+                zero::<1>();
             }
             if B == 2 {
-                load::<7>(q.add(cols * 16 + k * 16), 64);
-                dot::<2, 4, 7>();
+                zero::<2>();
                 if T == 2 {
-                    dot::<3, 5, 7>();
+                    zero::<3>();
+                }
+            }
+            for k in (g * gs..(g + 1) * gs).step_by(kk) {
+                load::<4>(xq.add(t0 * cols + k), cols);
+                if T == 2 {
+                    load::<5>(xq.add((t0 + TILE_TOKENS) * cols + k), cols);
+                }
+                load::<6>(q.add(k * 16), 64);
+                dot::<0, 4, 6>();
+                if T == 2 {
+                    dot::<1, 5, 6>();
+                }
+                if B == 2 {
+                    load::<7>(q.add(cols * 16 + k * 16), 64);
+                    dot::<2, 4, 7>();
+                    if T == 2 {
+                        dot::<3, 5, 7>();
+                    }
+                }
+            }
+            store::<0>(ints[0][0].as_mut_ptr());
+            if T == 2 {
+                store::<1>(ints[0][1].as_mut_ptr());
+            }
+            if B == 2 {
+                store::<2>(ints[1][0].as_mut_ptr());
+                if T == 2 {
+                    store::<3>(ints[1][1].as_mut_ptr());
                 }
             }
         }
-        store::<0>(ints[0][0].as_mut_ptr());
-        if T == 2 {
-            store::<1>(ints[0][1].as_mut_ptr());
-        }
-        if B == 2 {
-            store::<2>(ints[1][0].as_mut_ptr());
-            if T == 2 {
-                store::<3>(ints[1][1].as_mut_ptr());
-            }
-        }
         for b in 0..B {
-            let ws = _mm512_loadu_ps(s.add((b * groups + g) * 16));
+            let ws: [__m512; GROUP_CHUNK] = std::array::from_fn(|c| {
+                _mm512_loadu_ps(s.add((b * groups + g0 + c.min(chunk - 1)) * 16))
+            });
             for t in 0..T * TILE_TOKENS {
-                let at = g * x.tokens + t0 + t;
-                let xs = _mm512_set1_ps(*x.xs_t.get_unchecked(at));
-                let xc = _mm512_set1_epi32(*x.xc_t.get_unchecked(at));
-                let row = ints[b][t / TILE_TOKENS]
-                    .as_ptr()
-                    .add((t % TILE_TOKENS) * 16);
-                let v = _mm512_sub_epi32(_mm512_loadu_si512(row as *const _), xc);
-                let term = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), ws), xs);
-                f[b][t] = _mm512_add_ps(f[b][t], term);
+                let mut acc = f[b][t];
+                for c in 0..chunk {
+                    let at = (g0 + c) * x.tokens + t0 + t;
+                    let xs = _mm512_set1_ps(*x.xs_t.get_unchecked(at));
+                    let xc = _mm512_set1_epi32(*x.xc_t.get_unchecked(at));
+                    let row = ints[c][b][t / TILE_TOKENS]
+                        .as_ptr()
+                        .add((t % TILE_TOKENS) * 16);
+                    let v = _mm512_sub_epi32(_mm512_loadu_si512(row as *const _), xc);
+                    let term = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), ws[c]), xs);
+                    acc = _mm512_add_ps(acc, term);
+                }
+                f[b][t] = acc;
             }
         }
     }
