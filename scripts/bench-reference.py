@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Decode speed of llama2-rs against llama2.c and llama.cpp on the same
+machine, in the same run, on identical random checkpoints.
+
+For each shape it writes a random checkpoint with `llama2 synth` (v0 fp32
+and v2 int8), converts the fp32 one to GGUF F32 and Q8_0 for llama.cpp, then
+runs every engine once per round, round after round (so a noisy machine
+slows all of them alike), and prints the median decode tok/s of each with
+our ratios to them as a Markdown table. Raw results go to `results.jsonl`
+in the work folder.
+
+Engines you do not point it at are left out:
+  --llama2c DIR    a llama2.c checkout: run.c and runq.c are compiled there
+                   with gcc -Ofast -fopenmp -march=native (the flags of the
+                   reference numbers) into the work folder
+  --llama-cpp DIR  a folder with llama.cpp's llama-bench, llama-quantize and
+                   llama-convert-llama2c-to-ggml binaries
+
+Decoding is greedy everywhere (llama2.c `-t 0`): with sampling, llama2.c's
+top-p sort over 32000 tokens dominates and hides the forward pass.
+llama.cpp's converter always stores a separate copy of the classifier, so
+llama.cpp streams more bytes per token than the llama2.c-format files.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ROOT / "target" / "release" / "llama2"
+
+
+def run(cmd, env=None):
+    """Runs `cmd`, returning stdout and stderr together; fails loudly."""
+    p = subprocess.run(
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+    return p.stdout + p.stderr
+
+
+def ours(model, threads, gen, prompt):
+    """Our decode (and prefill) tok/s on a checkpoint file."""
+    out = run([OURS, "bench", "--device", "cpu", "--model", model, "--threads", threads,
+               "--prompt-tokens", prompt, "--gen-tokens", gen, "--runs", 1, "--json"])
+    line = json.loads(out.strip().splitlines()[-1])
+    return line["decode_tok_s"], line["prefill_tok_s"]
+
+
+def llama2c(binary, model, tokenizer, threads, gen):
+    """llama2.c's own `achieved tok/s` line, greedy."""
+    out = run([binary, model, "-z", tokenizer, "-n", gen, "-t", 0],
+              env={"OMP_NUM_THREADS": str(threads)})
+    m = re.search(r"achieved tok/s: ([0-9.]+)", out)
+    if not m:
+        sys.exit(f"no 'achieved tok/s' in {binary}'s output:\n{out[-500:]}")
+    return float(m.group(1))
+
+
+def llama_bench(tools, gguf, threads, gen):
+    """llama.cpp's text-generation tok/s from one llama-bench repetition."""
+    out = run([tools / "llama-bench", "-m", gguf, "-t", threads, "-p", 0, "-n", gen,
+               "-r", 1, "-o", "json"])
+    results = json.loads(out[out.index("["):out.rindex("]") + 1])
+    return results[0]["avg_ts"]
+
+
+def prepare(shape, work, args):
+    """Writes the shape's files; returns {engine: zero-argument timer}."""
+    v0, v2 = work / f"{shape}_v0.bin", work / f"{shape}_v2.bin"
+    for path, fmt in [(v0, "v0"), (v2, "v2")]:
+        if not path.exists():
+            run([OURS, "synth", "--shape", shape, "--format", fmt, path])
+    t, gen, tok = args.threads, args.gen_tokens, args.tokenizer
+    timers = {
+        "ours f32": lambda: ours(v0, t, gen, args.prompt_tokens),
+        "ours q8": lambda: ours(v2, t, gen, args.prompt_tokens),
+    }
+    if args.llama2c:
+        timers["llama2.c run"] = lambda: llama2c(work / "run", v0, tok, t, gen)
+        timers["llama2.c runq"] = lambda: llama2c(work / "runq", v2, tok, t, gen)
+    if args.llama_cpp:
+        tools = args.llama_cpp
+        f32, q8 = work / f"{shape}_f32.gguf", work / f"{shape}_q8_0.gguf"
+        if not f32.exists():
+            run([tools / "llama-convert-llama2c-to-ggml", "--copy-vocab-from-model", tok,
+                 "--llama2c-model", v0, "--llama2c-output-model", f32])
+        if not q8.exists():
+            run([tools / "llama-quantize", f32, q8, "Q8_0", t])
+        timers["llama.cpp F32"] = lambda: llama_bench(tools, f32, t, gen)
+        timers["llama.cpp Q8_0"] = lambda: llama_bench(tools, q8, t, gen)
+    return timers
+
+
+def compile_llama2c(src, work):
+    for name in ["run", "runq"]:
+        run(["gcc", "-Ofast", "-fopenmp", "-march=native", src / f"{name}.c", "-lm",
+             "-o", work / name])
+
+
+def table(medians, prefill):
+    """Markdown rows: our medians and ratios to each reference."""
+    pairs = [("f32", "ours f32", ["llama2.c run", "llama.cpp F32"]),
+             ("q8", "ours q8", ["llama2.c runq", "llama.cpp Q8_0"])]
+    lines = ["| shape | dtype | ours prefill tok/s | ours decode tok/s | llama2.c | llama.cpp "
+             "| ours / llama2.c | ours / llama.cpp |",
+             "|---|---|---|---|---|---|---|---|"]
+    for shape, m in medians.items():
+        for dtype, mine, refs in pairs:
+            cells = [shape, dtype, f"{prefill[shape][mine]:,.0f}", f"{m[mine]:,.1f}"]
+            cells += [f"{m[r]:,.1f}" if r in m else "" for r in refs]
+            cells += [f"{m[mine] / m[r]:.2f}x" if r in m else "" for r in refs]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama2c", type=Path, help="llama2.c checkout (run.c, runq.c)")
+    ap.add_argument("--llama-cpp", type=Path, help="folder of llama.cpp binaries")
+    ap.add_argument("--shapes", nargs="+", default=["stories15M", "stories42M", "stories110M"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=256,
+                    help="our prefill measurement (the references are timed on decode)")
+    ap.add_argument("--tokenizer", type=Path,
+                    default=ROOT.parent / "shared" / "models" / "tokenizer.bin")
+    ap.add_argument("--work", type=Path, default=ROOT / "target" / "bench-reference")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not OURS.exists():
+        sys.exit(f"{OURS} is missing: run `cargo build --release` first")
+    if not args.tokenizer.exists():
+        sys.exit(f"{args.tokenizer} is missing: pass --tokenizer (the Llama 2 tokenizer.bin)")
+    if args.llama2c:
+        compile_llama2c(args.llama2c, args.work)
+    timers = {s: prepare(s, args.work, args) for s in args.shapes}
+    samples = {s: {e: [] for e in t} for s, t in timers.items()}
+    prefill = {s: {"ours f32": [], "ours q8": []} for s in args.shapes}
+    with open(args.work / "results.jsonl", "a") as log:
+        for r in range(args.rounds):
+            for shape, engines in timers.items():
+                for engine, timer in engines.items():
+                    got = timer()
+                    if engine.startswith("ours"):
+                        got, pre = got
+                        prefill[shape][engine].append(pre)
+                    samples[shape][engine].append(got)
+                    print(f"round {r + 1} {shape} {engine}: {got:.1f} tok/s", file=sys.stderr)
+                    log.write(json.dumps({"round": r, "shape": shape, "engine": engine,
+                                          "decode_tok_s": got}) + "\n")
+    medians = {s: {e: statistics.median(v) for e, v in m.items()} for s, m in samples.items()}
+    pre = {s: {e: statistics.median(v) for e, v in m.items()} for s, m in prefill.items()}
+    print(f"{args.threads} threads, {args.gen_tokens} greedy tokens, median of {args.rounds} "
+          "rounds\n")
+    print(table(medians, pre))
+
+
+if __name__ == "__main__":
+    main()
