@@ -107,18 +107,26 @@ def compile_llama2c(src, work):
              "-o", work / name])
 
 
-def table(medians, prefill):
-    """Markdown rows: our medians and ratios to each reference."""
+def table(samples, prefill):
+    """Markdown rows: our medians, the references' medians, and the median
+    over rounds of our ratio to each reference within the round (with its
+    range), which cancels most of a shared machine's drift."""
     pairs = [("f32", "ours f32", ["llama2.c run", "llama.cpp F32"]),
              ("q8", "ours q8", ["llama2.c runq", "llama.cpp Q8_0"])]
     lines = ["| shape | dtype | ours prefill tok/s | ours decode tok/s | llama2.c | llama.cpp "
              "| ours / llama2.c | ours / llama.cpp |",
              "|---|---|---|---|---|---|---|---|"]
-    for shape, m in medians.items():
+    med = statistics.median
+    for shape, m in samples.items():
         for dtype, mine, refs in pairs:
-            cells = [shape, dtype, f"{prefill[shape][mine]:,.0f}", f"{m[mine]:,.1f}"]
-            cells += [f"{m[r]:,.1f}" if r in m else "" for r in refs]
-            cells += [f"{m[mine] / m[r]:.2f}x" if r in m else "" for r in refs]
+            cells = [shape, dtype, f"{med(prefill[shape][mine]):,.0f}", f"{med(m[mine]):,.1f}"]
+            cells += [f"{med(m[r]):,.1f}" if r in m else "" for r in refs]
+            for r in refs:
+                if r not in m:
+                    cells.append("")
+                    continue
+                ratios = [a / b for a, b in zip(m[mine], m[r])]
+                cells.append(f"{med(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,19 +159,17 @@ def main():
         for r in range(args.rounds):
             for shape, engines in timers.items():
                 for engine, timer in engines.items():
-                    got = timer()
+                    got, pre = timer(), None
                     if engine.startswith("ours"):
                         got, pre = got
                         prefill[shape][engine].append(pre)
                     samples[shape][engine].append(got)
                     print(f"round {r + 1} {shape} {engine}: {got:.1f} tok/s", file=sys.stderr)
                     log.write(json.dumps({"round": r, "shape": shape, "engine": engine,
-                                          "decode_tok_s": got}) + "\n")
-    medians = {s: {e: statistics.median(v) for e, v in m.items()} for s, m in samples.items()}
-    pre = {s: {e: statistics.median(v) for e, v in m.items()} for s, m in prefill.items()}
+                                          "decode_tok_s": got, "prefill_tok_s": pre}) + "\n")
     print(f"{args.threads} threads, {args.gen_tokens} greedy tokens, median of {args.rounds} "
-          "rounds\n")
-    print(table(medians, pre))
+          "rounds; ratios: median (range) of the per-round ratios\n")
+    print(table(samples, prefill))
 
 
 if __name__ == "__main__":
