@@ -57,11 +57,13 @@ pub fn host_read_bandwidth_gbs(bytes: f64, threads: usize) -> Result<f64> {
     for pass in 0..6 {
         let start = Instant::now();
         pool.install(|| {
-            out.par_chunks_mut(per_task).enumerate().for_each(|(k, out)| {
-                let first = k * per_task;
-                let range = first..first + out.len();
-                kernels::product(isa, &matrix, &x, 1, None, range, out, rows)
-            })
+            out.par_chunks_mut(per_task)
+                .enumerate()
+                .for_each(|(k, out)| {
+                    let first = k * per_task;
+                    let range = first..first + out.len();
+                    kernels::product(isa, &matrix, &x, 1, None, range, out, rows)
+                })
         });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(&out);

@@ -17,7 +17,12 @@ pub const TILE_TOKENS: usize = 16;
 /// Groups whose int32 dots are stored before their f32 terms are added:
 /// each token's running sums are then loaded and stored once per chunk
 /// rather than once per group (64 of them do not fit in registers).
-const GROUP_CHUNK: usize = 4;
+pub const GROUP_CHUNK: usize = 4;
+
+/// Scratch for `tile_q8`'s int32 dots, `[group in chunk][block][token
+/// tile][token][row]`: 16 KiB, owned by the caller so that it is not
+/// zeroed on every call (tiles overwrite what they use before it is read).
+pub type TileInts = [[[[i32; 16 * TILE_TOKENS]; 2]; 2]; GROUP_CHUNK];
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 and Linux lets this process
 /// use the tile state (asked once; the grant covers every thread).
@@ -167,6 +172,7 @@ unsafe fn dot<const C: u8, const A: u8, const B: u8>() {
 /// k_step(gs)`; AVX-512F is available; `q` and `s` point at a block of a
 /// packed matrix with `cols` columns in groups of `gs` dividing `cols`, and
 /// `B` blocks from there exist; `x` holds tokens `t0..t0 + 16 * T`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn tile_q8<const B: usize, const T: usize>(
     q: *const u8,
@@ -174,12 +180,11 @@ pub unsafe fn tile_q8<const B: usize, const T: usize>(
     (cols, gs, kk): (usize, usize, usize),
     x: &Q8Tokens,
     t0: usize,
+    ints: &mut TileInts,
 ) -> [[__m512; 32]; 2] {
     let groups = cols / gs;
     let xq = x.xq.as_ptr() as *const u8;
     let mut f = [[_mm512_setzero_ps(); 32]; 2];
-    // Int32 dots `[group in chunk][block][token tile][token][row]`.
-    let mut ints = [[[[0i32; 16 * TILE_TOKENS]; 2]; 2]; GROUP_CHUNK];
     for g0 in (0..groups).step_by(GROUP_CHUNK) {
         let chunk = GROUP_CHUNK.min(groups - g0);
         for (c, ints) in ints.iter_mut().enumerate().take(chunk) {

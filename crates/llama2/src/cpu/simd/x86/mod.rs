@@ -316,6 +316,7 @@ pub fn q8_packed_rows(
         // SAFETY: the `Amx` level means the OS granted the tile state;
         // `kk` comes from `k_step`.
         unsafe { amx::configure(kk) };
+        let mut ints: amx::TileInts = [[[[0; 16 * amx::TILE_TOKENS]; 2]; 2]; amx::GROUP_CHUNK];
         while b < blocks.end {
             let (q, s) = block(b);
             let two = b + 2 <= blocks.end;
@@ -328,10 +329,10 @@ pub fn q8_packed_rows(
                 // multiple of 16 at least `n`.
                 let v = unsafe {
                     match (two, t2) {
-                        (true, true) => amx::tile_q8::<2, 2>(q, s, dims, &x, t0),
-                        (true, false) => amx::tile_q8::<2, 1>(q, s, dims, &x, t0),
-                        (false, true) => amx::tile_q8::<1, 2>(q, s, dims, &x, t0),
-                        (false, false) => amx::tile_q8::<1, 1>(q, s, dims, &x, t0),
+                        (true, true) => amx::tile_q8::<2, 2>(q, s, dims, &x, t0, &mut ints),
+                        (true, false) => amx::tile_q8::<2, 1>(q, s, dims, &x, t0, &mut ints),
+                        (false, true) => amx::tile_q8::<1, 2>(q, s, dims, &x, t0, &mut ints),
+                        (false, false) => amx::tile_q8::<1, 1>(q, s, dims, &x, t0, &mut ints),
                     }
                 };
                 store(b, t0, v.as_flattened(), 32);
