@@ -191,6 +191,30 @@ fn softmax_and_silu_match_reference() {
 }
 
 #[test]
+fn quantize_in_parts_matches_whole() {
+    let mut rng = Rng::new(13);
+    let isa = Isa::best();
+    for (n, cols, gs) in [(1, 64, 32), (7, 96, 32), (33, 288, 32), (64, 100, 25)] {
+        let x = random_vec(&mut rng, n * cols);
+        let mut whole = Q8Acts::default();
+        whole.quantize(isa, &x, n, cols, gs);
+        for per in [1, 5, 16] {
+            let mut parts = Q8Acts::default();
+            // Parts in reverse order, as another thread might take them.
+            parts.quantize_split(isa, &x, (n, cols, gs), per, |parts, f| {
+                parts.iter_mut().rev().for_each(f)
+            });
+            let (t, g) = (whole.tokens, cols.div_ceil(gs));
+            let what = format!("n {n} cols {cols} gs {gs} per {per}");
+            assert_eq!(parts.tokens, t, "{what}");
+            assert_same(&what, &parts.xq[..t * cols], &whole.xq[..t * cols]);
+            assert_same(&what, &parts.xs_t[..t * g], &whole.xs_t[..t * g]);
+            assert_same(&what, &parts.xc_t[..t * g], &whole.xc_t[..t * g]);
+        }
+    }
+}
+
+#[test]
 fn quantize_is_bit_identical_to_reference() {
     let mut rng = Rng::new(2);
     for isa in Isa::all() {

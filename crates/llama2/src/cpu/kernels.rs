@@ -282,6 +282,7 @@ pub struct Q8Acts {
     pub tokens: usize,
     pub cols: usize,
     pub gs: usize,
+    // Buffers are reused and may be longer than the shapes given here.
     /// Values `[tokens][cols]`.
     pub xq: Vec<i8>,
     /// Scales `[tokens][groups]`.
@@ -293,28 +294,67 @@ pub struct Q8Acts {
     sums: Vec<i32>,
 }
 
+/// The tokens `t0..` of a `Q8Acts` one worker quantizes: their rows of the
+/// values, scales and sums.
+pub struct QuantPart<'a> {
+    t0: usize,
+    xq: &'a mut [i8],
+    xs: &'a mut [f32],
+    sums: &'a mut [i32],
+}
+
 impl Q8Acts {
     /// Quantizes `n` rows of `cols` from `x` in groups of `gs`.
     pub fn quantize(&mut self, isa: Isa, x: &[f32], n: usize, cols: usize, gs: usize) {
+        self.quantize_split(isa, x, (n, cols, gs), usize::MAX, |_, _| {
+            unreachable!("a single part is quantized in place")
+        })
+    }
+
+    /// As `quantize`, with the tokens in parts of `per` that `run` hands to
+    /// `f` one by one, in any order and on any thread (the parts are
+    /// disjoint). With `per` covering all tokens, `run` is not called.
+    pub fn quantize_split(
+        &mut self,
+        isa: Isa,
+        x: &[f32],
+        (n, cols, gs): (usize, usize, usize),
+        per: usize,
+        run: impl FnOnce(&mut [QuantPart], &(dyn Fn(&mut QuantPart) + Sync)),
+    ) {
         let groups = cols.div_ceil(gs);
         let tokens = if n == 1 { 4 } else { n.div_ceil(16) * 16 };
         (self.n, self.tokens, self.cols, self.gs) = (n, tokens, cols, gs);
-        self.xq.resize(tokens * cols, 0);
-        self.xs.resize(tokens * groups, 0.0);
-        self.sums.resize(tokens * groups, 0);
-        for t in 0..tokens {
-            let src = t.min(n - 1);
-            quantize_row_at(
-                isa,
-                &x[src * cols..(src + 1) * cols],
-                gs,
-                &mut self.xq[t * cols..(t + 1) * cols],
-                &mut self.xs[t * groups..(t + 1) * groups],
-                &mut self.sums[t * groups..(t + 1) * groups],
-            );
+        let per = per.clamp(1, tokens);
+        // Grown, never shrunk: reads use the lengths above, and regrowing
+        // would zero-fill on every product whose width differs.
+        let mut parts = super::grow_to(&mut self.xq, tokens * cols)
+            .chunks_mut(per * cols)
+            .zip(super::grow_to(&mut self.xs, tokens * groups).chunks_mut(per * groups))
+            .zip(super::grow_to(&mut self.sums, tokens * groups).chunks_mut(per * groups))
+            .enumerate()
+            .map(|(k, ((xq, xs), sums))| QuantPart {
+                t0: k * per,
+                xq,
+                xs,
+                sums,
+            });
+        let work = |p: &mut QuantPart| {
+            let rows = p.xq.chunks_mut(cols).zip(p.xs.chunks_mut(groups));
+            for (i, ((xq, xs), sums)) in rows.zip(p.sums.chunks_mut(groups)).enumerate() {
+                // Rows past `n` repeat the last token (see `tokens`).
+                let src = (p.t0 + i).min(n - 1);
+                quantize_row_at(isa, &x[src * cols..(src + 1) * cols], gs, xq, xs, sums);
+            }
+        };
+        if per == tokens {
+            // One part: no list to build (decoding quantizes ~30 times a token).
+            work(&mut parts.next().expect("at least one token"));
+        } else {
+            run(&mut parts.collect::<Vec<_>>(), &work);
         }
-        self.xs_t.resize(tokens * groups, 0.0);
-        self.xc_t.resize(tokens * groups, 0);
+        super::grow_to(&mut self.xs_t, tokens * groups);
+        super::grow_to(&mut self.xc_t, tokens * groups);
         for t in 0..tokens {
             for g in 0..groups {
                 self.xs_t[g * tokens + t] = self.xs[t * groups + g];

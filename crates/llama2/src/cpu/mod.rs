@@ -141,7 +141,17 @@ impl CpuBackend {
             if self.acts.len() == used {
                 self.acts.push(Q8Acts::default());
             }
-            self.acts[used].quantize(self.isa, x, n, w.cols(), gs);
+            // Batches quantize their tokens in parallel; one token is not
+            // worth a parallel loop.
+            let per = if n * w.cols() < ELEMENTWISE_WORK || self.threads == 1 {
+                usize::MAX
+            } else {
+                n.div_ceil(self.threads)
+            };
+            let (team, isa) = (&self.team, self.isa);
+            self.acts[used].quantize_split(isa, x, (n, w.cols(), gs), per, |parts, f| {
+                team.for_each_chunk(parts, 1, |_, p| f(&mut p[0]))
+            });
             used += 1;
         }
         used
@@ -185,22 +195,35 @@ fn product_range(
     }
 }
 
-/// Copies one task's results `src` `[n][len]` (global rows `g0..g0 + len`
-/// of the stacked matrices) into the outputs `[n][rows]` of `outs`.
-fn scatter_range(src: &[f32], n: usize, g0: usize, outs: &mut [(&CpuMatrix, &mut Vec<f32>)]) {
-    let len = src.len() / n;
-    let mut offset = 0;
-    for (w, out) in outs.iter_mut() {
-        let rows = w.rows();
-        let (lo, hi) = (g0.max(offset), (g0 + len).min(offset + rows));
-        if lo < hi {
-            for t in 0..n {
-                let s = &src[t * len + lo - g0..t * len + hi - g0];
-                out[t * rows + lo - offset..t * rows + hi - offset].copy_from_slice(s);
-            }
-        }
-        offset += rows;
+/// Copies token `t`'s results for global rows `offset..offset + dst.len()`
+/// (one output matrix of a stacked product) out of `scratch`, where the
+/// task for rows `k * chunk..` of the `total` left them as `[n][its rows]`
+/// starting at `k * chunk * n`.
+fn gather_row(
+    scratch: &[f32],
+    (n, chunk, total): (usize, usize, usize),
+    t: usize,
+    offset: usize,
+    dst: &mut [f32],
+) {
+    let end = offset + dst.len();
+    for k in offset / chunk..end.div_ceil(chunk) {
+        let g0 = k * chunk;
+        let len = chunk.min(total - g0);
+        let (lo, hi) = (g0.max(offset), (g0 + len).min(end));
+        let src = &scratch[g0 * n + t * len..][..len];
+        dst[lo - offset..hi - offset].copy_from_slice(&src[lo - g0..hi - g0]);
     }
+}
+
+/// `v[..len]`, growing `v` first if it is shorter. Scratch buffers are
+/// reused at many sizes; shrinking them with `Vec::resize` would make every
+/// regrowth zero-fill megabytes.
+fn grow_to<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
 }
 
 impl Backend for CpuBackend {
@@ -306,26 +329,43 @@ impl Backend for CpuBackend {
         let used = self.quantize_inputs(x, n, outs);
         let total: usize = outs.iter().map(|(w, _)| w.rows()).sum();
         let work = total * outs.first().map_or(0, |(w, _)| w.cols()) * n;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(total * n, 0.0);
+        let mut buffer = std::mem::take(&mut self.scratch);
+        let scratch = grow_to(&mut buffer, total * n);
         let ws = &*outs;
         let (isa, acts, x) = (self.isa, &self.acts[..used], &x[..]);
+        let parallel = work >= PARALLEL_WORK && self.threads > 1;
         // Each task's share is `[n][its rows]`, contiguous in `scratch`.
-        let chunk = if work < PARALLEL_WORK || self.threads == 1 {
-            product_range(isa, ws, acts, x, n, 0, &mut scratch);
-            total
-        } else {
+        let chunk = if parallel {
             let tasks = self.threads * TASKS_PER_THREAD;
             let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
-            self.team.for_each_chunk(&mut scratch, chunk * n, |k, out| {
+            self.team.for_each_chunk(scratch, chunk * n, |k, out| {
                 product_range(isa, ws, acts, x, n, k * chunk, out)
             });
             chunk
+        } else {
+            product_range(isa, ws, acts, x, n, 0, scratch);
+            total
         };
-        for (k, src) in scratch.chunks(chunk * n).enumerate() {
-            scatter_range(src, n, k * chunk, outs);
+        // Batches copy their results out in parallel too: at 64 tokens
+        // these copies are megabytes per layer.
+        let per = if parallel {
+            n.div_ceil(self.threads)
+        } else {
+            n
+        };
+        let scratch = &*scratch;
+        let mut offset = 0;
+        for (w, out) in outs.iter_mut() {
+            let rows = w.rows();
+            self.team
+                .for_each_chunk(&mut out[..n * rows], per * rows, |k, dst| {
+                    for (i, row) in dst.chunks_exact_mut(rows).enumerate() {
+                        gather_row(scratch, (n, chunk, total), k * per + i, offset, row);
+                    }
+                });
+            offset += rows;
         }
-        self.scratch = scratch;
+        self.scratch = buffer;
         Ok(())
     }
 
@@ -387,8 +427,8 @@ impl Backend for CpuBackend {
         // keys, so they come first and the cheap ones even out the end.
         let span = pos0 + rows;
         let task_len = QUERY_BLOCK * (span + hs);
-        let mut scratch = std::mem::take(&mut self.att);
-        scratch.resize(blocks * heads * task_len, 0.0);
+        let mut buffer = std::mem::take(&mut self.att);
+        let scratch = grow_to(&mut buffer, blocks * heads * task_len);
         let block_of = |i: usize| (blocks - 1 - i / heads, i % heads);
         let task = |i: usize, s: &mut [f32]| {
             let (b, h) = block_of(i);
@@ -421,7 +461,7 @@ impl Backend for CpuBackend {
                 task(i, s);
             }
         } else {
-            self.team.for_each_chunk(&mut scratch, task_len, task);
+            self.team.for_each_chunk(scratch, task_len, task);
         }
         for (i, s) in scratch.chunks(task_len).enumerate() {
             let (b, h) = block_of(i);
@@ -430,7 +470,7 @@ impl Backend for CpuBackend {
                 out[r * d + h * hs..][..hs].copy_from_slice(o);
             }
         }
-        self.att = scratch;
+        self.att = buffer;
         Ok(())
     }
 
