@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ROOT / "target" / "release" / "llama2"
+OURS = ROOT / "target" / "release" / "llama2"  # --ours replaces it
 
 
 def run(cmd, env=None):
@@ -132,6 +132,7 @@ def table(samples, prefill):
 
 
 def main():
+    global OURS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama2c", type=Path, help="llama2.c checkout (run.c, runq.c)")
     ap.add_argument("--llama-cpp", type=Path, help="folder of llama.cpp binaries")
@@ -144,11 +145,13 @@ def main():
     ap.add_argument("--tokenizer", type=Path,
                     default=ROOT.parent / "shared" / "models" / "tokenizer.bin")
     ap.add_argument("--work", type=Path, default=ROOT / "target" / "bench-reference")
+    ap.add_argument("--ours", type=Path, default=OURS, help="the llama2 binary to time")
     args = ap.parse_args()
+    OURS = args.ours.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     if not OURS.exists():
         sys.exit(f"{OURS} is missing: run `cargo build --release` first")
-    if not args.tokenizer.exists():
+    if (args.llama2c or args.llama_cpp) and not args.tokenizer.exists():
         sys.exit(f"{args.tokenizer} is missing: pass --tokenizer (the Llama 2 tokenizer.bin)")
     if args.llama2c:
         compile_llama2c(args.llama2c, args.work)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs NVRTC and the CUDA headers
 # from PyPI into .nvrtc/ (once) so the kernel compile test runs without a GPU
-# or a CUDA toolkit, then runs every crate's tests.
+# or a CUDA toolkit, then runs every crate's tests and a smoke run of the
+# reference benchmark script (our engine only, on the tiny shape).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
@@ -10,3 +11,7 @@ if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
 fi
 eval "$(bash crates/llama2-cuda/nvrtc-env.sh .nvrtc)"
 cargo test --workspace "$@"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+python3 scripts/bench-reference.py --ours target/debug/llama2 --work "$work" \
+    --shapes stories260K --rounds 1 --gen-tokens 4 --prompt-tokens 4 >/dev/null
