@@ -356,14 +356,15 @@ impl Backend for CpuBackend {
         let scratch = &*scratch;
         let mut offset = 0;
         for (w, out) in outs.iter_mut() {
-            let rows = w.rows();
+            // This output is `[n][width]`: one row per token.
+            let width = w.rows();
             self.team
-                .for_each_chunk(&mut out[..n * rows], per * rows, |k, dst| {
-                    for (i, row) in dst.chunks_exact_mut(rows).enumerate() {
+                .for_each_chunk(&mut out[..n * width], per * width, |k, dst| {
+                    for (i, row) in dst.chunks_exact_mut(width).enumerate() {
                         gather_row(scratch, (n, chunk, total), k * per + i, offset, row);
                     }
                 });
-            offset += rows;
+            offset += width;
         }
         self.scratch = buffer;
         Ok(())
