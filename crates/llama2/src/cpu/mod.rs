@@ -29,7 +29,7 @@ const PARALLEL_WORK: usize = 1 << 15;
 const ELEMENTWISE_WORK: usize = 1 << 14;
 /// Tasks per thread in a product: enough to even out uneven row ranges,
 /// few enough that each task amortizes its scheduling.
-const TASKS_PER_THREAD: usize = 4;
+const TASKS_PER_THREAD: usize = 8;
 /// Row ranges of a product are multiples of this (the largest tile height).
 const TILE_ROWS: usize = 16;
 /// Prompt tokens processed together in one batched step.
