@@ -198,6 +198,15 @@ fn quantize_in_parts_matches_whole() {
         let x = random_vec(&mut rng, n * cols);
         let mut whole = Q8Acts::default();
         whole.quantize(isa, &x, n, cols, gs);
+        // Padding rows (up to a whole tile of tokens) repeat the last token.
+        let last = &whole.xq[(n - 1) * cols..n * cols];
+        for t in n..whole.tokens {
+            assert_same(
+                &format!("padding row {t}"),
+                &whole.xq[t * cols..(t + 1) * cols],
+                last,
+            );
+        }
         for per in [1, 5, 16] {
             let mut parts = Q8Acts::default();
             // Parts in reverse order, as another thread might take them.

@@ -341,10 +341,12 @@ impl Q8Acts {
             });
         let work = |p: &mut QuantPart| {
             let rows = p.xq.chunks_mut(cols).zip(p.xs.chunks_mut(groups));
-            for (i, ((xq, xs), sums)) in rows.zip(p.sums.chunks_mut(groups)).enumerate() {
-                // Rows past `n` repeat the last token (see `tokens`).
-                let src = (p.t0 + i).min(n - 1);
-                quantize_row_at(isa, &x[src * cols..(src + 1) * cols], gs, xq, xs, sums);
+            let rows = rows
+                .zip(p.sums.chunks_mut(groups))
+                .take(n.saturating_sub(p.t0));
+            for (i, ((xq, xs), sums)) in rows.enumerate() {
+                let t = p.t0 + i;
+                quantize_row_at(isa, &x[t * cols..(t + 1) * cols], gs, xq, xs, sums);
             }
         };
         if per == tokens {
@@ -352,6 +354,15 @@ impl Q8Acts {
             work(&mut parts.next().expect("at least one token"));
         } else {
             run(&mut parts.collect::<Vec<_>>(), &work);
+        }
+        // Rows past `n` repeat the last token (see `tokens`): copied, not
+        // quantized again (decoding quantizes one token into four rows).
+        for t in n..tokens {
+            self.xq.copy_within((n - 1) * cols..n * cols, t * cols);
+            self.xs
+                .copy_within((n - 1) * groups..n * groups, t * groups);
+            self.sums
+                .copy_within((n - 1) * groups..n * groups, t * groups);
         }
         super::grow_to(&mut self.xs_t, tokens * groups);
         super::grow_to(&mut self.xc_t, tokens * groups);
