@@ -240,6 +240,9 @@ pub unsafe fn weighted_sum<const T: usize>(out: &mut [f32], att: &[f32], values:
 /// ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` from its Taylor series to `r^7`
 /// (truncation below 1e-8 relative), times `2^n` by `scalef`, which also
 /// takes results below the normal range to subnormals and zero.
+///
+/// # Safety
+/// AVX-512F is available.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp16(x: __m512) -> __m512 {

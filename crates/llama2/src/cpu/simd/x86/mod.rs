@@ -66,14 +66,16 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
-/// Attention scores of one head for a block of up to four queries (the
-/// caller checked that `att` is `[queries][keys]`).
+/// Attention scores of one head for a block of up to four queries into
+/// `att` `[queries][keys]`.
 pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) -> bool {
     if !wide(isa) {
         return false;
     }
+    assert_eq!(att.len(), queries.count() * keys.count());
+    assert_eq!(queries.width(), keys.width());
     // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its rows
-    // are in bounds and the caller sized `att`. The widest tile that stays
+    // are in bounds and `att` was sized above. The widest tile that stays
     // in registers: 8 keys for up to 3 queries, 4 keys for 4.
     unsafe {
         match queries.count() {
@@ -87,16 +89,18 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
     true
 }
 
-/// Weighted sums of value rows for a block of up to four queries (the
-/// caller checked that `out` is `[queries][hs]` and `att` `[queries][keys]`).
+/// Weighted sums of value rows for a block of up to four queries: `out`
+/// `[queries][hs]` from `att` `[queries][keys]`.
 pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> bool {
     if !wide(isa) || values.width() == 0 {
         return false;
     }
+    let queries = out.len() / values.width();
+    assert!(out.len() == queries * values.width() && att.len() == queries * values.count());
     // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its rows
-    // are in bounds and the caller sized `out` and `att`.
+    // are in bounds and `out` and `att` were sized above.
     unsafe {
-        match out.len() / values.width() {
+        match queries {
             1 => avx512::weighted_sum::<1>(out, att, values),
             2 => avx512::weighted_sum::<2>(out, att, values),
             3 => avx512::weighted_sum::<3>(out, att, values),
@@ -122,8 +126,8 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) -> bool {
     if !wide(isa) {
         return false;
     }
-    // SAFETY: AVX-512 was confirmed (the `Isa`); the caller checked that
-    // the lengths are equal.
+    assert!(up.len() >= gate.len());
+    // SAFETY: AVX-512 was confirmed (the `Isa`); `up` is long enough.
     unsafe { avx512::silu_mul(gate, up) };
     true
 }
