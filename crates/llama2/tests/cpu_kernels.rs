@@ -331,23 +331,53 @@ fn q8_products_match_reference() {
                 let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
                 let x = random_vec(&mut rng, n * cols);
                 let got = product(isa, &w, &x, n);
-                let llama2::tensor::MatrixData::Q8(d) = &w.data else {
-                    unreachable!()
-                };
-                for t in 0..n {
-                    let mut want = vec![0f32; rows];
-                    reference::matvec_q8(
-                        &mut want,
-                        &d.q,
-                        &d.scales,
-                        gs,
-                        &x[t * cols..(t + 1) * cols],
-                    );
-                    let what = format!("q8 gs {gs} {isa:?} {rows}x{cols} n {n} token {t}");
-                    assert_same(&what, &got[t * rows..(t + 1) * rows], &want);
-                }
+                let what = format!("q8 gs {gs} {isa:?} {rows}x{cols} n {n}");
+                assert_q8_reference(&what, &w, &x, n, &got);
             }
         }
+    }
+}
+
+/// The packed product of `p` with `x` `[n][cols]` as `[n][rows]`, in two
+/// calls split at row `split`, which need not be a block boundary (a
+/// task's range may start anywhere).
+fn packed_product_split(
+    isa: Isa,
+    p: &packed::PackedQ8,
+    x: &[f32],
+    n: usize,
+    split: usize,
+) -> Vec<f32> {
+    let mut acts = Q8Acts::default();
+    acts.quantize(isa, x, n, p.cols, p.gs);
+    let rows = p.rows;
+    let mut out = vec![f32::NAN; rows * n];
+    packed::product_packed(isa, p, &acts, 0..split, &mut out, rows);
+    packed::product_packed(isa, p, &acts, split..rows, &mut out[split..], rows);
+    out
+}
+
+/// Asserts `got` `[n][rows]` is bit-identical, token by token, to the
+/// reference W8A8 product of the Q8_0 matrix `w` with `x` `[n][cols]`.
+fn assert_q8_reference(what: &str, w: &HostMatrix, x: &[f32], n: usize, got: &[f32]) {
+    let llama2::tensor::MatrixData::Q8(d) = &w.data else {
+        panic!("{what}: not a Q8_0 matrix")
+    };
+    let (rows, cols) = (w.rows, w.cols);
+    for t in 0..n {
+        let mut want = vec![0f32; rows];
+        reference::matvec_q8(
+            &mut want,
+            &d.q,
+            &d.scales,
+            d.group_size,
+            &x[t * cols..(t + 1) * cols],
+        );
+        assert_same(
+            &format!("{what} token {t}"),
+            &got[t * rows..(t + 1) * rows],
+            &want,
+        );
     }
 }
 
@@ -375,28 +405,9 @@ fn packed_q8_products_match_reference() {
                     );
                 }
                 let x = random_vec(&mut rng, n * cols);
-                let mut acts = Q8Acts::default();
-                acts.quantize(isa, &x, n, cols, gs);
-                // Split at a row that is not a block boundary, as a task may.
                 let split = below(&mut rng, rows + 1);
-                let mut out = vec![f32::NAN; rows * n];
-                packed::product_packed(isa, p, &acts, 0..split, &mut out, rows);
-                packed::product_packed(isa, p, &acts, split..rows, &mut out[split..], rows);
-                let llama2::tensor::MatrixData::Q8(d) = &w.data else {
-                    unreachable!()
-                };
-                for t in 0..n {
-                    let mut want = vec![0f32; rows];
-                    reference::matvec_q8(
-                        &mut want,
-                        &d.q,
-                        &d.scales,
-                        gs,
-                        &x[t * cols..(t + 1) * cols],
-                    );
-                    let got = &out[t * rows..(t + 1) * rows];
-                    assert_same(&format!("{what} token {t}"), got, &want);
-                }
+                let out = packed_product_split(isa, p, &x, n, split);
+                assert_q8_reference(&format!("{what} split {split}"), &w, &x, n, &out);
             }
         }
     }
@@ -428,22 +439,10 @@ fn amx_q8_products_match_reference() {
                 panic!("the AMX level packs Q8_0 with groups of {gs}");
             };
             let x = random_vec(&mut rng, n * cols);
-            let mut acts = Q8Acts::default();
-            acts.quantize(isa, &x, n, cols, gs);
             let split = below(&mut rng, rows + 1);
-            let mut out = vec![f32::NAN; rows * n];
-            packed::product_packed(isa, &p, &acts, 0..split, &mut out, rows);
-            packed::product_packed(isa, &p, &acts, split..rows, &mut out[split..], rows);
-            let llama2::tensor::MatrixData::Q8(d) = &w.data else {
-                unreachable!()
-            };
-            for t in 0..n {
-                let mut want = vec![0f32; rows];
-                let xt = &x[t * cols..(t + 1) * cols];
-                reference::matvec_q8(&mut want, &d.q, &d.scales, gs, xt);
-                let what = format!("amx gs {gs} {rows}x{cols} n {n} split {split} token {t}");
-                assert_same(&what, &out[t * rows..(t + 1) * rows], &want);
-            }
+            let out = packed_product_split(isa, &p, &x, n, split);
+            let what = format!("amx gs {gs} {rows}x{cols} n {n} split {split}");
+            assert_q8_reference(&what, &w, &x, n, &out);
         }
     }
 }
