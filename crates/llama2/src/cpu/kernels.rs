@@ -313,7 +313,7 @@ impl Q8Acts {
 
     /// As `quantize`, with the tokens in parts of `per` that `run` hands to
     /// `f` one by one, in any order and on any thread (the parts are
-    /// disjoint). With `per` covering all tokens, `run` is not called.
+    /// disjoint). With `per` covering all `n` tokens, `run` is not called.
     pub fn quantize_split(
         &mut self,
         isa: Isa,
@@ -349,7 +349,7 @@ impl Q8Acts {
                 quantize_row_at(isa, &x[t * cols..(t + 1) * cols], gs, xq, xs, sums);
             }
         };
-        if per == tokens {
+        if per >= n {
             // One part: no list to build (decoding quantizes ~30 times a token).
             work(&mut parts.next().expect("at least one token"));
         } else {

@@ -58,7 +58,8 @@ pub struct CpuBackend {
     /// Product outputs of all matrices of one `matmul`, task by task: each
     /// task's rows as `[tokens][its rows]`, a contiguous slice it owns.
     scratch: Vec<f32>,
-    /// Attention scores, one stretch of `positions` per (token, head) task.
+    /// Batched attention's scratch: per (query block, head) task, its scores
+    /// then its outputs (see `attention`).
     att: Vec<f32>,
     /// Rotary factors `(cos, sin)` `[position][head_size / 2]` for the
     /// positions seen so far: the same values for every layer and head, so
@@ -141,13 +142,8 @@ impl CpuBackend {
             if self.acts.len() == used {
                 self.acts.push(Q8Acts::default());
             }
-            // Batches quantize their tokens in parallel; one token is not
-            // worth a parallel loop.
-            let per = if n * w.cols() < ELEMENTWISE_WORK || self.threads == 1 {
-                usize::MAX
-            } else {
-                n.div_ceil(self.threads)
-            };
+            // Batches quantize their tokens in parallel, as an element-wise op.
+            let per = self.rows_per_task(n, w.cols());
             let (team, isa) = (&self.team, self.isa);
             self.acts[used].quantize_split(isa, x, (n, w.cols(), gs), per, |parts, f| {
                 team.for_each_chunk(parts, 1, |_, p| f(&mut p[0]))
