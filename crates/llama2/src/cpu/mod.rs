@@ -329,9 +329,8 @@ impl Backend for CpuBackend {
         let scratch = grow_to(&mut buffer, total * n);
         let ws = &*outs;
         let (isa, acts, x) = (self.isa, &self.acts[..used], &x[..]);
-        let parallel = work >= PARALLEL_WORK && self.threads > 1;
         // Each task's share is `[n][its rows]`, contiguous in `scratch`.
-        let chunk = if parallel {
+        let chunk = if work >= PARALLEL_WORK && self.threads > 1 {
             let tasks = self.threads * TASKS_PER_THREAD;
             let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
             self.team.for_each_chunk(scratch, chunk * n, |k, out| {
@@ -342,18 +341,14 @@ impl Backend for CpuBackend {
             product_range(isa, ws, acts, x, n, 0, scratch);
             total
         };
-        // Batches copy their results out in parallel too: at 64 tokens
-        // these copies are megabytes per layer.
-        let per = if parallel {
-            n.div_ceil(self.threads)
-        } else {
-            n
-        };
+        // Batches copy their results out in parallel too, as an element-wise
+        // op: at 64 tokens these copies are megabytes per layer.
         let scratch = &*scratch;
         let mut offset = 0;
         for (w, out) in outs.iter_mut() {
             // This output is `[n][width]`: one row per token.
             let width = w.rows();
+            let per = self.rows_per_task(n, width);
             self.team
                 .for_each_chunk(&mut out[..n * width], per * width, |k, dst| {
                     for (i, row) in dst.chunks_exact_mut(width).enumerate() {
