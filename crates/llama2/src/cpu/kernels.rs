@@ -325,13 +325,20 @@ impl Q8Acts {
         let groups = cols.div_ceil(gs);
         let tokens = if n == 1 { 4 } else { n.div_ceil(16) * 16 };
         (self.n, self.tokens, self.cols, self.gs) = (n, tokens, cols, gs);
-        let per = per.clamp(1, tokens);
+        let per = per.clamp(1, n);
         // Grown, never shrunk: reads use the lengths above, and regrowing
-        // would zero-fill on every product whose width differs.
-        let mut parts = super::grow_to(&mut self.xq, tokens * cols)
+        // would zero-fill on every product whose width differs. Parts cover
+        // the `n` real tokens; the padding rows are copied below.
+        let mut parts = super::grow_to(&mut self.xq, tokens * cols)[..n * cols]
             .chunks_mut(per * cols)
-            .zip(super::grow_to(&mut self.xs, tokens * groups).chunks_mut(per * groups))
-            .zip(super::grow_to(&mut self.sums, tokens * groups).chunks_mut(per * groups))
+            .zip(
+                super::grow_to(&mut self.xs, tokens * groups)[..n * groups]
+                    .chunks_mut(per * groups),
+            )
+            .zip(
+                super::grow_to(&mut self.sums, tokens * groups)[..n * groups]
+                    .chunks_mut(per * groups),
+            )
             .enumerate()
             .map(|(k, ((xq, xs), sums))| QuantPart {
                 t0: k * per,
@@ -341,15 +348,12 @@ impl Q8Acts {
             });
         let work = |p: &mut QuantPart| {
             let rows = p.xq.chunks_mut(cols).zip(p.xs.chunks_mut(groups));
-            let rows = rows
-                .zip(p.sums.chunks_mut(groups))
-                .take(n.saturating_sub(p.t0));
-            for (i, ((xq, xs), sums)) in rows.enumerate() {
+            for (i, ((xq, xs), sums)) in rows.zip(p.sums.chunks_mut(groups)).enumerate() {
                 let t = p.t0 + i;
                 quantize_row_at(isa, &x[t * cols..(t + 1) * cols], gs, xq, xs, sums);
             }
         };
-        if per >= n {
+        if per == n {
             // One part: no list to build (decoding quantizes ~30 times a token).
             work(&mut parts.next().expect("at least one token"));
         } else {
