@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ROOT / "target" / "release" / "llama2"  # --ours replaces it
+RELEASE = ROOT / "target" / "release" / "llama2"
 
 
 def run(cmd, env=None):
@@ -48,9 +48,9 @@ def run(cmd, env=None):
     return p.stdout + p.stderr
 
 
-def ours(model, threads, gen, prompt):
+def ours(binary, model, threads, gen, prompt):
     """Our decode (and prefill) tok/s on a checkpoint file."""
-    out = run([OURS, "bench", "--device", "cpu", "--model", model, "--threads", threads,
+    out = run([binary, "bench", "--device", "cpu", "--model", model, "--threads", threads,
                "--prompt-tokens", prompt, "--gen-tokens", gen, "--runs", 1, "--json"])
     line = json.loads(out.strip().splitlines()[-1])
     return line["decode_tok_s"], line["prefill_tok_s"]
@@ -75,19 +75,20 @@ def llama_bench(tools, gguf, threads, gen):
 
 
 def prepare(shape, work, args):
-    """Writes the shape's files; returns {engine: zero-argument timer}."""
+    """Writes the shape's files; returns {engine: zero-argument timer}, each
+    timer giving (decode tok/s, prefill tok/s or None)."""
     v0, v2 = work / f"{shape}_v0.bin", work / f"{shape}_v2.bin"
     for path, fmt in [(v0, "v0"), (v2, "v2")]:
         if not path.exists():
-            run([OURS, "synth", "--shape", shape, "--format", fmt, path])
+            run([args.ours, "synth", "--shape", shape, "--format", fmt, path])
     t, gen, tok = args.threads, args.gen_tokens, args.tokenizer
     timers = {
-        "ours f32": lambda: ours(v0, t, gen, args.prompt_tokens),
-        "ours q8": lambda: ours(v2, t, gen, args.prompt_tokens),
+        "ours f32": lambda: ours(args.ours, v0, t, gen, args.prompt_tokens),
+        "ours q8": lambda: ours(args.ours, v2, t, gen, args.prompt_tokens),
     }
     if args.llama2c:
-        timers["llama2.c run"] = lambda: llama2c(work / "run", v0, tok, t, gen)
-        timers["llama2.c runq"] = lambda: llama2c(work / "runq", v2, tok, t, gen)
+        timers["llama2.c run"] = lambda: (llama2c(work / "run", v0, tok, t, gen), None)
+        timers["llama2.c runq"] = lambda: (llama2c(work / "runq", v2, tok, t, gen), None)
     if args.llama_cpp:
         tools = args.llama_cpp
         f32, q8 = work / f"{shape}_f32.gguf", work / f"{shape}_q8_0.gguf"
@@ -96,8 +97,8 @@ def prepare(shape, work, args):
                  "--llama2c-model", v0, "--llama2c-output-model", f32])
         if not q8.exists():
             run([tools / "llama-quantize", f32, q8, "Q8_0", t])
-        timers["llama.cpp F32"] = lambda: llama_bench(tools, f32, t, gen)
-        timers["llama.cpp Q8_0"] = lambda: llama_bench(tools, q8, t, gen)
+        timers["llama.cpp F32"] = lambda: (llama_bench(tools, f32, t, gen), None)
+        timers["llama.cpp Q8_0"] = lambda: (llama_bench(tools, q8, t, gen), None)
     return timers
 
 
@@ -132,7 +133,6 @@ def table(samples, prefill):
 
 
 def main():
-    global OURS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama2c", type=Path, help="llama2.c checkout (run.c, runq.c)")
     ap.add_argument("--llama-cpp", type=Path, help="folder of llama.cpp binaries")
@@ -145,12 +145,12 @@ def main():
     ap.add_argument("--tokenizer", type=Path,
                     default=ROOT.parent / "shared" / "models" / "tokenizer.bin")
     ap.add_argument("--work", type=Path, default=ROOT / "target" / "bench-reference")
-    ap.add_argument("--ours", type=Path, default=OURS, help="the llama2 binary to time")
+    ap.add_argument("--ours", type=Path, default=RELEASE, help="the llama2 binary to time")
     args = ap.parse_args()
-    OURS = args.ours.resolve()
+    args.ours = args.ours.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    if not OURS.exists():
-        sys.exit(f"{OURS} is missing: run `cargo build --release` first")
+    if not args.ours.exists():
+        sys.exit(f"{args.ours} is missing: run `cargo build --release` first")
     if (args.llama2c or args.llama_cpp) and not args.tokenizer.exists():
         sys.exit(f"{args.tokenizer} is missing: pass --tokenizer (the Llama 2 tokenizer.bin)")
     if args.llama2c:
@@ -162,9 +162,8 @@ def main():
         for r in range(args.rounds):
             for shape, engines in timers.items():
                 for engine, timer in engines.items():
-                    got, pre = timer(), None
-                    if engine.startswith("ours"):
-                        got, pre = got
+                    got, pre = timer()
+                    if pre is not None:
                         prefill[shape][engine].append(pre)
                     samples[shape][engine].append(got)
                     print(f"round {r + 1} {shape} {engine}: {got:.1f} tok/s", file=sys.stderr)
