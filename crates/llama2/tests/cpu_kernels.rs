@@ -284,11 +284,14 @@ fn float_products_match_reference() {
     let mut rng = Rng::new(3);
     for isa in Isa::all() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for _ in 0..12 {
+            for case in 0..16 {
+                // Rows up to 512 values and longer ones, one token (the
+                // first cases) and batches: decoding tiles short and long
+                // rows differently, batches differently again.
                 let (rows, cols, n) = (
                     1 + below(&mut rng, 40),
-                    1 + below(&mut rng, 300),
-                    1 + below(&mut rng, 9),
+                    if case % 2 == 0 { 1 } else { 500 } + below(&mut rng, 300),
+                    if case < 4 { 1 } else { 1 + below(&mut rng, 9) },
                 );
                 let w = matrix(&mut rng, rows, cols, dtype, 1);
                 let x = random_vec(&mut rng, n * cols);
