@@ -537,13 +537,27 @@ fn backend_rmsnorm_rope_attention_match_reference() {
 
 #[test]
 fn batched_forward_matches_one_token_at_a_time() {
-    let c = small_config();
+    // The wide model's batches are big enough that copying product results
+    // out and quantizing activations are split across the threads too.
+    let wide = Config {
+        dim: 132, // 6 heads of 22
+        hidden_dim: 272,
+        ..small_config()
+    };
+    for c in [small_config(), wide] {
+        batched_matches_single(&c);
+    }
+}
+
+/// A 70-token prompt (a full batch and part of another) in batched steps on
+/// two threads against the same tokens one at a time on one.
+fn batched_matches_single(c: &Config) {
     let tokens: Vec<u32> = (0..70)
         .map(|i| (i * 31 + 5) % c.vocab_size as u32)
         .collect();
     let v = c.vocab_size;
     for dtype in [DType::F32, DType::BF16, DType::Q8] {
-        let weights = llama2::synth::random_weights(&c, dtype, 11);
+        let weights = llama2::synth::random_weights(c, dtype, 11);
         for isa in Isa::all() {
             let backend = CpuBackend::with_isa(2, None, isa).unwrap();
             let mut batched = Transformer::new(backend, &weights).unwrap();
@@ -555,7 +569,8 @@ fn batched_forward_matches_one_token_at_a_time() {
                 let want = single.forward(&[t], pos).unwrap();
                 // Q8 rounds activations; a last-bit difference can flip one value.
                 let tol = if dtype == DType::Q8 { 2e-2 } else { 1e-4 };
-                assert_close(&format!("{dtype} {isa:?} pos {pos}"), got, want, tol);
+                let what = format!("dim {} {dtype} {isa:?} pos {pos}", c.dim);
+                assert_close(&what, got, want, tol);
             }
         }
     }
