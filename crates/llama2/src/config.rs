@@ -8,10 +8,10 @@ use crate::error::{Error, Result};
 /// Largest value accepted for any single dimension. Llama 2 70B has
 /// hidden_dim 28672 and vocab 32000; newer Llama vocabularies reach 128256.
 /// Anything far beyond that is a corrupt header, not a model.
-const MAX_DIMENSION: i64 = 1 << 24;
+const MAX_DIMENSION: usize = 1 << 24;
 /// Largest accepted layer count and context length.
-const MAX_LAYERS: i64 = 1 << 12;
-const MAX_SEQ_LEN: i64 = 1 << 20;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_SEQ_LEN: usize = 1 << 20;
 
 /// Hyper-parameters of a Llama-architecture transformer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,31 +48,55 @@ impl Config {
         seq_len: i32,
         shared_classifier: bool,
     ) -> Result<Config> {
-        let check = |name: &str, v: i32, max: i64| -> Result<usize> {
-            if v <= 0 || v as i64 > max {
-                return Err(Error::Config(format!(
-                    "{name} is {v}; expected a value between 1 and {max}"
-                )));
-            }
-            Ok(v as usize)
-        };
+        let raw = [
+            ("dim", dim),
+            ("hidden_dim", hidden_dim),
+            ("n_layers", n_layers),
+            ("n_heads", n_heads),
+            ("n_kv_heads", n_kv_heads),
+            ("vocab_size", vocab_size),
+            ("seq_len", seq_len),
+        ];
+        if let Some((name, v)) = raw.iter().find(|(_, v)| *v <= 0) {
+            return Err(Error::Config(format!(
+                "{name} is {v}; expected a positive value"
+            )));
+        }
         let config = Config {
-            dim: check("dim", dim, MAX_DIMENSION)?,
-            hidden_dim: check("hidden_dim", hidden_dim, MAX_DIMENSION)?,
-            n_layers: check("n_layers", n_layers, MAX_LAYERS)?,
-            n_heads: check("n_heads", n_heads, MAX_DIMENSION)?,
-            n_kv_heads: check("n_kv_heads", n_kv_heads, MAX_DIMENSION)?,
-            vocab_size: check("vocab_size", vocab_size, MAX_DIMENSION)?,
-            seq_len: check("seq_len", seq_len, MAX_SEQ_LEN)?,
+            dim: dim as usize,
+            hidden_dim: hidden_dim as usize,
+            n_layers: n_layers as usize,
+            n_heads: n_heads as usize,
+            n_kv_heads: n_kv_heads as usize,
+            vocab_size: vocab_size as usize,
+            seq_len: seq_len as usize,
             shared_classifier,
         };
         config.validate()?;
         Ok(config)
     }
 
-    /// Checks the relations between dimensions that the forward pass relies on.
+    /// Checks each dimension's range and the relations between dimensions
+    /// that the forward pass relies on. Models built from a config call this
+    /// themselves, so a hand-written config gets an error, not a panic.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
+        let ranges = [
+            ("dim", self.dim, MAX_DIMENSION),
+            ("hidden_dim", self.hidden_dim, MAX_DIMENSION),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("n_heads", self.n_heads, MAX_DIMENSION),
+            ("n_kv_heads", self.n_kv_heads, MAX_DIMENSION),
+            ("vocab_size", self.vocab_size, MAX_DIMENSION),
+            ("seq_len", self.seq_len, MAX_SEQ_LEN),
+        ];
+        for (name, v, max) in ranges {
+            if v == 0 || v > max {
+                return fail(format!(
+                    "{name} is {v}; expected a value between 1 and {max}"
+                ));
+            }
+        }
         if !self.dim.is_multiple_of(self.n_heads) {
             return fail(format!(
                 "n_heads {} does not divide dim {}",
@@ -145,5 +169,30 @@ mod tests {
         assert!(Config::from_header(64, 172, 5, 64, 64, 512, 512, true).is_err());
         assert!(Config::from_header(64, 172, 5, 32, 32, 512, 512, true).is_ok());
         assert!(Config::from_header(63, 172, 5, 63, 63, 512, 512, true).is_err());
+    }
+
+    #[test]
+    fn validates_hand_written_configs() {
+        let good = Config::from_header(64, 172, 5, 8, 4, 512, 512, true).unwrap();
+        assert!(good.validate().is_ok());
+        for bad in [
+            Config { n_heads: 0, ..good },
+            Config {
+                n_kv_heads: 0,
+                ..good
+            },
+            Config { dim: 0, ..good },
+            Config {
+                n_heads: 6,
+                n_kv_heads: 6,
+                ..good
+            },
+            Config {
+                seq_len: usize::MAX,
+                ..good
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -247,6 +247,8 @@ impl<B: Backend> Transformer<B> {
     /// Uploads `weights` to `backend` and allocates the activations.
     pub fn new(mut backend: B, weights: &ModelWeights) -> Result<Self> {
         let config = weights.config;
+        config.validate()?;
+        weights.check_shapes()?;
         let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::upload(&mut backend, weights)?;
         let state = State::new(&mut backend, &config, batch)?;
@@ -263,6 +265,7 @@ impl<B: Backend> Transformer<B> {
     /// A model of `config`'s shape with random weights built on the backend
     /// (benchmarks: no file, no host copy of a 7B model).
     pub fn synthetic(mut backend: B, config: &Config, seed: u64) -> Result<Self> {
+        config.validate()?;
         let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::synthetic(&mut backend, config, seed)?;
         let state = State::new(&mut backend, config, batch)?;

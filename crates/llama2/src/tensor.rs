@@ -165,6 +165,44 @@ impl HostMatrix {
         }
     }
 
+    /// Checks that this is a `[rows][cols]` matrix whose storage holds
+    /// exactly that many elements (and, for Q8, a scale for every group), so
+    /// that hand-built weights fail here instead of deep inside a kernel.
+    /// `name` says which matrix in the error.
+    pub fn check_shape(&self, name: &str, rows: usize, cols: usize) -> crate::Result<()> {
+        let fail = |what: String| Err(crate::Error::Invalid(format!("weight {name}: {what}")));
+        if (self.rows, self.cols) != (rows, cols) {
+            return fail(format!(
+                "expected [{rows}][{cols}], found [{}][{}]",
+                self.rows, self.cols
+            ));
+        }
+        let stored = match &self.data {
+            MatrixData::F32(d) => d.len(),
+            MatrixData::F16(d) => d.len(),
+            MatrixData::BF16(d) => d.len(),
+            MatrixData::Q8(d) => {
+                let groups = d.q.len().checked_div(d.group_size);
+                if groups.is_none_or(|g| g * d.group_size != d.q.len() || g != d.scales.len()) {
+                    return fail(format!(
+                        "{} int8 values in groups of {} need one scale per group, found {}",
+                        d.q.len(),
+                        d.group_size,
+                        d.scales.len()
+                    ));
+                }
+                d.q.len()
+            }
+        };
+        if Some(stored) != rows.checked_mul(cols) {
+            return fail(format!(
+                "[{rows}][{cols}] needs {} elements, the storage holds {stored}",
+                rows.saturating_mul(cols)
+            ));
+        }
+        Ok(())
+    }
+
     /// Bytes this matrix occupies (what a matvec streams).
     pub fn byte_size(&self) -> usize {
         match &self.data {

@@ -10,7 +10,9 @@ use llama2::cpu::kernels::{self, Isa, Level, Q8Acts, Rows};
 use llama2::cpu::packed::{self, CpuMatrix};
 use llama2::cpu::reference;
 use llama2::sampler::Rng;
-use llama2::{Backend, Config, CpuBackend, DType, HostMatrix, LanguageModel, Transformer};
+use llama2::{
+    Backend, Config, CpuBackend, DType, HostMatrix, LanguageModel, ModelWeights, Transformer,
+};
 
 fn random_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
@@ -547,6 +549,45 @@ fn batched_forward_matches_one_token_at_a_time() {
     for c in [small_config(), wide] {
         batched_matches_single(&c);
     }
+}
+
+#[test]
+fn model_from_inconsistent_weights_is_an_error() {
+    let bad = Config {
+        dim: 128, // not divisible by 6 heads
+        ..small_config()
+    };
+    let backend = || CpuBackend::with_dtype(1, None).unwrap();
+    let rejected = |result: llama2::Result<Transformer<CpuBackend>>, expected: &str| {
+        let err = result.err().expect("accepted");
+        assert!(err.to_string().contains(expected), "{err}");
+    };
+    rejected(
+        Transformer::synthetic(backend(), &bad, 1),
+        "does not divide",
+    );
+    let good = llama2::synth::random_weights(&small_config(), DType::Q8, 1);
+    assert!(Transformer::new(backend(), &good).is_ok());
+    let config = bad;
+    let with_bad_config = ModelWeights {
+        config,
+        ..good.clone()
+    };
+    rejected(
+        Transformer::new(backend(), &with_bad_config),
+        "does not divide",
+    );
+    let mut fewer = good.clone();
+    fewer.layers.pop();
+    rejected(Transformer::new(backend(), &fewer), "2 layers but 1");
+    let mut swapped = good.clone();
+    swapped.layers[1].w2 = swapped.layers[1].w1.clone();
+    let expected = "layers[1].w2: expected [48][100], found [100][48]";
+    rejected(Transformer::new(backend(), &swapped), expected);
+    let mut short = good;
+    short.rms_final = llama2::tensor::Storage::owned(vec![1.0; 47]);
+    let expected = "rms_final: expected 48 values, found 47";
+    rejected(Transformer::new(backend(), &short), expected);
 }
 
 /// A 70-token prompt (a full batch and part of another) in batched steps on

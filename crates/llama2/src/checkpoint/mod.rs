@@ -15,6 +15,7 @@ pub use read::load;
 pub use write::{write, FileFormat};
 
 use crate::config::Config;
+use crate::error::{Error, Result};
 use crate::tensor::{HostMatrix, Storage};
 
 /// Magic number of version 1 and 2 files: the bytes "ak42" read as little-endian u32.
@@ -68,6 +69,53 @@ impl ModelWeights {
     /// The classifier matrix `[V][D]`, shared or separate.
     pub fn classifier(&self) -> &HostMatrix {
         self.classifier.as_ref().unwrap_or(&self.token_embedding)
+    }
+
+    /// Checks every matrix and vector against the config's shapes (layer
+    /// count included). Files are checked this way while they are read; this
+    /// catches weights assembled by hand before a model is built from them.
+    pub fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (d, h, kv, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab_size);
+        if self.layers.len() != c.n_layers {
+            return Err(Error::Invalid(format!(
+                "the config has {} layers but {} were given",
+                c.n_layers,
+                self.layers.len()
+            )));
+        }
+        let vector = |name: &str, s: &Storage<f32>| {
+            if s.len() == d {
+                Ok(())
+            } else {
+                Err(Error::Invalid(format!(
+                    "weight {name}: expected {d} values, found {}",
+                    s.len()
+                )))
+            }
+        };
+        self.token_embedding.check_shape("token_embedding", v, d)?;
+        if let Some(m) = &self.classifier {
+            m.check_shape("classifier", v, d)?;
+        }
+        vector("rms_final", &self.rms_final)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let name = |w: &str| format!("layers[{i}].{w}");
+            vector(&name("rms_att"), &l.rms_att)?;
+            vector(&name("rms_ffn"), &l.rms_ffn)?;
+            for (w, m, rows, cols) in [
+                ("wq", &l.wq, d, d),
+                ("wk", &l.wk, kv, d),
+                ("wv", &l.wv, kv, d),
+                ("wo", &l.wo, d, d),
+                ("w1", &l.w1, h, d),
+                ("w2", &l.w2, d, h),
+                ("w3", &l.w3, h, d),
+            ] {
+                m.check_shape(&name(w), rows, cols)?;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of weights one decoded token streams: every matrix and norm once.
