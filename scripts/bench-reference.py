@@ -16,10 +16,17 @@ Engines you do not point it at are left out:
   --llama-cpp DIR  a folder with llama.cpp's llama-bench, llama-quantize and
                    llama-convert-llama2c-to-ggml binaries
 
+It also times the fp32 "wall" unless --no-wall: scripts/products-only.c,
+compiled with gcc -O3 -march=native -fopenmp, which does nothing per token
+but the matrix-vector products of the same v0 file (AVX-512, spinning
+OpenMP threads). No fp32 engine can decode much faster than that on the
+machine, so "ours / products only" is our share of what is reachable.
+
 Decoding is greedy everywhere (llama2.c `-t 0`): with sampling, llama2.c's
 top-p sort over 32000 tokens dominates and hides the forward pass.
-llama.cpp's converter always stores a separate copy of the classifier, so
-llama.cpp streams more bytes per token than the llama2.c-format files.
+llama.cpp's converter stores the token embedding and the classifier as two
+tensors, but a token reads one embedding row, so every engine streams the
+same bytes per token at fp32.
 """
 
 import argparse
@@ -66,6 +73,16 @@ def llama2c(binary, model, tokenizer, threads, gen):
     return float(m.group(1))
 
 
+def products_only(binary, model, threads, gen):
+    """The fp32 wall: scripts/products-only.c's tok/s on the same file."""
+    out = run([binary, model, gen],
+              env={"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "active"})
+    m = re.search(r"products-only tok/s: ([0-9.]+)", out)
+    if not m:
+        sys.exit(f"no 'products-only tok/s' in {binary}'s output:\n{out[-500:]}")
+    return float(m.group(1))
+
+
 def llama_bench(tools, gguf, threads, gen):
     """llama.cpp's text-generation tok/s from one llama-bench repetition."""
     out = run([tools / "llama-bench", "-m", gguf, "-t", threads, "-p", 0, "-n", gen,
@@ -86,6 +103,8 @@ def prepare(shape, work, args):
         "ours f32": lambda: ours(args.ours, v0, t, gen, args.prompt_tokens),
         "ours q8": lambda: ours(args.ours, v2, t, gen, args.prompt_tokens),
     }
+    if args.wall:
+        timers["products only"] = lambda: (products_only(work / "products-only", v0, t, gen), None)
     if args.llama2c:
         timers["llama2.c run"] = lambda: (llama2c(work / "run", v0, tok, t, gen), None)
         timers["llama2.c runq"] = lambda: (llama2c(work / "runq", v2, tok, t, gen), None)
@@ -108,15 +127,20 @@ def compile_llama2c(src, work):
              "-o", work / name])
 
 
+def compile_wall(work):
+    run(["gcc", "-O3", "-march=native", "-fopenmp", ROOT / "scripts" / "products-only.c",
+         "-o", work / "products-only"])
+
+
 def table(samples, prefill):
     """Markdown rows: our medians, the references' medians, and the median
     over rounds of our ratio to each reference within the round (with its
     range), which cancels most of a shared machine's drift."""
-    pairs = [("f32", "ours f32", ["llama2.c run", "llama.cpp F32"]),
-             ("q8", "ours q8", ["llama2.c runq", "llama.cpp Q8_0"])]
+    pairs = [("f32", "ours f32", ["llama2.c run", "llama.cpp F32", "products only"]),
+             ("q8", "ours q8", ["llama2.c runq", "llama.cpp Q8_0", None])]
     lines = ["| shape | dtype | ours prefill tok/s | ours decode tok/s | llama2.c | llama.cpp "
-             "| ours / llama2.c | ours / llama.cpp |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| products only | ours / llama2.c | ours / llama.cpp | ours / products only |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     med = statistics.median
     for shape, m in samples.items():
         for dtype, mine, refs in pairs:
@@ -136,6 +160,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama2c", type=Path, help="llama2.c checkout (run.c, runq.c)")
     ap.add_argument("--llama-cpp", type=Path, help="folder of llama.cpp binaries")
+    ap.add_argument("--no-wall", dest="wall", action="store_false",
+                    help="leave out the products-only fp32 wall")
     ap.add_argument("--shapes", nargs="+", default=["stories15M", "stories42M", "stories110M"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -155,6 +181,8 @@ def main():
         sys.exit(f"{args.tokenizer} is missing: pass --tokenizer (the Llama 2 tokenizer.bin)")
     if args.llama2c:
         compile_llama2c(args.llama2c, args.work)
+    if args.wall:
+        compile_wall(args.work)
     timers = {s: prepare(s, args.work, args) for s in args.shapes}
     samples = {s: {e: [] for e in t} for s, t in timers.items()}
     prefill = {s: {"ours f32": [], "ours q8": []} for s in args.shapes}
