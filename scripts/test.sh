@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs NVRTC and the CUDA headers
 # from PyPI into .nvrtc/ (once) so the kernel compile test runs without a GPU
-# or a CUDA toolkit, then runs every crate's tests and a smoke run of the
-# reference benchmark script (our engine only, on the tiny shape).
+# or a CUDA toolkit, then runs every crate's tests, the core library's tests
+# for aarch64 under qemu (NEON kernels; see scripts/test-aarch64.sh) and a
+# smoke run of the reference benchmark script (our engine only, tiny shape).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
@@ -11,6 +12,7 @@ if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
 fi
 eval "$(bash crates/llama2-cuda/nvrtc-env.sh .nvrtc)"
 cargo test --workspace "$@"
+bash scripts/test-aarch64.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 scripts/bench-reference.py --ours target/debug/llama2 --work "$work" \

@@ -4,7 +4,7 @@
 //! straddling group sizes too, and repacked for VNNI and AMX), the backend's rmsnorm, rope and attention,
 //! and batched prefill against one token at a time. Shapes are random,
 //! seeded, and include sizes that are not multiples of the vector width or
-//! the group size.
+//! the group size. `scripts/test-aarch64.sh` runs them for NEON under qemu.
 
 use llama2::cpu::kernels::{self, Isa, Level, Q8Acts, Rows};
 use llama2::cpu::packed::{self, CpuMatrix};
@@ -320,6 +320,7 @@ fn q8_products_match_reference() {
         (32, 96),
         (64, 128),
         (64, 768),
+        (16, 48),
         (4, 64),
         (4, 172),
         (3, 7),
