@@ -132,3 +132,17 @@ pub fn random_weights(config: &Config, dtype: DType, seed: u64) -> ModelWeights 
         classifier: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_is_a_valid_config() {
+        for (name, config) in SHAPES {
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(shape_config(name).unwrap(), config);
+        }
+        assert!(shape_config("stories1B").is_err());
+    }
+}
