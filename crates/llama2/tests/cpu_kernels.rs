@@ -86,7 +86,7 @@ fn attention_kernels_match_scalar() {
             // Blocks of 1 to 4 queries take the vector kernels; 5 takes
             // the per-query loop.
             for tokens in 1..=5 {
-                let n = below(&mut rng, 40);
+                let n = below(&mut rng, 70);
                 let stride = hs + below(&mut rng, 3) * 8;
                 let rows = |count: usize| {
                     if count == 0 {
