@@ -123,6 +123,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     int steps = atoi(argv[2]), widest = V > hd ? V : hd;
+    widest = widest > d ? widest : d;
     float *x = malloc(sizeof(float) * widest), *out = malloc(sizeof(float) * widest);
     for (int i = 0; i < widest; i++)
         x[i] = 1.0f / (1 + i % 7);
