@@ -143,8 +143,49 @@ fn sort_until_mass(c: &mut [(f32, u32)], topp: f32) -> &[(f32, u32)] {
     &c[..sorted]
 }
 
-/// Index of the largest value; the first one on ties.
+/// Index of the largest value; the first one on ties; NaNs are never
+/// chosen unless the first value is one. The same answer as
+/// `argmax_scalar`, in two vectorizable passes: the maximum, kept in 16
+/// independent lanes, then the first chunk holding it. Greedy decoding runs
+/// this once per token over the whole vocabulary, on one thread, while the
+/// other threads wait.
 pub fn argmax(v: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let Some(&first) = v.first() else {
+        return 0;
+    };
+    if first.is_nan() {
+        return 0;
+    }
+    let mut lanes = [first; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            if x > *m {
+                *m = x;
+            }
+        }
+    }
+    let max = lanes
+        .into_iter()
+        .chain(tail.iter().copied())
+        .fold(first, |m, x| if x > m { x } else { m });
+    let start = v
+        .chunks(LANES)
+        .position(|c| c.iter().fold(false, |hit, &x| hit | (x == max)))
+        .expect("the maximum is one of the values")
+        * LANES;
+    let offset = v[start..]
+        .iter()
+        .position(|&x| x == max)
+        .expect("found above");
+    (start + offset) as u32
+}
+
+/// `argmax`'s reference: run.c's loop, replacing the best index only when a
+/// value is strictly greater.
+pub fn argmax_scalar(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {

@@ -1,7 +1,7 @@
 //! The sampler against a naive transcription of run.c's sampling (full sort
 //! of the top-p candidates), over many random distributions and coins.
 
-use llama2::sampler::{argmax, softmax, Rng, Sampler};
+use llama2::sampler::{argmax, argmax_scalar, softmax, Rng, Sampler};
 
 /// run.c's `sample`, written plainly: temperature, softmax, one coin, then
 /// multinomial or top-p with a full (stable) sort of the candidates.
@@ -146,6 +146,29 @@ fn temperature_zero_is_argmax_first_max_wins() {
             assert_eq!(Sampler::new(0.0, p, seed).sample(&mut logits.clone()), want);
         }
     }
+}
+
+#[test]
+fn argmax_matches_its_scalar_reference() {
+    let mut rng = Rng::new(5);
+    let specials = [f32::NAN, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1.0];
+    for case in 0..400 {
+        let n = 1 + rng.next_u32() as usize % 100;
+        // Few distinct values, so ties are common; some specials mixed in.
+        let mut v: Vec<f32> = (0..n).map(|_| (rng.next_u32() % 5) as f32 - 2.0).collect();
+        if case % 2 == 0 {
+            for _ in 0..1 + n / 10 {
+                let i = rng.next_u32() as usize % n;
+                v[i] = specials[rng.next_u32() as usize % specials.len()];
+            }
+        }
+        assert_eq!(argmax(&v), argmax_scalar(&v), "{v:?}");
+    }
+    let mut big: Vec<f32> = (0..32000).map(|i| ((i * 7919) % 32000) as f32).collect();
+    assert_eq!(argmax(&big), argmax_scalar(&big));
+    big[31999] = 1e9;
+    assert_eq!(argmax(&big), 31999);
+    assert_eq!(argmax(&[]), 0);
 }
 
 #[test]
