@@ -325,7 +325,14 @@ impl Backend for CpuBackend {
         let used = self.quantize_inputs(x, n, outs);
         let total: usize = outs.iter().map(|(w, _)| w.rows()).sum();
         let work = total * outs.first().map_or(0, |(w, _)| w.cols()) * n;
-        let mut buffer = std::mem::take(&mut self.scratch);
+        // One token through one matrix (the classifier, when decoding): each
+        // task's share of the scratch layout is its slice of the output
+        // itself, so the tasks write there and nothing is copied after.
+        let direct = n == 1 && outs.len() == 1;
+        let mut buffer = match direct {
+            true => std::mem::take(&mut *outs[0].1),
+            false => std::mem::take(&mut self.scratch),
+        };
         let scratch = grow_to(&mut buffer, total * n);
         let ws = &*outs;
         let (isa, acts, x) = (self.isa, &self.acts[..used], &x[..]);
@@ -341,6 +348,10 @@ impl Backend for CpuBackend {
             product_range(isa, ws, acts, x, n, 0, scratch);
             total
         };
+        if direct {
+            *outs[0].1 = buffer;
+            return Ok(());
+        }
         // Batches copy their results out in parallel too, as an element-wise
         // op: at 64 tokens these copies are megabytes per layer.
         let scratch = &*scratch;
