@@ -75,8 +75,8 @@ impl ModelWeights {
     /// count included). Files are checked this way while they are read; this
     /// catches weights assembled by hand before a model is built from them.
     pub fn check_shapes(&self) -> Result<()> {
+        use read::Tensor;
         let c = &self.config;
-        let (d, h, kv, v) = (c.dim, c.hidden_dim, c.kv_dim(), c.vocab_size);
         if self.layers.len() != c.n_layers {
             return Err(Error::Invalid(format!(
                 "the config has {} layers but {} were given",
@@ -85,6 +85,7 @@ impl ModelWeights {
             )));
         }
         let vector = |name: &str, s: &Storage<f32>| {
+            let (_, d) = Tensor::RmsFinal.shape(c);
             if s.len() == d {
                 Ok(())
             } else {
@@ -94,25 +95,29 @@ impl ModelWeights {
                 )))
             }
         };
-        self.token_embedding.check_shape("token_embedding", v, d)?;
+        let matrix = |name: &str, m: &HostMatrix, t: Tensor| {
+            let (rows, cols) = t.shape(c);
+            m.check_shape(name, rows, cols)
+        };
+        matrix("token_embedding", &self.token_embedding, Tensor::Embedding)?;
         if let Some(m) = &self.classifier {
-            m.check_shape("classifier", v, d)?;
+            matrix("classifier", m, Tensor::Classifier)?;
         }
         vector("rms_final", &self.rms_final)?;
         for (i, l) in self.layers.iter().enumerate() {
             let name = |w: &str| format!("layers[{i}].{w}");
             vector(&name("rms_att"), &l.rms_att)?;
             vector(&name("rms_ffn"), &l.rms_ffn)?;
-            for (w, m, rows, cols) in [
-                ("wq", &l.wq, d, d),
-                ("wk", &l.wk, kv, d),
-                ("wv", &l.wv, kv, d),
-                ("wo", &l.wo, d, d),
-                ("w1", &l.w1, h, d),
-                ("w2", &l.w2, d, h),
-                ("w3", &l.w3, h, d),
+            for (w, m, t) in [
+                ("wq", &l.wq, Tensor::Wq),
+                ("wk", &l.wk, Tensor::Wk),
+                ("wv", &l.wv, Tensor::Wv),
+                ("wo", &l.wo, Tensor::Wo),
+                ("w1", &l.w1, Tensor::W1),
+                ("w2", &l.w2, Tensor::W2),
+                ("w3", &l.w3, Tensor::W3),
             ] {
-                m.check_shape(&name(w), rows, cols)?;
+                matrix(&name(w), m, t)?;
             }
         }
         Ok(())
