@@ -466,6 +466,21 @@ fn small_config() -> Config {
     }
 }
 
+/// The backend's rmsnorm of `rows` random rows of `d` values: each row
+/// equals the one-row reference exactly, however the rows are split.
+fn assert_backend_rmsnorm(b: &mut CpuBackend, rng: &mut Rng, rows: usize, d: usize) {
+    let x = random_vec(rng, rows * d);
+    let w = random_vec(rng, d);
+    let mut out = b.buffer(rows * d).unwrap();
+    b.rmsnorm(&mut out, &x, &w, rows).unwrap();
+    for r in 0..rows {
+        let mut want = vec![0f32; d];
+        reference::rmsnorm(&mut want, &x[r * d..(r + 1) * d], &w);
+        let what = format!("rmsnorm {:?} {rows}x{d} row {r}", b.isa());
+        assert_same(&what, &out[r * d..(r + 1) * d], &want);
+    }
+}
+
 #[test]
 fn backend_rmsnorm_rope_attention_match_reference() {
     let c = small_config();
@@ -474,20 +489,7 @@ fn backend_rmsnorm_rope_attention_match_reference() {
     for isa in Isa::all() {
         let mut b = CpuBackend::with_isa(2, None, isa).unwrap();
         let rows = 5;
-        let x = random_vec(&mut rng, rows * d);
-        let w = random_vec(&mut rng, d);
-        let mut out = b.buffer(rows * d).unwrap();
-        b.rmsnorm(&mut out, &x, &w, rows).unwrap();
-        for r in 0..rows {
-            let mut want = vec![0f32; d];
-            reference::rmsnorm(&mut want, &x[r * d..(r + 1) * d], &w);
-            assert_close(
-                &format!("rmsnorm {isa:?} row {r}"),
-                &out[r * d..(r + 1) * d],
-                &want,
-                1e-6,
-            );
-        }
+        assert_backend_rmsnorm(&mut b, &mut rng, rows, d);
 
         let pos0 = 7;
         let (mut q, mut k) = (
@@ -569,9 +571,8 @@ fn model_from_inconsistent_weights_is_an_error() {
     );
     let good = llama2::synth::random_weights(&small_config(), DType::Q8, 1);
     assert!(Transformer::new(backend(), &good).is_ok());
-    let config = bad;
     let with_bad_config = ModelWeights {
-        config,
+        config: bad,
         ..good.clone()
     };
     rejected(
@@ -626,19 +627,7 @@ fn backend_elementwise_batches_match_reference() {
     let mut rng = Rng::new(11);
     for isa in Isa::all() {
         let mut b = CpuBackend::with_isa(2, None, isa).unwrap();
-        let x = random_vec(&mut rng, rows * d);
-        let w = random_vec(&mut rng, d);
-        let mut out = b.buffer(rows * d).unwrap();
-        b.rmsnorm(&mut out, &x, &w, rows).unwrap();
-        for r in 0..rows {
-            let mut want = vec![0f32; d];
-            reference::rmsnorm(&mut want, &x[r * d..(r + 1) * d], &w);
-            assert_eq!(
-                &out[r * d..(r + 1) * d],
-                &want[..],
-                "rmsnorm {isa:?} row {r}"
-            );
-        }
+        assert_backend_rmsnorm(&mut b, &mut rng, rows, d);
 
         let (gate, up) = (
             random_vec(&mut rng, rows * d),
