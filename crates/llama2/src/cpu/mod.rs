@@ -432,10 +432,13 @@ impl Backend for CpuBackend {
         let task_len = QUERY_BLOCK * (span + hs);
         let mut buffer = std::mem::take(&mut self.att);
         let scratch = grow_to(&mut buffer, blocks * heads * task_len);
-        let block_of = |i: usize| (blocks - 1 - i / heads, i % heads);
+        // Task `i`'s head and the query rows of its block.
+        let task_of = |i: usize| {
+            let b = blocks - 1 - i / heads;
+            (b * QUERY_BLOCK..rows.min((b + 1) * QUERY_BLOCK), i % heads)
+        };
         let task = |i: usize, s: &mut [f32]| {
-            let (b, h) = block_of(i);
-            let rs = b * QUERY_BLOCK..rows.min((b + 1) * QUERY_BLOCK);
+            let (rs, h) = task_of(i);
             let n = pos0 + rs.end;
             let kv_off = (h / c.kv_group()) * hs;
             let queries = Rows::new(&q[rs.start * d + h * hs..], d, hs, rs.len());
@@ -467,9 +470,9 @@ impl Backend for CpuBackend {
             self.team.for_each_chunk(scratch, task_len, task);
         }
         for (i, s) in scratch.chunks(task_len).enumerate() {
-            let (b, h) = block_of(i);
+            let (rs, h) = task_of(i);
             let outs = s[QUERY_BLOCK * span..].chunks_exact(hs);
-            for (r, o) in (b * QUERY_BLOCK..rows.min((b + 1) * QUERY_BLOCK)).zip(outs) {
+            for (r, o) in rs.zip(outs) {
                 out[r * d + h * hs..][..hs].copy_from_slice(o);
             }
         }
