@@ -8,12 +8,18 @@ use std::path::PathBuf;
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
+    // The OS cause is the error's source, not part of its text: printing
+    // the chain (as the CLI does) shows it once.
+    #[error("cannot open {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+
+    /// A file that is not one we can read: a directory, a FIFO, too large.
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
 
     #[error("{path}: not a valid checkpoint: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
@@ -32,8 +38,16 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// An allocation the input asks for that this machine cannot make.
+    #[error("not enough memory: {0}")]
+    Memory(String),
+
+    /// NaN or infinity where the model must have finite numbers.
+    #[error("{0}")]
+    NonFinite(String),
+
     /// Writing generated text failed (a closed pipe, a full disk).
-    #[error("cannot write output: {0}")]
+    #[error("cannot write output")]
     Output(#[from] std::io::Error),
 
     #[error("backend error: {0}")]
@@ -49,6 +63,15 @@ impl Error {
         Error::Checkpoint {
             path: path.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// The same error, said of the weight `name` (for values a weight
+    /// cannot hold; other errors are returned as they are).
+    pub fn in_weight(self, name: &str) -> Self {
+        match self {
+            Error::NonFinite(msg) => Error::NonFinite(format!("weight {name}: {msg}")),
+            other => other,
         }
     }
 

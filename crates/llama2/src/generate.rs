@@ -119,18 +119,46 @@ pub struct ChatInput<'a> {
     pub lines: &'a mut dyn BufRead,
 }
 
-/// Reads one line after printing `guide`; `None` when input has ended.
-fn read_line(input: &mut dyn BufRead, out: &mut dyn Write, guide: &str) -> Result<Option<String>> {
+/// Reads one line of at most `limit` bytes after printing `guide`; `None`
+/// when input has ended. A longer line is refused without being read whole
+/// (stdin may be endless), as is one that is not UTF-8.
+fn read_line(
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+    guide: &str,
+    limit: usize,
+) -> Result<Option<String>> {
     out.write_all(guide.as_bytes())?;
     out.flush()?;
-    let mut line = String::new();
-    if input.read_line(&mut line)? == 0 {
+    let mut line = Vec::new();
+    let read = std::io::Read::take(input, limit as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| Error::Invalid(format!("cannot read chat input: {e}")))?;
+    if read == 0 {
         return Ok(None);
     }
-    if line.ends_with('\n') {
+    if line.last() == Some(&b'\n') {
         line.pop();
     }
-    Ok(Some(line))
+    if line.len() > limit {
+        return Err(Error::Invalid(format!(
+            "a chat message of more than {limit} bytes cannot fit in the model's context: \
+             shorten it"
+        )));
+    }
+    String::from_utf8(line).map(Some).map_err(|e| {
+        Error::Invalid(format!(
+            "chat input is not valid UTF-8 (at byte {} of the line); send UTF-8 text",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// The longest line worth reading when `room` positions are left: no token
+/// stands for more than `longest_piece` bytes of text, so anything longer
+/// cannot fit.
+fn line_limit(tok: &Tokenizer, room: usize) -> usize {
+    room.saturating_mul(tok.longest_piece().max(1))
 }
 
 /// The Llama 2 chat template for one user turn.
@@ -168,17 +196,20 @@ pub fn chat(
     while pos < steps {
         if user_turn {
             if pos == 0 && system.is_none() {
-                system = read_line(input.lines, out, "Enter system prompt (optional): ")?;
+                let limit = line_limit(tok, seq_len);
+                system = read_line(input.lines, out, "Enter system prompt (optional): ", limit)?;
                 if system.is_none() {
                     break;
                 }
             }
             let user = match first_user.take().filter(|_| pos == 0) {
                 Some(u) => u,
-                None => match read_line(input.lines, out, "User: ")? {
-                    Some(u) => u,
-                    None => break,
-                },
+                None => {
+                    match read_line(input.lines, out, "User: ", line_limit(tok, seq_len - pos))? {
+                        Some(u) => u,
+                        None => break,
+                    }
+                }
             };
             let rendered = render_turn(system.as_deref().filter(|_| pos == 0), &user);
             let prompt = encode_prompt(tok, &rendered, seq_len - pos, seq_len)?;

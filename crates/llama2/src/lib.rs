@@ -5,6 +5,7 @@
 //! |-----------------|-----------------------------------------------------------|
 //! | `config.rs`     | hyper-parameters, their validation, derived sizes          |
 //! | `checkpoint/`   | reading and writing version 0, 1 and 2 checkpoints         |
+//! | `files/`        | opening inputs: regular files only, sizes bounded          |
 //! | `tensor.rs`     | weight storage: f32, f16, bf16, Q8_0; mmap-backed          |
 //! | `quant.rs`      | Q8_0 quantization                                          |
 //! | `tokenizer.rs`  | BPE encode/decode, UTF-8-safe output streaming              |
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod files;
 pub mod generate;
 pub mod model;
 pub mod quant;

@@ -33,31 +33,37 @@ struct Weights<B: Backend> {
 
 impl<B: Backend> Weights<B> {
     fn upload(b: &mut B, w: &ModelWeights) -> Result<Self> {
+        // Conversions can refuse a value; the error then names the weight.
+        let matrix = |b: &mut B, name: &dyn Fn() -> String, m| {
+            b.upload_matrix(m).map_err(|e| e.in_weight(&name()))
+        };
         let layers = w
             .layers
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
+                let name = |w: &'static str| move || format!("layers[{i}].{w}");
                 Ok(Layer {
                     rms_att: b.upload_vector(&l.rms_att)?,
-                    wq: b.upload_matrix(&l.wq)?,
-                    wk: b.upload_matrix(&l.wk)?,
-                    wv: b.upload_matrix(&l.wv)?,
-                    wo: b.upload_matrix(&l.wo)?,
+                    wq: matrix(b, &name("wq"), &l.wq)?,
+                    wk: matrix(b, &name("wk"), &l.wk)?,
+                    wv: matrix(b, &name("wv"), &l.wv)?,
+                    wo: matrix(b, &name("wo"), &l.wo)?,
                     rms_ffn: b.upload_vector(&l.rms_ffn)?,
-                    w1: b.upload_matrix(&l.w1)?,
-                    w2: b.upload_matrix(&l.w2)?,
-                    w3: b.upload_matrix(&l.w3)?,
+                    w1: matrix(b, &name("w1"), &l.w1)?,
+                    w2: matrix(b, &name("w2"), &l.w2)?,
+                    w3: matrix(b, &name("w3"), &l.w3)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Weights {
-            token_embedding: b.upload_matrix(&w.token_embedding)?,
+            token_embedding: matrix(b, &|| "token_embedding".into(), &w.token_embedding)?,
             layers,
             rms_final: b.upload_vector(&w.rms_final)?,
             classifier: w
                 .classifier
                 .as_ref()
-                .map(|m| b.upload_matrix(m))
+                .map(|m| matrix(b, &|| "classifier".into(), m))
                 .transpose()?,
         })
     }
@@ -249,6 +255,7 @@ impl<B: Backend> Transformer<B> {
         let config = weights.config;
         config.validate()?;
         weights.check_shapes()?;
+        weights.check_values()?;
         let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::upload(&mut backend, weights)?;
         let state = State::new(&mut backend, &config, batch)?;
@@ -321,6 +328,23 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
+/// Refuses logits with NaN or infinity (at position `pos`): sampling from
+/// them would print one token over and over, or garbage, with no sign that
+/// anything went wrong. One pass over the vocabulary per token.
+fn check_logits(logits: &[f32], pos: usize) -> Result<()> {
+    if logits.iter().all(|l| l.is_finite()) {
+        return Ok(());
+    }
+    let nan = logits.iter().filter(|l| l.is_nan()).count();
+    let inf = logits.iter().filter(|l| l.is_infinite()).count();
+    Err(Error::NonFinite(format!(
+        "the model computed non-finite logits at position {pos} ({nan} NaN and {inf} infinite \
+         of {}): its weights hold NaN or infinity, or values so large that the activations \
+         overflow; the checkpoint is damaged or not a trained model",
+        logits.len()
+    )))
+}
+
 impl<B: Backend> LanguageModel for Transformer<B> {
     fn config(&self) -> &Config {
         &self.config
@@ -341,6 +365,7 @@ impl<B: Backend> LanguageModel for Transformer<B> {
         self.logits.resize(v, 0.0);
         self.backend
             .read(&self.state.logits, &mut self.logits[..v])?;
+        check_logits(&self.logits[..v], pos - 1)?;
         Ok(&self.logits[..v])
     }
 
@@ -354,6 +379,9 @@ impl<B: Backend> LanguageModel for Transformer<B> {
             let at = (pos - pos0) * v;
             let out = &mut self.logits[at..at + chunk.len() * v];
             self.backend.read(&self.state.logits, out)?;
+            for (i, row) in out.chunks(v).enumerate() {
+                check_logits(row, pos + i)?;
+            }
             pos += chunk.len();
         }
         Ok(&self.logits)

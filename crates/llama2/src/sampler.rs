@@ -49,9 +49,12 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits`, which it may overwrite.
+    /// Picks the next token from `logits`, which it may overwrite. A
+    /// temperature so small that dividing by it overflows (1e-38, or a
+    /// subnormal) is treated as 0, the limit it approaches: run.c samples
+    /// from NaN probabilities there.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        if self.temperature == 0.0 {
+        if self.temperature == 0.0 || overflows(logits, self.temperature) {
             return argmax(logits);
         }
         for l in logits.iter_mut() {
@@ -113,6 +116,12 @@ impl Sampler {
         }
         kept[last].1
     }
+}
+
+/// Whether some `logit / temperature` is infinite though the logit is not.
+fn overflows(logits: &[f32], temperature: f32) -> bool {
+    let max_abs = logits.iter().fold(0f32, |m, l| m.max(l.abs()));
+    !(max_abs / temperature).is_finite()
 }
 
 /// Orders candidates by descending probability (ascending id on ties) far

@@ -102,6 +102,7 @@ pub fn random_weights(config: &Config, dtype: DType, seed: u64) -> ModelWeights 
             m
         } else {
             m.convert(dtype, gs)
+                .expect("random values are finite and small")
         }
     };
     let ones = || Storage::owned(vec![1f32; d]);

@@ -239,15 +239,19 @@ impl HostMatrix {
 
     /// This matrix converted to `dtype` (Q8 with `group_size`), for backends
     /// and tools that store weights in another precision than the file.
-    pub fn convert(&self, dtype: DType, group_size: usize) -> HostMatrix {
+    /// Values the target cannot hold (NaN or infinity for Q8, whose scales
+    /// would silently absorb them; magnitudes beyond f16's range) are an
+    /// error rather than a quiet change of the model.
+    pub fn convert(&self, dtype: DType, group_size: usize) -> crate::Result<HostMatrix> {
         let same_groups = match &self.data {
             MatrixData::Q8(d) => d.group_size == group_size,
             _ => true,
         };
         if dtype == self.dtype() && same_groups {
-            return self.clone();
+            return Ok(self.clone());
         }
         let values = self.to_f32();
+        check_representable(&values, self.cols, dtype)?;
         let data = match dtype {
             DType::F32 => MatrixData::F32(Storage::owned(values)),
             DType::F16 => MatrixData::F16(Storage::owned(
@@ -258,10 +262,37 @@ impl HostMatrix {
             )),
             DType::Q8 => MatrixData::Q8(crate::quant::quantize(&values, group_size)),
         };
-        HostMatrix {
+        Ok(HostMatrix {
             rows: self.rows,
             cols: self.cols,
             data,
-        }
+        })
     }
+}
+
+/// Checks that every value of a matrix with rows of `cols` values survives
+/// conversion to `dtype`: Q8 needs finite values; f16 needs magnitudes it
+/// can hold (a finite value must not become infinite).
+pub fn check_representable(values: &[f32], cols: usize, dtype: DType) -> crate::Result<()> {
+    let bad = match dtype {
+        DType::Q8 => values.par_iter().position_first(|v| !v.is_finite()),
+        DType::F16 => values
+            .par_iter()
+            .position_first(|&v| v.is_finite() && !f16::from_f32(v).is_finite()),
+        DType::F32 | DType::BF16 => None,
+    };
+    let Some(i) = bad else { return Ok(()) };
+    let (r, c) = (i / cols.max(1), i % cols.max(1));
+    let why = match dtype {
+        DType::Q8 => "int8 quantization cannot represent it; the checkpoint is damaged".to_string(),
+        _ => format!(
+            "it is beyond f16's range of ±{}; use --dtype bf16 or f32",
+            f16::MAX
+        ),
+    };
+    Err(crate::Error::NonFinite(format!(
+        "cannot convert to {}: row {r}, column {c} holds {}; {why}",
+        dtype.name(),
+        values[i]
+    )))
 }

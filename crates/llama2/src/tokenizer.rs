@@ -17,6 +17,11 @@ pub const BOS: u32 = 1;
 pub const EOS: u32 = 2;
 /// Id of the byte-fallback token `<0x00>`; byte `b` is `BYTE_FALLBACK + b`.
 const BYTE_FALLBACK: u32 = 3;
+/// Longest token string accepted, in bytes. Real vocabularies stay under
+/// 256; a length beyond this is a corrupt file, not a token.
+const MAX_PIECE_BYTES: usize = 1 << 16;
+/// Largest tokenizer file read. A 128k-token vocabulary takes about 2 MB.
+const MAX_FILE_BYTES: u64 = 1 << 28;
 
 /// A vocabulary of byte strings with merge scores.
 #[derive(Clone, Debug)]
@@ -27,7 +32,10 @@ pub struct Tokenizer {
     scores: Vec<f32>,
     /// String to id; on duplicates the lowest id wins.
     lookup: HashMap<Vec<u8>, u32>,
+    /// The header's longest-token length (at least the real longest).
     max_token_length: u32,
+    /// The real longest token, in bytes: what merge buffers are sized by.
+    longest_piece: usize,
 }
 
 impl Tokenizer {
@@ -40,12 +48,32 @@ impl Tokenizer {
     /// Reads every entry of `path`, for when no model says how many there are.
     pub fn load_all(path: &Path) -> Result<Self> {
         let bytes = read_file(path)?;
-        let count = count_entries(&bytes).map_err(|reason| Error::tokenizer(path, reason))?;
-        Self::parse(&bytes, count).map_err(|reason| Error::tokenizer(path, reason))
+        Self::parse_all(&bytes).map_err(|reason| Error::tokenizer(path, reason))
+    }
+
+    /// Parses tokenizer.bin bytes, however many entries they hold.
+    pub fn parse_all(bytes: &[u8]) -> std::result::Result<Self, String> {
+        Self::parse(bytes, count_entries(bytes)?)
     }
 
     /// Parses tokenizer.bin bytes holding exactly `vocab_size` entries.
+    /// Every size read from the bytes is checked before it is used, so no
+    /// input makes this allocate more than a small multiple of its length.
     pub fn parse(bytes: &[u8], vocab_size: usize) -> std::result::Result<Self, String> {
+        if vocab_size < 3 {
+            return Err(format!(
+                "a vocabulary of {vocab_size} tokens leaves no room for <unk>, <s> and </s>"
+            ));
+        }
+        // Each entry takes at least 8 bytes (score and length).
+        let room = bytes.len().saturating_sub(4) / 8;
+        if vocab_size > room {
+            return Err(format!(
+                "the file is {} bytes, too short for the model's {vocab_size} tokens (each \
+                 takes at least 8): is it truncated, or not the tokenizer of this model?",
+                bytes.len()
+            ));
+        }
         let mut at = 0usize;
         let mut take = |n: usize, what: &str, i: usize| -> std::result::Result<&[u8], String> {
             let end = at.checked_add(n).filter(|&e| e <= bytes.len()).ok_or_else(|| {
@@ -58,14 +86,23 @@ impl Tokenizer {
             at = end;
             Ok(s)
         };
-        let max_token_length = u32::from_le_bytes(take(4, "the header", 0)?.try_into().unwrap());
+        let max_token_length = i32::from_le_bytes(take(4, "the header", 0)?.try_into().unwrap());
+        if !(1..=MAX_PIECE_BYTES as i32).contains(&max_token_length) {
+            return Err(format!(
+                "the header gives the longest token as {max_token_length} bytes; expected 1 to \
+                 {MAX_PIECE_BYTES}: the file is corrupt or not a tokenizer.bin"
+            ));
+        }
         let mut vocab = Vec::with_capacity(vocab_size);
         let mut scores = Vec::with_capacity(vocab_size);
         for i in 0..vocab_size {
             let score = f32::from_le_bytes(take(4, "the score", i)?.try_into().unwrap());
             let len = i32::from_le_bytes(take(4, "the length", i)?.try_into().unwrap());
-            if !(0..=1 << 16).contains(&len) {
-                return Err(format!("entry {i} has length {len}; the file is corrupt"));
+            if !(0..=max_token_length).contains(&len) {
+                return Err(format!(
+                    "entry {i} is {len} bytes long but the header says no token is longer than \
+                     {max_token_length}; the file is corrupt"
+                ));
             }
             vocab.push(take(len as usize, "the text", i)?.to_vec());
             scores.push(score);
@@ -81,11 +118,13 @@ impl Tokenizer {
         for (id, s) in vocab.iter().enumerate() {
             lookup.entry(s.clone()).or_insert(id as u32);
         }
+        let longest_piece = vocab.iter().map(Vec::len).max().unwrap_or(0);
         Ok(Tokenizer {
             vocab,
             scores,
             lookup,
-            max_token_length,
+            max_token_length: max_token_length as u32,
+            longest_piece,
         })
     }
 
@@ -98,9 +137,14 @@ impl Tokenizer {
         self.max_token_length
     }
 
-    /// The raw string of token `id`.
+    /// The longest token string in bytes, as measured.
+    pub fn longest_piece(&self) -> usize {
+        self.longest_piece
+    }
+
+    /// The raw string of token `id`; empty for an id outside the vocabulary.
     pub fn piece(&self, id: u32) -> &[u8] {
-        &self.vocab[id as usize]
+        self.vocab.get(id as usize).map_or(&[], Vec::as_slice)
     }
 
     /// Encodes `text` as run.c does: optional BOS, the dummy-prefix space
@@ -144,9 +188,20 @@ impl Tokenizer {
             let ch = &text[start..end];
             match self.lookup.get(ch) {
                 Some(&id) => tokens.push(id),
-                None => tokens.extend(ch.iter().map(|&b| b as u32 + BYTE_FALLBACK)),
+                None => tokens.extend(ch.iter().map(|&b| self.byte_token(b))),
             }
             start = end;
+        }
+    }
+
+    /// The byte-fallback token of `b`, or `<unk>` in a vocabulary too small
+    /// to have byte tokens (run.c would index past its table there).
+    fn byte_token(&self, b: u8) -> u32 {
+        let id = b as u32 + BYTE_FALLBACK;
+        if (id as usize) < self.vocab.len() {
+            id
+        } else {
+            UNK
         }
     }
 
@@ -160,7 +215,7 @@ impl Tokenizer {
         let mut next: Vec<usize> = (1..=n).collect(); // n marks the end
         let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
         let mut heap = BinaryHeap::new();
-        let mut buf = Vec::with_capacity(2 * self.max_token_length as usize + 2);
+        let mut buf = Vec::with_capacity(2 * self.longest_piece);
         for i in 0..n.saturating_sub(1) {
             self.push_candidate(&mut heap, &mut buf, tokens, i, i + 1);
         }
@@ -271,12 +326,9 @@ impl PartialEq for Candidate {
 
 impl Eq for Candidate {}
 
-/// The bytes of the tokenizer file at `path`.
+/// The bytes of the tokenizer file at `path` (a regular file of bounded size).
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })
+    crate::files::read_bounded(path, "tokenizer", MAX_FILE_BYTES)
 }
 
 /// Number of whole entries in tokenizer.bin bytes.
@@ -289,7 +341,7 @@ fn count_entries(bytes: &[u8]) -> std::result::Result<usize, String> {
             .get(len_at..len_at + 4)
             .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
             .ok_or("the file ends inside an entry")?;
-        if len < 0 {
+        if !(0..=MAX_PIECE_BYTES as i32).contains(&len) {
             return Err(format!(
                 "entry {count} has length {len}; the file is corrupt"
             ));
@@ -329,10 +381,14 @@ fn parse_byte_token(piece: &[u8]) -> Option<u8> {
     u8::from_str_radix(s, 16).ok()
 }
 
-/// Turns decoded pieces into bytes safe to print: multi-byte pieces pass
-/// through; single bytes are printed when they are printable ASCII or
+/// Turns decoded pieces into bytes safe to print, always valid UTF-8:
+/// single-byte pieces are printed when they are printable ASCII or
 /// whitespace (as llama2.c does), collected into whole UTF-8 characters when
-/// they are part of one, and dropped otherwise.
+/// they are part of one, and dropped otherwise; longer pieces pass through
+/// when they are valid UTF-8, and otherwise go through the same collector
+/// byte by byte (a tokenizer may split a character across pieces, or hold
+/// bytes that are no UTF-8 at all), which drops whatever is not part of a
+/// whole character.
 #[derive(Default, Debug)]
 pub struct Utf8Stream {
     pending: Vec<u8>,
@@ -349,21 +405,21 @@ impl Utf8Stream {
     pub fn push(&mut self, piece: &[u8], out: &mut Vec<u8>) {
         match piece {
             [] => {}
-            [b] => self.push_byte(*b, out),
+            [b] => self.push_byte(*b, true, out),
+            _ if self.pending.is_empty() && std::str::from_utf8(piece).is_ok() => {
+                out.extend_from_slice(piece)
+            }
             _ => {
-                self.pending.clear();
-                out.extend_from_slice(piece);
+                for &b in piece {
+                    self.push_byte(b, false, out);
+                }
             }
         }
     }
 
-    fn push_byte(&mut self, b: u8, out: &mut Vec<u8>) {
-        let width = match b {
-            0xC2..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF4 => 4,
-            _ => 0,
-        };
+    /// Feeds one byte. `alone`: the byte is a whole piece, so ASCII control
+    /// characters other than whitespace are dropped, as llama2.c does.
+    fn push_byte(&mut self, b: u8, alone: bool, out: &mut Vec<u8>) {
         if b & 0xC0 == 0x80 && !self.pending.is_empty() {
             self.pending.push(b);
             if self.pending.len() == self.need {
@@ -375,10 +431,16 @@ impl Utf8Stream {
             return;
         }
         self.pending.clear();
+        let width = match b {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => 0,
+        };
         if width > 0 {
             self.pending.push(b);
             self.need = width;
-        } else if b.is_ascii_graphic() || b == b' ' || is_c_space(b) {
+        } else if b.is_ascii() && (!alone || b.is_ascii_graphic() || is_c_space(b)) {
             out.push(b);
         }
     }

@@ -261,7 +261,7 @@ fn quantize_is_bit_identical_to_reference() {
 /// A random `[rows][cols]` matrix in `dtype` (Q8 with groups of `gs`).
 fn matrix(rng: &mut Rng, rows: usize, cols: usize, dtype: DType, gs: usize) -> HostMatrix {
     let m = HostMatrix::from_f32(rows, cols, random_vec(rng, rows * cols));
-    m.convert(dtype, gs)
+    m.convert(dtype, gs).unwrap()
 }
 
 /// `kernels::product` over all rows of `w`, split in two ranges as a

@@ -108,7 +108,7 @@ fn separate_classifier_round_trips_in_every_version() {
         let cls = back.classifier.as_ref().expect("a separate classifier");
         assert_eq!(
             cls.to_f32(),
-            w.classifier().convert(cls.dtype(), 4).to_f32()
+            w.classifier().convert(cls.dtype(), 4).unwrap().to_f32()
         );
         match format {
             FileFormat::V2 { .. } => {

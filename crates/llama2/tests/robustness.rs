@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use llama2::checkpoint;
 use llama2::sampler::Sampler;
+use llama2::{CpuBackend, Transformer};
 
 fn corrupt_each_header_byte(model: &str, header_bytes: usize) {
     let original = std::fs::read(model_path(model)).unwrap();
@@ -56,12 +57,71 @@ fn corrupted_version2_headers() {
 }
 
 #[test]
-fn nan_weights_generate_without_panicking() {
+fn non_finite_values_are_errors_not_text() {
+    let tok = tok512();
+    // A NaN norm gain is refused when the model is built.
     let mut w = load("stories260K.bin");
     w.rms_final = llama2::tensor::Storage::owned(vec![f32::NAN; w.config.dim]);
-    let tok = tok512();
+    let err = Transformer::new(CpuBackend::new(1).unwrap(), &w)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("weight rms_final holds NaN"),
+        "{err}"
+    );
+    // A NaN inside a matrix surfaces in the logits, with the position.
+    let mut w = load("stories260K.bin");
+    let mut emb = w.token_embedding.to_f32();
+    let dim = w.config.dim;
+    let once = tok.encode("Once", true, false)[1] as usize;
+    emb[once * dim + 3] = f32::NAN;
+    w.token_embedding = llama2::HostMatrix::from_f32(w.config.vocab_size, dim, emb);
     for (t, p) in [(0.0, 0.9), (1.0, 0.9), (1.0, 1.0)] {
-        let text = generate_text(&w, &tok, "Once", 20, t, p, 9);
-        assert!(text.starts_with("Once"), "{text:?}");
+        let mut model = cpu_model(&w);
+        let mut sampler = Sampler::new(t, p, 9);
+        let mut out = Vec::new();
+        let err = llama2::generate::generate(&mut model, &tok, &mut sampler, "Once", 20, &mut out)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("non-finite logits at position 1"),
+            "{err}"
+        );
     }
+}
+
+#[test]
+fn kv_caches_beyond_physical_memory_are_refused() {
+    let Some(total) = llama2::files::physical_memory() else {
+        return;
+    };
+    // A tiny model with the longest context accepted and enough layers that
+    // its f32 KV cache (keys and values, 8 values per position) exceeds this
+    // machine's memory.
+    let per_layer = 2 * 4 * (1u64 << 20) * 8;
+    if total / per_layer >= 4096 {
+        return; // more memory than the most layers a config may have can fill
+    }
+    let config = llama2::Config {
+        dim: 16,
+        hidden_dim: 16,
+        n_layers: (total / per_layer + 1) as usize,
+        n_heads: 2,
+        n_kv_heads: 1,
+        vocab_size: 8,
+        seq_len: 1 << 20,
+        shared_classifier: true,
+    };
+    let weights = llama2::synth::random_weights(&config, llama2::DType::F32, 1);
+    let err = Transformer::new(CpuBackend::new(1).unwrap(), &weights)
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("not enough memory: the KV cache"), "{msg}");
+    assert!(msg.contains("context length"), "{msg}");
+}
+
+#[test]
+fn thread_counts_are_bounded() {
+    let err = CpuBackend::new(1 << 32).err().unwrap();
+    assert!(err.to_string().contains("at most 1024"), "{err}");
 }

@@ -87,7 +87,10 @@ fn vocab_size_must_match_the_file() {
     let err = Tokenizer::load(&model_path("tok512.bin"), 32000)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("ends inside"), "{err}");
+    assert!(
+        err.contains("too short for the model's 32000 tokens"),
+        "{err}"
+    );
     assert_eq!(Tokenizer::load_all(&path).unwrap().vocab_size(), 32000);
     assert_eq!(
         Tokenizer::load_all(&model_path("tok512.bin"))
@@ -223,4 +226,88 @@ fn utf8_stream_control_and_whitespace_bytes() {
         " helloé\n\n".as_bytes()
     );
     assert_eq!(stream(&[&[0xC3], b" hi"]), b" hi");
+}
+
+/// tokenizer.bin bytes for `pieces` (scores 0), header = longest piece.
+fn tokenizer_bytes(pieces: &[&[u8]]) -> Vec<u8> {
+    let longest = pieces.iter().map(|p| p.len()).max().unwrap_or(1).max(1);
+    let mut bytes = (longest as i32).to_le_bytes().to_vec();
+    for p in pieces {
+        bytes.extend(0f32.to_le_bytes());
+        bytes.extend((p.len() as i32).to_le_bytes());
+        bytes.extend_from_slice(p);
+    }
+    bytes
+}
+
+#[test]
+fn small_vocabularies_never_index_past_their_table() {
+    // Three tokens: no byte tokens, no space. Every character falls back to
+    // a byte id that does not exist, and becomes <unk>.
+    let tok = Tokenizer::parse(&tokenizer_bytes(&[b"<unk>", b"<s>", b"</s>"]), 3).unwrap();
+    let ids = tok.encode("Hé 🦙 \u{0}", true, true);
+    assert!(ids.iter().all(|&id| id < 3), "{ids:?}");
+    assert_eq!(ids.first(), Some(&BOS));
+    assert_eq!(ids.last(), Some(&EOS));
+    // Decoding any id, in range or not, gives bytes or nothing, never a panic.
+    for id in [0, 1, 2, 3, 258, u32::MAX] {
+        let _ = tok.decode(BOS, id);
+        let _ = tok.piece(id);
+    }
+    // Fewer than three tokens, or more asked for than the file can hold.
+    assert!(Tokenizer::parse(&tokenizer_bytes(&[b"a", b"b"]), 2).is_err());
+    let three = tokenizer_bytes(&[b"a", b"b", b"c"]);
+    let err = Tokenizer::parse(&three, usize::MAX).err().unwrap();
+    assert!(err.contains("too short"), "{err}");
+}
+
+#[test]
+fn tokenizer_header_must_bound_every_entry() {
+    let mut bytes = tokenizer_bytes(&[b"<unk>", b"<s>", b"</s>", b"abcdef"]);
+    assert!(Tokenizer::parse(&bytes, 4).is_ok());
+    for (value, needle) in [(0i32, "as 0 bytes"), (-7, "as -7 bytes"), (1 << 20, "1048576")] {
+        bytes[..4].copy_from_slice(&value.to_le_bytes());
+        let err = Tokenizer::parse(&bytes, 4).err().unwrap();
+        assert!(err.contains(needle), "{err}");
+    }
+    bytes[..4].copy_from_slice(&5i32.to_le_bytes());
+    let err = Tokenizer::parse(&bytes, 4).err().unwrap();
+    assert!(err.contains("entry 3 is 6 bytes long"), "{err}");
+}
+
+/// What `Utf8Stream` prints for `pieces`, checked to be valid UTF-8.
+fn stream_text(pieces: &[&[u8]]) -> String {
+    String::from_utf8(stream(pieces)).expect("Utf8Stream output is UTF-8")
+}
+
+#[test]
+fn utf8_stream_output_is_always_valid() {
+    // Valid pieces pass through unchanged.
+    assert_eq!(stream_text(&["héllo".as_bytes(), b" world"]), "héllo world");
+    // A character split across multi-byte pieces is printed whole.
+    assert_eq!(stream_text(&[b"a\xE2\x82", b"\xACb"]), "a€b");
+    assert_eq!(stream_text(&[b"\xF0\x9F", b"\xA6", b"\x99!"]), "🦙!");
+    // Byte tokens complete a character begun in a longer piece, and back.
+    assert_eq!(stream_text(&[b"x\xC3", b"\xA9"]), "xé");
+    assert_eq!(stream_text(&[b"\xE2", b"\x82\xACz"]), "€z");
+    // Junk is dropped: stray continuations, lone leads, overlong forms,
+    // surrogates, bytes that never start a character.
+    assert_eq!(stream_text(&[b"\x80\x80ab"]), "ab");
+    assert_eq!(stream_text(&[b"\xE2\x82ab"]), "ab");
+    assert_eq!(stream_text(&[b"\xC0\xAFok"]), "ok");
+    assert_eq!(stream_text(&[b"\xED\xA0\x80ok"]), "ok");
+    assert_eq!(stream_text(&[b"\xFF\xFEok", b"\xF5\x80"]), "ok");
+    // Control characters in a single-byte piece are dropped (llama2.c's
+    // rule); inside a longer valid piece they are kept, as llama2.c does.
+    assert_eq!(stream_text(&[b"\x01", b"a", b"\t"]), "a\t");
+    assert_eq!(stream_text(&[b"a\x01"]), "a\u{1}");
+    // Every byte sequence at all, in pieces of every length: valid output.
+    let mut rng = llama2::sampler::Rng::new(7);
+    for _ in 0..2000 {
+        let bytes: Vec<u8> = (0..rng.next_u32() % 12)
+            .map(|_| rng.next_u32() as u8)
+            .collect();
+        let cut = (rng.next_u32() as usize % (bytes.len() + 1)).min(bytes.len());
+        stream_text(&[&bytes[..cut], &bytes[cut..]]);
+    }
 }

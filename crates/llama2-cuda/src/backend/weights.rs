@@ -67,10 +67,11 @@ impl CudaBackend {
         }
         match &m.data {
             MatrixData::F32(d) => {
+                llama2::tensor::check_representable(d, m.cols, dtype)?;
                 let f32s = self.dev.upload(d)?;
                 self.convert_on_device(f32s, m.rows, m.cols, dtype, gs)
             }
-            _ => self.upload_as_is(&m.convert(dtype, gs)),
+            _ => self.upload_as_is(&m.convert(dtype, gs)?),
         }
     }
 

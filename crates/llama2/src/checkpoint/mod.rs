@@ -11,7 +11,7 @@
 mod read;
 mod write;
 
-pub use read::load;
+pub use read::{from_bytes, load};
 pub use write::{write, FileFormat};
 
 use crate::config::Config;
@@ -46,6 +46,22 @@ pub struct LayerWeights {
     pub w2: HostMatrix,
     /// Up projection `[H][D]`.
     pub w3: HostMatrix,
+}
+
+impl LayerWeights {
+    /// The block's matrices with their names and tensor kinds, in file order.
+    fn matrices(&self) -> [(&'static str, &HostMatrix, read::Tensor); 7] {
+        use read::Tensor::*;
+        [
+            ("wq", &self.wq, Wq),
+            ("wk", &self.wk, Wk),
+            ("wv", &self.wv, Wv),
+            ("wo", &self.wo, Wo),
+            ("w1", &self.w1, W1),
+            ("w2", &self.w2, W2),
+            ("w3", &self.w3, W3),
+        ]
+    }
 }
 
 /// A whole model as read from a checkpoint, on the host.
@@ -108,16 +124,47 @@ impl ModelWeights {
             let name = |w: &str| format!("layers[{i}].{w}");
             vector(&name("rms_att"), &l.rms_att)?;
             vector(&name("rms_ffn"), &l.rms_ffn)?;
-            for (w, m, t) in [
-                ("wq", &l.wq, Tensor::Wq),
-                ("wk", &l.wk, Tensor::Wk),
-                ("wv", &l.wv, Tensor::Wv),
-                ("wo", &l.wo, Tensor::Wo),
-                ("w1", &l.w1, Tensor::W1),
-                ("w2", &l.w2, Tensor::W2),
-                ("w3", &l.w3, Tensor::W3),
-            ] {
+            for (w, m, t) in l.matrices() {
                 matrix(&name(w), m, t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the numbers that are cheap to check: every norm gain and every
+    /// Q8 scale must be finite (a NaN there silently turns all output into
+    /// one token). Matrix values are too many to scan at load; a NaN among
+    /// them shows up in the logits, which the model checks every step.
+    pub fn check_values(&self) -> Result<()> {
+        let vector = |name: &str, v: &[f32]| -> Result<()> {
+            match v.iter().position(|x| !x.is_finite()) {
+                None => Ok(()),
+                Some(i) => Err(Error::NonFinite(format!(
+                    "weight {name} holds {} at index {i}; the checkpoint is damaged (re-export or \
+                     re-download it)",
+                    v[i]
+                ))),
+            }
+        };
+        let scales = |name: &str, m: &HostMatrix| -> Result<()> {
+            match &m.data {
+                crate::tensor::MatrixData::Q8(q) => {
+                    vector(&format!("{name} (Q8 scales)"), &q.scales)
+                }
+                _ => Ok(()),
+            }
+        };
+        vector("rms_final", &self.rms_final)?;
+        scales("token_embedding", &self.token_embedding)?;
+        if let Some(m) = &self.classifier {
+            scales("classifier", m)?;
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let name = |w: &str| format!("layers[{i}].{w}");
+            vector(&name("rms_att"), &l.rms_att)?;
+            vector(&name("rms_ffn"), &l.rms_ffn)?;
+            for (w, m, _) in l.matrices() {
+                scales(&name(w), m)?;
             }
         }
         Ok(())
@@ -130,9 +177,9 @@ impl ModelWeights {
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3]
+                l.matrices()
                     .iter()
-                    .map(|m| m.byte_size())
+                    .map(|(_, m, _)| m.byte_size())
                     .sum::<usize>()
             })
             .sum();

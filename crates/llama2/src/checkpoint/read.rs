@@ -3,65 +3,93 @@
 //! arithmetic and compared with the real size, and only then are tensors
 //! sliced out of the memory map (borrowed when aligned, copied when not).
 
-use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 
 use super::{FileFormat, LayerWeights, ModelWeights, HEADER_V0_BYTES, HEADER_V1_BYTES, MAGIC};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::files;
 use crate::tensor::{HostMatrix, MatrixData, Q8Data, Storage};
 
-/// Opens, validates and maps the checkpoint at `path`.
+/// Opens, validates and maps the checkpoint at `path`. Only the header is
+/// read before the size it implies has been checked against the file, so a
+/// lying header never gets a huge (or sparse) file mapped.
 pub fn load(path: &Path) -> Result<ModelWeights> {
-    let file = File::open(path).map_err(|source| Error::Io {
+    let (mut file, len) = files::open_regular(path, "checkpoint")?;
+    let mut head = vec![0u8; HEADER_V1_BYTES.min(len.try_into().unwrap_or(usize::MAX))];
+    file.read_exact(&mut head).map_err(|source| Error::Io {
         path: path.to_owned(),
         source,
     })?;
-    let len = file
-        .metadata()
-        .map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
-    let bad = |reason: String| Error::checkpoint(path, reason);
-    if len < HEADER_V0_BYTES as u64 {
-        return Err(bad(format!(
-            "the file is {len} bytes, shorter than any checkpoint header ({HEADER_V0_BYTES} bytes)"
-        )));
-    }
-    if len > usize::MAX as u64 {
-        return Err(bad(format!(
-            "{len} bytes do not fit in this machine's address space"
-        )));
-    }
+    let header = check_header(&head, len).map_err(|reason| Error::checkpoint(path, reason))?;
     // SAFETY: the map is read-only and we never hand out references that
     // outlive it (tensors hold an Arc of it). As with every mmap, another
     // process truncating the file while we run would fault; that is the
     // accepted price of not copying gigabytes at start-up.
-    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
         path: path.to_owned(),
         source,
-    })?);
-    let header = parse_header(&map).map_err(bad)?;
-    let expected = header.file_size().map_err(|e| bad(e.to_string()))?;
+    })?;
+    if map.len() as u64 != len {
+        return Err(Error::checkpoint(
+            path,
+            "the file changed size while it was opened",
+        ));
+    }
+    Ok(slice_weights(&Arc::new(map), &header))
+}
+
+/// Validates and slices a checkpoint held in memory (tests and fuzzing):
+/// the same checks as `load`, on a private copy of `bytes`.
+pub fn from_bytes(bytes: &[u8]) -> Result<ModelWeights> {
+    let name = Path::new("<memory>");
+    let header = check_header(bytes, bytes.len() as u64)
+        .map_err(|reason| Error::checkpoint(name, reason))?;
+    let map = (|| {
+        let mut anon = MmapMut::map_anon(bytes.len())?;
+        anon.copy_from_slice(bytes);
+        anon.make_read_only()
+    })()
+    .map_err(|source| Error::Io {
+        path: name.to_owned(),
+        source,
+    })?;
+    Ok(slice_weights(&Arc::new(map), &header))
+}
+
+/// Parses the header at the start of `head` and checks that a body of the
+/// layout it describes fills a file of exactly `len` bytes.
+fn check_header(head: &[u8], len: u64) -> std::result::Result<Header, String> {
+    if len < HEADER_V0_BYTES as u64 {
+        return Err(format!(
+            "the file is {len} bytes, shorter than any checkpoint header ({HEADER_V0_BYTES} bytes)"
+        ));
+    }
+    if len > usize::MAX as u64 {
+        return Err(format!(
+            "{len} bytes do not fit in this machine's address space"
+        ));
+    }
+    let header = parse_header(head)?;
+    let expected = header.file_size().map_err(|e| e.to_string())?;
     if expected != len {
         let what = if len < expected {
             "truncated"
         } else {
             "longer than its header says"
         };
-        return Err(bad(format!(
+        return Err(format!(
             "{what}: the header ({}, {:?}) needs exactly {expected} bytes but the file has {len}; \
              re-export or re-download it",
             header.format.describe(),
             header.config
-        )));
+        ));
     }
-    Ok(slice_weights(&map, &header))
+    Ok(header)
 }
 
 /// What the header says: the config and the layout of the body.
@@ -79,10 +107,16 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
     let config_at = |at: usize, shared: bool| -> std::result::Result<Config, String> {
         let v: Vec<i32> = (0..7).map(|i| read_i32(bytes, at + 4 * i)).collect();
-        let vocab = if at == 0 {
-            v[5].checked_abs().unwrap_or(-1)
-        } else {
-            v[5]
+        // Version 0 stores an unshared classifier as a negative vocab_size.
+        let vocab = match (at, v[5].checked_abs()) {
+            (0, Some(abs)) => abs,
+            (0, None) => {
+                return Err(format!(
+                    "vocab_size is {}; expected a positive value (or its negation)",
+                    v[5]
+                ))
+            }
+            _ => v[5],
         };
         Config::from_header(v[0], v[1], v[2], v[3], v[4], vocab, v[6], shared)
             .map_err(|e| e.to_string())

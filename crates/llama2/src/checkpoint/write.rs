@@ -42,7 +42,10 @@ pub fn write(weights: &ModelWeights, format: FileFormat, out: &mut impl Write) -
         for m in slices(weights, t) {
             match format {
                 FileFormat::V2 { group_size } if t.is_matrix() => {
-                    write_q8(&m.convert(DType::Q8, group_size), out)?
+                    let q8 = m
+                        .convert(DType::Q8, group_size)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    write_q8(&q8, out)?
                 }
                 _ => write_f32s(&m.to_f32(), out)?,
             }

@@ -32,6 +32,9 @@ const ELEMENTWISE_WORK: usize = 1 << 14;
 const TASKS_PER_THREAD: usize = 8;
 /// Row ranges of a product are multiples of this (the largest tile height).
 const TILE_ROWS: usize = 16;
+/// Most CPU threads a backend starts. Machines today have at most a few
+/// hundred cores; each thread costs a stack and a share of every product.
+pub const MAX_THREADS: usize = 1024;
 /// Prompt tokens processed together in one batched step.
 const CPU_BATCH: usize = 64;
 /// Queries of one head scored together in batched attention, so each key
@@ -85,7 +88,12 @@ impl CpuBackend {
     /// (tests compare levels; benchmarks measure them).
     pub fn with_isa(threads: usize, dtype: Option<DType>, isa: Isa) -> Result<Self> {
         let threads = match threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
+            n if n > MAX_THREADS => {
+                return Err(Error::Invalid(format!(
+                    "{n} CPU threads asked for; at most {MAX_THREADS} are supported"
+                )))
+            }
             n => n,
         };
         let team = Team::new(threads)
@@ -249,7 +257,7 @@ impl Backend for CpuBackend {
 
     fn upload_matrix(&mut self, m: &HostMatrix) -> Result<CpuMatrix> {
         let m = match self.dtype {
-            Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols)),
+            Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols))?,
             None => m.clone(),
         };
         Ok(CpuMatrix::new(self.isa, m))
@@ -273,6 +281,11 @@ impl Backend for CpuBackend {
     }
 
     fn buffer(&mut self, len: usize) -> Result<Vec<f32>> {
+        crate::files::check_allocation(
+            4 * len as u64,
+            "an activation buffer",
+            "the model's dimensions are too large for this machine",
+        )?;
         Ok(vec![0.0; len])
     }
 
@@ -281,6 +294,16 @@ impl Backend for CpuBackend {
         let total = layer_len
             .checked_mul(c.n_layers)
             .ok_or_else(|| Error::Config(format!("a KV cache of {c:?} does not fit in memory")))?;
+        crate::files::check_allocation(
+            8 * total as u64,
+            &format!(
+                "the KV cache ({} layers x {} positions x {} values, keys and values in f32)",
+                c.n_layers,
+                c.seq_len,
+                c.kv_dim()
+            ),
+            "the model's context length sets its size",
+        )?;
         Ok(CpuKvCache {
             keys: vec![0.0; total],
             values: vec![0.0; total],
