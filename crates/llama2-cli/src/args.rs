@@ -6,6 +6,28 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// A float flag: any finite number (run.c's clamping then applies); NaN
+/// and infinity are refused, since no clamping rule gives them a meaning.
+fn parse_finite(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err("expected a finite number".into())
+    }
+}
+
+/// `--threads`: 0 (one per core) up to `MAX_THREADS`; each thread is a real
+/// OS thread with its own stack, so absurd counts are refused up front.
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let max = llama2::cpu::MAX_THREADS;
+    match s.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        Ok(_) => Err(format!("expected at most {max} (0 means one per core)")),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "llama2",
@@ -61,7 +83,7 @@ pub struct DeviceArgs {
     #[arg(long)]
     pub dtype: Option<llama2::DType>,
     /// CPU threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
 }
 
@@ -76,7 +98,8 @@ pub struct RunArgs {
         short = 't',
         long,
         default_value_t = 1.0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = parse_finite
     )]
     pub temperature: f32,
     /// Top-p (nucleus) mass; outside [0, 1] becomes 0.9.
@@ -84,7 +107,8 @@ pub struct RunArgs {
         short = 'p',
         long,
         default_value_t = 0.9,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = parse_finite
     )]
     pub topp: f32,
     /// Random seed; 0 uses the current time.

@@ -119,6 +119,35 @@ fn time_decode(model: &mut dyn LanguageModel, n: usize) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Refuses token counts the model cannot run as asked: a benchmark times
+/// exactly the work it reports, or nothing.
+fn check_counts(args: &BenchArgs, config: &Config) -> Result<()> {
+    let context = config.seq_len;
+    if args.gen_tokens == 0 {
+        bail!("--gen-tokens 0: nothing to time; give at least 1");
+    }
+    if args.gen_tokens + 1 > context {
+        bail!(
+            "--gen-tokens {} needs {} positions (one untimed first step, then the timed ones) \
+             but the model's context is {context}: give at most {}",
+            args.gen_tokens,
+            args.gen_tokens + 1,
+            context - 1
+        );
+    }
+    if args.prompt_tokens > context {
+        bail!(
+            "--prompt-tokens {} is more than the model's context of {context}: give at most \
+             {context} (0 skips the prefill measurement)",
+            args.prompt_tokens
+        );
+    }
+    if args.runs == 0 {
+        bail!("--runs 0: nothing to time; give at least 1");
+    }
+    Ok(())
+}
+
 fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
     let device = device::resolve(&args.device)?;
     let (mut model, config, dtype) = build(args, device)?;
@@ -127,8 +156,8 @@ fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
         Device::Cuda => llama2_cuda::copy_bandwidth_gbs()?,
         _ => host_read_bandwidth_gbs(bytes_per_token, args.device.threads)?,
     };
-    let gen = args.gen_tokens.clamp(1, config.seq_len - 1);
-    let prompt = args.prompt_tokens.min(config.seq_len);
+    check_counts(args, &config)?;
+    let (gen, prompt) = (args.gen_tokens, args.prompt_tokens);
     let mut rng = Rng::new(args.seed | 1);
     if prompt > 0 {
         // Untimed: first-use costs (library handles, workspaces) are not prefill speed.
@@ -136,7 +165,7 @@ fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
     }
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
-    for _ in 0..args.runs.max(1) {
+    for _ in 0..args.runs {
         if prompt > 0 {
             prefill.push(time_prefill(model.as_mut(), prompt, &mut rng)?);
         }

@@ -66,7 +66,15 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         reference.describe()
     );
 
-    let prompt_len = args.prompt_tokens.clamp(1, c.seq_len / 2);
+    let prompt_len = args.prompt_tokens;
+    if prompt_len == 0 || prompt_len + args.steps > c.seq_len {
+        bail!(
+            "--prompt-tokens {prompt_len} and --steps {} need 1 to {} positions in all (the \
+             model's context), with at least one prompt token",
+            args.steps,
+            c.seq_len
+        );
+    }
     let prompt: Vec<u32> = (0..prompt_len as u32)
         .map(|i| (i * 7919 + 1) % v as u32)
         .collect();
@@ -94,8 +102,7 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         );
     }
     let mut token = argmax(&want[(prompt_len - 1) * v..]);
-    let decode_steps = args.steps.min(c.seq_len - prompt_len);
-    for pos in prompt_len..prompt_len + decode_steps {
+    for pos in prompt_len..prompt_len + args.steps {
         let a = tested.forward(&[token], pos)?.to_vec();
         let b = reference.forward(&[token], pos)?.to_vec();
         record(format!("decode {pos}"), &a, &b);

@@ -3,13 +3,17 @@
 //! of the model's context; each window starts with BOS and predicts every
 //! following token, so no token is scored without its window's history.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use llama2::tokenizer::BOS;
 use llama2::{checkpoint, Tokenizer};
 
 use crate::args::PerplexityArgs;
 use crate::device;
+
+/// Largest text scored. Its tokens and the encoder's working memory take
+/// about 50 bytes per byte of text, so this keeps the worst case near 3 GiB.
+const MAX_TEXT_BYTES: u64 = 64 << 20;
 
 /// `-log softmax(logits)[target]`, computed stably in f64.
 pub fn nll(logits: &[f32], target: u32) -> f64 {
@@ -22,16 +26,23 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
 pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
     let weights = checkpoint::load(&args.checkpoint)?;
     let tokenizer = Tokenizer::load(&args.tokenizer, weights.config.vocab_size)?;
-    let text = std::fs::read_to_string(&args.text)
-        .with_context(|| format!("cannot read the text file {}", args.text.display()))?;
+    let bytes = llama2::files::read_bounded(&args.text, "text to score", MAX_TEXT_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{} is not UTF-8 text (invalid bytes at offset {})",
+            args.text.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let tokens = tokenizer.encode(&text, false, false);
     if tokens.is_empty() {
         bail!("{} holds no text to score", args.text.display());
     }
-    let context = args
-        .context
-        .unwrap_or(weights.config.seq_len)
-        .clamp(2, weights.config.seq_len);
+    let seq_len = weights.config.seq_len;
+    let context = args.context.unwrap_or(seq_len);
+    if !(2..=seq_len).contains(&context) {
+        bail!("--context {context}: expected 2 to {seq_len} (the model's context)");
+    }
     let mut model = device::load_model(&weights, &args.device)?;
     let vocab = weights.config.vocab_size;
 

@@ -77,8 +77,8 @@ fn missing_empty_truncated_oversized_random() {
     let mut rng = Rng::new(12345);
     let random: Vec<u8> = (0..1 << 20).map(|_| rng.next_u32() as u8).collect();
     check_file(&dir, "random.bin", &random, "not a valid checkpoint");
-    // A directory is not a checkpoint either.
-    run_model(&dir.path(""), &[]).fails_with("error");
+    // A directory is not a checkpoint either, and is called one.
+    run_model(&dir.path(""), &[]).fails_with("this is a directory, not a regular file");
 }
 
 #[test]
@@ -96,7 +96,12 @@ fn bad_version0_headers() {
     check_file(&dir, "kv0.bin", &with(4, 0), "n_kv_heads is 0");
     check_file(&dir, "seq0.bin", &with(6, 0), "seq_len is 0");
     check_file(&dir, "vocab0.bin", &with(5, 0), "vocab_size is 0");
-    check_file(&dir, "vocabmin.bin", &with(5, i32::MIN), "vocab_size");
+    check_file(
+        &dir,
+        "vocabmin.bin",
+        &with(5, i32::MIN),
+        "vocab_size is -2147483648",
+    );
     for i in 0..7 {
         let name = format!("max{i}.bin");
         check_file(&dir, &name, &with(i, i32::MAX), "expected a value between");
@@ -209,7 +214,7 @@ fn tokenizer_problems() {
     let tok = std::fs::read(model_path("tok512.bin")).unwrap();
     let cut = dir.path("cut.bin");
     std::fs::write(&cut, &tok[..tok.len() / 2]).unwrap();
-    llama2(&[&model, "-z", &arg(&cut), "--device", "cpu"]).fails_with("ends inside");
+    llama2(&[&model, "-z", &arg(&cut), "--device", "cpu"]).fails_with("truncated");
     let empty = dir.path("empty.bin");
     std::fs::write(&empty, b"").unwrap();
     llama2(&[&model, "-z", &arg(&empty), "--device", "cpu"]).fails_with("tokenizer");
@@ -250,7 +255,7 @@ fn tokenizer_problems() {
         "32000",
         "hi",
     ])
-    .fails_with("ends inside");
+    .fails_with("too short for the model's 32000 tokens");
     // A checkpoint given as the tokenizer.
     llama2(&["tokenize", "-z", &model, "hi"]).fails_with("tokenizer");
 }

@@ -69,7 +69,7 @@ fn perplexity_rejects_an_empty_or_missing_text() {
         ])
     };
     base(&arg(&empty)).fails_with("no text");
-    base(&arg(&dir.path("missing.txt"))).fails_with("cannot read");
+    base(&arg(&dir.path("missing.txt"))).fails_with("cannot open");
 }
 
 #[test]

@@ -55,6 +55,13 @@ pub fn llama2<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
 
 /// Runs the binary with `args` and `input` on stdin (closed when `None`).
 pub fn llama2_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], input: Option<&str>) -> Run {
+    llama2_bytes(args, input.map(str::as_bytes))
+}
+
+/// Runs the binary with `args` and raw bytes on stdin (closed when `None`).
+/// Stdin is fed from a thread, so a program that stops reading early (as
+/// it should on a too-long line) does not block the test.
+pub fn llama2_bytes<S: AsRef<std::ffi::OsStr>>(args: &[S], input: Option<&[u8]>) -> Run {
     use std::io::Write;
     use std::process::Stdio;
     let mut child = llama2_command()
@@ -68,11 +75,18 @@ pub fn llama2_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], input: Option<&str>) 
         .stderr(Stdio::piped())
         .spawn()
         .expect("start llama2");
-    if let Some(text) = input {
+    let feeder = input.map(|bytes| {
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(text.as_bytes()).unwrap();
-    }
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || {
+            // A closed pipe means the program has read all it wanted.
+            let _ = stdin.write_all(&bytes);
+        })
+    });
     let out = child.wait_with_output().expect("run llama2");
+    if let Some(f) = feeder {
+        f.join().unwrap();
+    }
     Run {
         code: out.status.code(),
         stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
