@@ -8,6 +8,7 @@
 //!
 //! The byte layouts are documented in `shared/docs/FORMATS.md`.
 
+pub mod raw;
 mod read;
 mod write;
 
