@@ -75,16 +75,7 @@ const UNICODE: &str = "Ünïcödé 🦙";
 #[test]
 fn unicode_prompt_is_echoed_intact_with_the_llama2_tokenizer() {
     // A tiny random model with the Llama 2 vocabulary.
-    let config = Config {
-        dim: 16,
-        hidden_dim: 32,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 2,
-        vocab_size: 32000,
-        seq_len: 64,
-        shared_classifier: true,
-    };
+    let config = Config::llama2c(16, 32, 1, 2, 2, 32000, 64, true);
     let w = llama2::synth::random_weights(&config, DType::F32, 7);
     let dir = TempDir::new("unicode");
     let path = dir.path("tiny32000.bin");
@@ -207,16 +198,7 @@ fn chat_with_stdin_closed_ends_cleanly() {
 /// blocks are zero (the residual stream stays the embedding), every
 /// embedding row is all ones, and only the classifier's EOS row is non-zero.
 fn always_eos_model() -> ModelWeights {
-    let config = Config {
-        dim: 8,
-        hidden_dim: 16,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 2,
-        vocab_size: 512,
-        seq_len: 256,
-        shared_classifier: false,
-    };
+    let config = Config::llama2c(8, 16, 1, 2, 2, 512, 256, false);
     let (d, h, v) = (config.dim, config.hidden_dim, config.vocab_size);
     let zeros = |rows: usize, cols: usize| HostMatrix::from_f32(rows, cols, vec![0.0; rows * cols]);
     let ones = || Storage::owned(vec![1f32; d]);

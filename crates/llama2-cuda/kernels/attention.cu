@@ -28,9 +28,9 @@ __device__ __forceinline__ void kv_store(C* kc, C* vc, const float* k, const flo
 template <typename C>
 __device__ __forceinline__ void rope_kv_store(C* kc, C* vc, float* q, float* k, const float* v,
                                               const int* step, size_t layer_off, int d, int kv,
-                                              int head_size) {
+                                              int head_size, const float* freqs) {
     int i = 2 * (blockIdx.x * blockDim.x + threadIdx.x), r = blockIdx.y;
-    if (!rope_pair(q, k, step, d, kv, head_size, i, r) || i >= kv) return;
+    if (!rope_pair(q, k, step, d, kv, head_size, freqs, i, r) || i >= kv) return;
     size_t at = layer_off + (size_t)(STEP_POS0(step) + r) * kv + i;
     size_t t = (size_t)r * kv + i;
     cache_put(kc, at, k[t]);
@@ -244,19 +244,19 @@ extern "C" __global__ void kv_store_f16(u16* kc, u16* vc, const float* k, const 
 extern "C" __global__ void rope_kv_store_f32(float* kc, float* vc, float* q, float* k,
                                              const float* v, const int* step,
                                              unsigned long long layer_off, int d, int kv,
-                                             int head_size) {
+                                             int head_size, const float* freqs) {
     pdl_wait();
     pdl_launch();
-    rope_kv_store<float>(kc, vc, q, k, v, step, layer_off, d, kv, head_size);
+    rope_kv_store<float>(kc, vc, q, k, v, step, layer_off, d, kv, head_size, freqs);
 }
 
 extern "C" __global__ void rope_kv_store_f16(u16* kc, u16* vc, float* q, float* k,
                                              const float* v, const int* step,
                                              unsigned long long layer_off, int d, int kv,
-                                             int head_size) {
+                                             int head_size, const float* freqs) {
     pdl_wait();
     pdl_launch();
-    rope_kv_store<u16>(kc, vc, q, k, v, step, layer_off, d, kv, head_size);
+    rope_kv_store<u16>(kc, vc, q, k, v, step, layer_off, d, kv, head_size, freqs);
 }
 
 extern "C" __global__ void attention_f32(float* out, const float* q, const float* kc,

@@ -154,7 +154,7 @@ __device__ __forceinline__ void mv_load_x(float* xv, const float* x, const float
 // product with rmsnorm(x) up to float rounding.
 template <class E, int P, bool NORM>
 __device__ __forceinline__ void mv_dots(const typename E::T* const* wr, const float* x,
-                                        const float* g, int cols, float* acc) {
+                                        const float* g, float eps, int cols, float* acc) {
     const int U = MV_UNROLL / P;
     int lane = threadIdx.x & 31;
     float ss = 0.0f;
@@ -198,7 +198,7 @@ __device__ __forceinline__ void mv_dots(const typename E::T* const* wr, const fl
 #pragma unroll
     for (int p = 0; p < P; p++) acc[p] = warp_sum(acc[p]);
     if (NORM) {
-        float inv = 1.0f / sqrtf(warp_sum(ss) / (float)cols + 1e-5f);
+        float inv = 1.0f / sqrtf(warp_sum(ss) / (float)cols + eps);
 #pragma unroll
         for (int p = 0; p < P; p++) acc[p] *= inv;
     }
@@ -210,14 +210,14 @@ __device__ __forceinline__ void matvec_multi(const typename E::T* w0, float* o0,
                                              const typename E::T* w1, float* o1, int n1,
                                              const typename E::T* w2, float* o2, int n2,
                                              const float* x, int cols, float* res, int mode,
-                                             const float* g) {
+                                             const float* g, float eps) {
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     bool lead = (threadIdx.x & 31) == 0;
     if (mode == MODE_SWIGLU) {
         if (j >= n0) return;
         const typename E::T* wr[2] = {w0 + (size_t)j * cols, w1 + (size_t)j * cols};
         float acc[2];
-        mv_dots<E, 2, NORM>(wr, x, g, cols, acc);
+        mv_dots<E, 2, NORM>(wr, x, g, eps, cols, acc);
         if (lead) mv_store(o0, o1, res, mode, j, acc[0], acc[1]);
         return;
     }
@@ -236,22 +236,24 @@ __device__ __forceinline__ void matvec_multi(const typename E::T* w0, float* o0,
     }
     const typename E::T* wr[1] = {w + (size_t)j * cols};
     float acc[1];
-    mv_dots<E, 1, NORM>(wr, x, g, cols, acc);
+    mv_dots<E, 1, NORM>(wr, x, g, eps, cols, acc);
     if (lead) mv_store(o, o, res, mode, j, acc[0], 0.0f);
 }
 
 // `g`: the RMS norm weights [cols] folded into the product (x is then the
-// un-normalized row), or null for a plain product.
+// un-normalized row), or null for a plain product; `eps`: the norm's epsilon.
 #define MATVEC(name, E)                                                                       \
     extern "C" __global__ void name(const E::T* w0, float* o0, int n0, const E::T* w1,        \
                                     float* o1, int n1, const E::T* w2, float* o2, int n2,     \
                                     const float* x, int cols, float* res, int mode,           \
-                                    const float* g) {                                         \
+                                    const float* g, float eps) {                              \
         pdl_wait();                                                                           \
         if (g) {                                                                              \
-            matvec_multi<E, true>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode, g); \
+            matvec_multi<E, true>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode, g,  \
+                                  eps);                                                       \
         } else {                                                                              \
-            matvec_multi<E, false>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode, g);\
+            matvec_multi<E, false>(w0, o0, n0, w1, o1, n1, w2, o2, n2, x, cols, res, mode, g, \
+                                   eps);                                                      \
         }                                                                                     \
     }
 
@@ -308,7 +310,7 @@ extern "C" __global__ void quantize_q8_f16(u16* x16, const float* x, int rows, i
 // the block sums x^2, then each warp quantizes whole groups of
 // w[k] * (inv * x[k]), the exact values rmsnorm_f32 would have written.
 extern "C" __global__ void rmsnorm_quantize_q8(signed char* xq, float* xs, const float* x,
-                                               const float* w, int cols, int gs) {
+                                               const float* w, int cols, int gs, float eps) {
     pdl_wait();
     __shared__ float scratch[32];
     int groups = (cols + gs - 1) / gs, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -317,7 +319,7 @@ extern "C" __global__ void rmsnorm_quantize_q8(signed char* xq, float* xs, const
     for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += xr[i] * xr[i];
     ss = block_sum(ss, scratch);
     pdl_launch();
-    float inv = 1.0f / sqrtf(ss / (float)cols + 1e-5f);
+    float inv = 1.0f / sqrtf(ss / (float)cols + eps);
     for (int g = warp; g < groups; g += blockDim.x >> 5) {
         int start = g * gs, end = min(start + gs, cols);
         float m = 0.0f;

@@ -1,5 +1,6 @@
 // Rotary position embedding of q [rows][D] and k [rows][KV], as
-// reference::rope, one thread per rotated pair. Positions come from the step
+// reference::rope, one thread per rotated pair; freqs [head_size / 2] holds
+// each pair's frequency (Config::rope_frequencies, computed on the host). Positions come from the step
 // buffer (pos0 + row) so a recorded graph serves every position.
 // Grid: (ceil(D / 2 / blockDim), rows). `rope_pair` is shared with the
 // fused rope + KV store kernel in attention.cu.
@@ -7,11 +8,10 @@
 // Rotates the pair at element i of q row r (and of k row r when i < kv) in
 // place; returns false past the row's end.
 __device__ __forceinline__ bool rope_pair(float* q, float* k, const int* step, int d, int kv,
-                                          int head_size, int i, int r) {
+                                          int head_size, const float* freqs, int i, int r) {
     if (i >= d) return false;
     int pos = STEP_POS0(step) + r;
-    int head_dim = i % head_size;
-    float freq = 1.0f / powf(10000.0f, (float)head_dim / (float)head_size);
+    float freq = freqs[(i % head_size) / 2];
     float val = (float)pos * freq;
     float fci, fcr;
     sincosf(val, &fci, &fcr);
@@ -29,8 +29,8 @@ __device__ __forceinline__ bool rope_pair(float* q, float* k, const int* step, i
 }
 
 extern "C" __global__ void rope_f32(float* q, float* k, const int* step, int d, int kv,
-                                    int head_size) {
+                                    int head_size, const float* freqs) {
     pdl_wait();
-    rope_pair(q, k, step, d, kv, head_size, 2 * (blockIdx.x * blockDim.x + threadIdx.x),
+    rope_pair(q, k, step, d, kv, head_size, freqs, 2 * (blockIdx.x * blockDim.x + threadIdx.x),
               blockIdx.y);
 }

@@ -35,7 +35,7 @@ mod weights;
 use cudarc::driver::{result as driver, sys, CudaGraph, CudaSlice};
 use llama2::{Backend, Config, DType, Error, HostMatrix, Result};
 
-use crate::device::{cuda_err, int, Device, Pinned};
+use crate::device::{cuda_err, int, Arg, Device, Pinned};
 use crate::gemm::Gemm;
 use matvec::{one_launch, Epilogue, Outs, Row};
 
@@ -92,6 +92,11 @@ pub struct CudaBackend {
     split_chunk: usize,
     split_partial: CudaSlice<f32>, // [heads][ceil(seq_len / split_chunk)][head_size + 2]
     split_done: CudaSlice<u32>,    // [heads], zero between launches
+    /// The prepared model's RMSNorm epsilon.
+    norm_eps: f32,
+    /// The prepared model's rotary frequencies, computed on the host so the
+    /// GPU rotates by exactly the CPU's angles' frequencies.
+    rope_freqs: Option<CudaSlice<f32>>, // [head_size / 2]
 }
 
 impl CudaBackend {
@@ -129,7 +134,19 @@ impl CudaBackend {
             split_chunk: 0,
             split_partial,
             split_done,
+            norm_eps: llama2::config::LLAMA2C_NORM_EPS,
+            rope_freqs: None,
         })
+    }
+
+    /// The rotary frequency table as a kernel argument.
+    pub(super) fn rope_freqs_arg(&self) -> Result<Arg> {
+        match &self.rope_freqs {
+            Some(f) => Ok(self.dev.ptr(f)),
+            None => Err(Error::Backend(
+                "rope before the backend was prepared for a model".into(),
+            )),
+        }
     }
 
     // ------------------------------------------------------------------
@@ -241,6 +258,13 @@ impl Backend for CudaBackend {
         self.random_on_device(rows, cols, seed)
     }
 
+    fn prepare(&mut self, config: &Config) -> Result<()> {
+        self.norm_eps = config.norm_eps;
+        self.rope_freqs = Some(self.dev.upload(&config.rope_frequencies())?);
+        self.forget_graph();
+        Ok(())
+    }
+
     fn upload_vector(&mut self, v: &[f32]) -> Result<CudaSlice<f32>> {
         self.dev.upload(v)
     }
@@ -308,6 +332,7 @@ impl Backend for CudaBackend {
             self.dev.ptr(x),
             self.dev.ptr(weight),
             int(weight.len())?,
+            Arg::F32(self.norm_eps),
         ];
         self.dev
             .launch("rmsnorm_f32", (rows as u32, 1), THREADS, 0, &args)

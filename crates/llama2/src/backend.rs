@@ -36,6 +36,11 @@ pub trait Backend {
     /// chunks of this many tokens.
     fn max_batch(&self) -> usize;
 
+    /// Takes the model-wide numbers the ops use, before anything else: the
+    /// norm epsilon and the rotary frequencies (`Config::rope_frequencies`).
+    /// Nothing in a backend may assume llama2.c's values for them.
+    fn prepare(&mut self, config: &Config) -> Result<()>;
+
     /// Copies a weight matrix to the backend, converting its storage type if
     /// the backend computes in another precision.
     fn upload_matrix(&mut self, m: &HostMatrix) -> Result<Self::Matrix>;
@@ -70,8 +75,8 @@ pub trait Backend {
     fn embed(&mut self, out: &mut Self::Buffer, table: &Self::Matrix, tokens: &[u32])
         -> Result<()>;
 
-    /// `out[r] = x[r] / sqrt(mean(x[r]^2) + 1e-5) * weight` for `rows` rows of
-    /// the weight's width.
+    /// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight` for `rows` rows of
+    /// the weight's width, with the `eps` of the prepared config.
     fn rmsnorm(
         &mut self,
         out: &mut Self::Buffer,

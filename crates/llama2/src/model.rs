@@ -256,6 +256,7 @@ impl<B: Backend> Transformer<B> {
         config.validate()?;
         weights.check_shapes()?;
         weights.check_values()?;
+        backend.prepare(&config)?;
         let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::upload(&mut backend, weights)?;
         let state = State::new(&mut backend, &config, batch)?;
@@ -273,6 +274,7 @@ impl<B: Backend> Transformer<B> {
     /// (benchmarks: no file, no host copy of a 7B model).
     pub fn synthetic(mut backend: B, config: &Config, seed: u64) -> Result<Self> {
         config.validate()?;
+        backend.prepare(config)?;
         let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::synthetic(&mut backend, config, seed)?;
         let state = State::new(&mut backend, config, batch)?;

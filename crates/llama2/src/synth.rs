@@ -20,16 +20,7 @@ pub const SHAPES: [(&str, Config); 5] = [
 ];
 
 const fn shape(d: usize, h: usize, l: usize, nh: usize, nkv: usize, v: usize, s: usize) -> Config {
-    Config {
-        dim: d,
-        hidden_dim: h,
-        n_layers: l,
-        n_heads: nh,
-        n_kv_heads: nkv,
-        vocab_size: v,
-        seq_len: s,
-        shared_classifier: true,
-    }
+    Config::llama2c(d, h, l, nh, nkv, v, s, true)
 }
 
 /// The config of a named shape (case-insensitive), or an error naming the

@@ -101,16 +101,8 @@ fn kv_caches_beyond_physical_memory_are_refused() {
     if total / per_layer >= 4096 {
         return; // more memory than the most layers a config may have can fill
     }
-    let config = llama2::Config {
-        dim: 16,
-        hidden_dim: 16,
-        n_layers: (total / per_layer + 1) as usize,
-        n_heads: 2,
-        n_kv_heads: 1,
-        vocab_size: 8,
-        seq_len: 1 << 20,
-        shared_classifier: true,
-    };
+    let layers = (total / per_layer + 1) as usize;
+    let config = llama2::Config::llama2c(16, 16, layers, 2, 1, 8, 1 << 20, true);
     let weights = llama2::synth::random_weights(&config, llama2::DType::F32, 1);
     let err = Transformer::new(CpuBackend::new(1).unwrap(), &weights)
         .err()

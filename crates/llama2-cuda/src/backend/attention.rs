@@ -100,6 +100,7 @@ impl CudaBackend {
             int(c.dim)?,
             int(c.kv_dim())?,
             int(c.head_size())?,
+            self.rope_freqs_arg()?,
         ];
         self.dev
             .launch("rope_f32", rope_grid(rows, c), ELEMENT_THREADS, 0, &args)
@@ -159,6 +160,7 @@ impl CudaBackend {
             int(c.dim)?,
             int(c.kv_dim())?,
             int(c.head_size())?,
+            self.rope_freqs_arg()?,
         ];
         let kernel = format!("rope_kv_store_{}", cache.ty);
         self.dev

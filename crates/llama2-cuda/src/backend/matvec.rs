@@ -122,11 +122,13 @@ impl CudaBackend {
         };
         args.extend([residual, Arg::I32(epilogue.mode())]);
         if let MatvecKernel::Float(_) = kernel {
-            // The float kernels fold the norm in themselves: its weights, or null.
+            // The float kernels fold the norm in themselves: its weights, or
+            // null, and its epsilon.
             args.push(match row {
                 Row::Normed { weight, .. } => self.dev.ptr(weight),
                 Row::Plain(_) => Arg::Ptr(0),
             });
+            args.push(Arg::F32(self.norm_eps));
         }
         // One warp per output row; the SwiGLU pair shares a warp.
         let warps = match epilogue {

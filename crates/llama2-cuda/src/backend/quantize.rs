@@ -69,6 +69,7 @@ impl CudaBackend {
             self.dev.ptr(weight),
             int(cols)?,
             int(gs)?,
+            Arg::F32(self.norm_eps),
         ];
         self.dev.launch(
             "rmsnorm_quantize_q8",

@@ -68,8 +68,10 @@ pub struct CpuBackend {
     /// positions seen so far: the same values for every layer and head, so
     /// computed once instead of a `powf` and `sin_cos` per pair and layer.
     rope_table: Vec<(f32, f32)>,
-    /// The head size `rope_table` was built for.
-    rope_hs: usize,
+    /// The prepared model's rotary frequencies `[head_size / 2]`.
+    rope_freqs: Vec<f32>,
+    /// The prepared model's RMSNorm epsilon.
+    norm_eps: f32,
 }
 
 impl CpuBackend {
@@ -107,7 +109,8 @@ impl CpuBackend {
             scratch: Vec::new(),
             att: Vec::new(),
             rope_table: Vec::new(),
-            rope_hs: 0,
+            rope_freqs: Vec::new(),
+            norm_eps: crate::config::LLAMA2C_NORM_EPS,
         })
     }
 
@@ -255,6 +258,13 @@ impl Backend for CpuBackend {
         CPU_BATCH
     }
 
+    fn prepare(&mut self, config: &Config) -> Result<()> {
+        self.norm_eps = config.norm_eps;
+        self.rope_freqs = config.rope_frequencies();
+        self.rope_table.clear();
+        Ok(())
+    }
+
     fn upload_matrix(&mut self, m: &HostMatrix) -> Result<CpuMatrix> {
         let m = match self.dtype {
             Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols))?,
@@ -328,11 +338,12 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let d = w.len();
         let per = self.rows_per_task(rows, d);
+        let eps = self.norm_eps;
         self.team
             .for_each_chunk(&mut out[..rows * d], per * d, |k, out| {
                 for (r, o) in out.chunks_exact_mut(d).enumerate() {
                     let at = (k * per + r) * d;
-                    reference::rmsnorm(o, &x[at..at + d], w);
+                    reference::rmsnorm(o, &x[at..at + d], w, eps);
                 }
             });
         Ok(())
@@ -403,20 +414,22 @@ impl Backend for CpuBackend {
         pos0: usize,
         c: &Config,
     ) -> Result<()> {
-        let (d, kv, hs) = (c.dim, c.kv_dim(), c.head_size());
-        let half = hs / 2;
-        if self.rope_hs != hs {
-            self.rope_table.clear();
-            self.rope_hs = hs;
+        let (d, kv, half) = (c.dim, c.kv_dim(), c.head_size() / 2);
+        if self.rope_freqs.len() != half {
+            return Err(Error::Backend(format!(
+                "rope for head size {} on a backend prepared for {}",
+                c.head_size(),
+                2 * self.rope_freqs.len()
+            )));
         }
         let have = self.rope_table.len() / half.max(1);
         for pos in have..pos0 + rows {
             // The factors exactly as `reference::rope` computes them.
-            self.rope_table.extend((0..hs).step_by(2).map(|head_dim| {
-                let freq = 1.0 / 10000f32.powf(head_dim as f32 / hs as f32);
-                let (fci, fcr) = (pos as f32 * freq).sin_cos();
-                (fcr, fci)
-            }));
+            self.rope_table
+                .extend(self.rope_freqs.iter().map(|&freq| {
+                    let (fci, fcr) = (pos as f32 * freq).sin_cos();
+                    (fcr, fci)
+                }));
         }
         for r in 0..rows {
             let f = &self.rope_table[(pos0 + r) * half..(pos0 + r + 1) * half];

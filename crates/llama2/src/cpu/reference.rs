@@ -5,14 +5,15 @@
 
 use crate::config::Config;
 
-/// `out = x / sqrt(mean(x^2) + 1e-5) * weight`, as run.c computes it.
-pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32]) {
+/// `out = x / sqrt(mean(x^2) + eps) * weight`, as run.c computes it (run.c's
+/// eps is 1e-5).
+pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let mut ss = 0f32;
     for v in x {
         ss += v * v;
     }
     ss /= x.len() as f32;
-    ss += 1e-5;
+    ss += eps;
     let inv = 1.0 / ss.sqrt();
     for ((o, &w), &v) in out.iter_mut().zip(weight).zip(x) {
         *o = w * (inv * v);
@@ -77,11 +78,13 @@ pub fn matvec_q8(out: &mut [f32], wq: &[i8], ws: &[f32], gs: usize, x: &[f32]) {
     }
 }
 
-/// Rotary embedding of one token's `q` `[D]` and `k` `[KV]` at `pos`, as run.c.
-pub fn rope(q: &mut [f32], k: &mut [f32], pos: usize, head_size: usize) {
+/// Rotary embedding of one token's `q` `[D]` and `k` `[KV]` at `pos`, as
+/// run.c, with `freqs` `[head_size / 2]` the frequency of each pair of a head
+/// (`Config::rope_frequencies`; run.c's are `1 / 10000^(2j / head_size)`).
+pub fn rope(q: &mut [f32], k: &mut [f32], pos: usize, freqs: &[f32]) {
+    let head_size = 2 * freqs.len();
     for i in (0..q.len()).step_by(2) {
-        let head_dim = i % head_size;
-        let freq = 1.0 / 10000f32.powf(head_dim as f32 / head_size as f32);
+        let freq = freqs[(i % head_size) / 2];
         let val = pos as f32 * freq;
         let (fci, fcr) = val.sin_cos();
         let rotate = |v: &mut [f32]| {
