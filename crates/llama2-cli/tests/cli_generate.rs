@@ -206,7 +206,7 @@ fn always_eos_model() -> ModelWeights {
     classifier[2 * d..3 * d].fill(1.0);
     ModelWeights {
         config,
-        format: FileFormat::V1,
+        format: llama2::checkpoint::Source::Llama2c(FileFormat::V1),
         token_embedding: HostMatrix::from_f32(v, d, vec![1.0; v * d]),
         layers: vec![LayerWeights {
             rms_att: ones(),

@@ -182,7 +182,10 @@ impl Config {
             vocab_size,
             seq_len,
             shared_classifier,
-            head_dim: if n_heads == 0 { 0 } else { dim / n_heads },
+            head_dim: match dim.checked_div(n_heads) {
+                Some(hs) => hs,
+                None => 0,
+            },
             rope_theta: LLAMA2C_ROPE_THETA,
             rope_scaling: None,
             norm_eps: LLAMA2C_NORM_EPS,

@@ -9,6 +9,7 @@
 //! | `tensor.rs`     | weight storage: f32, f16, bf16, Q8_0; mmap-backed          |
 //! | `quant.rs`      | Q8_0 quantization                                          |
 //! | `tokenizer.rs`  | BPE encode/decode, UTF-8-safe output streaming              |
+//! | `sentencepiece.rs` | SentencePiece `tokenizer.model`: reading, conversion to .bin |
 //! | `sampler.rs`    | xorshift RNG, argmax, multinomial, top-p                    |
 //! | `backend.rs`    | the `Backend` trait: the ops a forward pass needs           |
 //! | `model.rs`      | the forward pass, once, over a `Backend`                   |
@@ -29,6 +30,7 @@ pub mod generate;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+pub mod sentencepiece;
 pub mod synth;
 pub mod tensor;
 pub mod tokenizer;

@@ -117,7 +117,7 @@ pub fn random_weights(config: &Config, dtype: DType, seed: u64) -> ModelWeights 
     };
     ModelWeights {
         config: *c,
-        format,
+        format: crate::checkpoint::Source::Llama2c(format),
         token_embedding,
         layers,
         rms_final: ones(),

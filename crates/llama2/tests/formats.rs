@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use llama2::checkpoint::{self, FileFormat};
+use llama2::checkpoint::{self, FileFormat, Source};
 use llama2::tensor::{HostMatrix, MatrixData};
 use llama2::{LanguageModel, ModelWeights};
 
@@ -19,7 +19,7 @@ fn version1_gives_the_same_text_as_version0() {
     assert_eq!(i32::from_le_bytes(bytes[4..8].try_into().unwrap()), 1);
     assert_eq!(bytes.len(), 256 + (1056540 - 28 - 2 * 4 * 512 * 4));
     let w = checkpoint::load(&path).unwrap();
-    assert_eq!(w.format, FileFormat::V1);
+    assert_eq!(w.format, Source::Llama2c(FileFormat::V1));
     assert_eq!(w.config, load("stories260K.bin").config);
     assert_eq!(greedy_text(&w, "", 200), format!("{GOLDEN_FP32}\n"));
 }
@@ -40,7 +40,7 @@ fn version2_group4_is_byte_identical_to_the_published_file() {
         panic!("first difference at byte {at} of {}", ours.len());
     }
     let w = checkpoint::load(&path).unwrap();
-    assert_eq!(w.format, FileFormat::V2 { group_size: 4 });
+    assert_eq!(w.format, Source::Llama2c(FileFormat::V2 { group_size: 4 }));
     assert_eq!(greedy_text(&w, "", 200), format!("{GOLDEN_Q8}\n"));
 
     // Re-writing the int8 model as version 2 with its own group size keeps it as is.
@@ -63,7 +63,7 @@ fn version0_round_trip() {
     let body_end = ours.len() - rope_bytes;
     assert!(ours[..body_end] == theirs[..body_end]);
     let w = checkpoint::load(&path).unwrap();
-    assert_eq!(w.format, FileFormat::V0);
+    assert_eq!(w.format, Source::Llama2c(FileFormat::V0));
     assert!(w.classifier.is_none());
     assert_eq!(greedy_text(&w, "", 200), format!("{GOLDEN_FP32}\n"));
 }
@@ -163,7 +163,7 @@ fn version2_groups_straddling_rows_load_and_stay_close_to_fp32() {
         let path = dir.path(&format!("gs{gs}.bin"));
         write_model(&fp32, FileFormat::V2 { group_size: gs }, &path);
         let w = checkpoint::load(&path).unwrap();
-        assert_eq!(w.format, FileFormat::V2 { group_size: gs });
+        assert_eq!(w.format, Source::Llama2c(FileFormat::V2 { group_size: gs }));
         let MatrixData::Q8(q) = &w.layers[0].w2.data else {
             panic!("w2 is int8")
         };

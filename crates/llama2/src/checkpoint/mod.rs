@@ -8,12 +8,34 @@
 //!
 //! The byte layouts are documented in `shared/docs/FORMATS.md`.
 
+mod assemble;
+pub mod gguf;
+pub mod hf;
+
 pub mod raw;
 mod read;
 mod write;
 
 pub use read::{from_bytes, load};
+
+use std::path::Path;
+
+/// Opens a model of any supported kind, detected from the path itself: a
+/// Hugging Face directory (config.json), or a llama2.c checkpoint file.
+pub fn open(path: &Path) -> Result<ModelWeights> {
+    if path.is_dir() {
+        if hf::is_model_dir(path) {
+            return hf::load(path);
+        }
+        return Err(Error::checkpoint(
+            path,
+            "this directory has no config.json, so it is not a Hugging Face model directory",
+        ));
+    }
+    load(path)
+}
 pub use write::{write, FileFormat};
+pub use assemble::{Naming, TensorSet};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -65,12 +87,41 @@ impl LayerWeights {
     }
 }
 
+/// Where a model came from, for messages (and for choosing behaviour that
+/// differs between llama2.c and other sources).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A llama2.c checkpoint of one of its versions.
+    Llama2c(FileFormat),
+    /// A Hugging Face directory (config.json and safetensors).
+    HuggingFace,
+    /// A Meta directory (params.json and consolidated.NN.pth).
+    Meta,
+    /// A llama2.c `train.py` checkpoint (ckpt.pt).
+    TrainCheckpoint,
+    /// A llama.cpp GGUF file.
+    Gguf,
+}
+
+impl Source {
+    /// A short human description, e.g. "version 2 (int8, group size 64)".
+    pub fn describe(self) -> String {
+        match self {
+            Source::Llama2c(f) => f.describe(),
+            Source::HuggingFace => "Hugging Face safetensors".into(),
+            Source::Meta => "Meta consolidated checkpoint".into(),
+            Source::TrainCheckpoint => "llama2.c train.py checkpoint".into(),
+            Source::Gguf => "GGUF".into(),
+        }
+    }
+}
+
 /// A whole model as read from a checkpoint, on the host.
 #[derive(Clone, Debug)]
 pub struct ModelWeights {
     pub config: Config,
     /// Which file format it came from.
-    pub format: FileFormat,
+    pub format: Source,
     /// Token embedding `[V][D]`, in the file's storage type (Q8 for version 2;
     /// rows are dequantized when looked up).
     pub token_embedding: HostMatrix,

@@ -28,7 +28,7 @@ impl RawDType {
         match self {
             RawDType::F32 => n.checked_mul(4),
             RawDType::F16 | RawDType::BF16 => n.checked_mul(2),
-            RawDType::Q8_0Blocks => (n % 32 == 0).then(|| n / 32 * 34),
+            RawDType::Q8_0Blocks => n.is_multiple_of(32).then(|| n / 32 * 34),
         }
     }
 

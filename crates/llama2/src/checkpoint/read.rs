@@ -349,7 +349,7 @@ fn slice_weights(map: &Arc<Mmap>, header: &Header) -> ModelWeights {
     let classifier = take(Tensor::Classifier).pop();
     ModelWeights {
         config: c,
-        format: header.format,
+        format: super::Source::Llama2c(header.format),
         token_embedding,
         layers,
         rms_final,

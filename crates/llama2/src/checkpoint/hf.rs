@@ -1,0 +1,317 @@
+//! Hugging Face model directories: `config.json` (both the older style with
+//! `rope_theta` and `rope_scaling` at the top level and transformers 5's
+//! `rope_parameters`) and the weights in `model.safetensors` or in shards
+//! listed by `model.safetensors.index.json`. Safetensors files are
+//! memory-mapped; their tensors are used in place (see `assemble.rs`).
+//! Only the Llama architecture is accepted; anything the forward pass does
+//! not implement (biases, other activations, other RoPE types) is refused by
+//! name rather than run wrongly.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use super::assemble::{Naming, TensorSet};
+use super::raw::{RawDType, RawTensor};
+use super::{ModelWeights, Source};
+use crate::config::{Config, Llama3Scaling, TokenSet, LLAMA2C_ROPE_THETA};
+use crate::error::{Error, Result};
+use crate::files;
+
+/// Largest config.json or index read: real ones are a few kilobytes.
+const MAX_JSON_BYTES: u64 = 16 << 20;
+
+/// Whether `dir` looks like a Hugging Face model directory.
+pub fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+}
+
+/// Loads the model in the Hugging Face directory `dir`.
+pub fn load(dir: &Path) -> Result<ModelWeights> {
+    let config = read_config(&dir.join("config.json"))?;
+    let tensors = read_weights(dir)?;
+    TensorSet {
+        tensors,
+        naming: Naming::HuggingFace,
+        rotate_half: true,
+        source: Source::HuggingFace,
+    }
+    .assemble(config)
+    .map_err(|e| in_dir(dir, e))
+}
+
+/// Errors of assembling a directory's tensors, said of the directory.
+fn in_dir(dir: &Path, e: Error) -> Error {
+    match e {
+        Error::Invalid(reason) | Error::Config(reason) => Error::checkpoint(dir, reason),
+        other => other,
+    }
+}
+
+/// A JSON file of bounded size, parsed.
+fn read_json(path: &Path) -> Result<Value> {
+    let bytes = files::read_bounded(path, "JSON file", MAX_JSON_BYTES)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not valid JSON: {e}")))
+}
+
+// ----------------------------------------------------------------------------
+// config.json
+
+/// The model's hyper-parameters from `config.json`.
+pub fn read_config(path: &Path) -> Result<Config> {
+    let json = read_json(path)?;
+    parse_config(&json).map_err(|reason| Error::checkpoint(path, reason))
+}
+
+/// `config.json` as a `Config`, or what is missing or unsupported.
+pub fn parse_config(j: &Value) -> std::result::Result<Config, String> {
+    let model_type = j.get("model_type").and_then(Value::as_str).unwrap_or("");
+    if model_type != "llama" {
+        return Err(format!(
+            "model_type is {:?}; this program runs Llama models (model_type \"llama\")",
+            j.get("model_type").unwrap_or(&Value::Null)
+        ));
+    }
+    for flag in ["attention_bias", "mlp_bias"] {
+        if j.get(flag).and_then(Value::as_bool) == Some(true) {
+            return Err(format!("{flag} is true; Llama models without biases are supported"));
+        }
+    }
+    if let Some(act) = j.get("hidden_act").and_then(Value::as_str) {
+        if act != "silu" {
+            return Err(format!("hidden_act is {act:?}; expected \"silu\""));
+        }
+    }
+    let dim = usize_key(j, "hidden_size")?;
+    let n_heads = usize_key(j, "num_attention_heads")?;
+    let mut c = Config::llama2c(
+        dim,
+        usize_key(j, "intermediate_size")?,
+        usize_key(j, "num_hidden_layers")?,
+        n_heads,
+        optional_usize(j, "num_key_value_heads")?.unwrap_or(n_heads),
+        usize_key(j, "vocab_size")?,
+        usize_key(j, "max_position_embeddings")?,
+        // transformers' LlamaConfig default.
+        j.get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    );
+    if let Some(hd) = optional_usize(j, "head_dim")? {
+        c.head_dim = hd;
+    }
+    // transformers' LlamaConfig default epsilon is 1e-6, not llama2.c's 1e-5.
+    c.norm_eps = optional_f32(j, "rms_norm_eps")?.unwrap_or(1e-6);
+    let (theta, scaling) = rope(j)?;
+    c.rope_theta = theta;
+    c.rope_scaling = scaling;
+    c.bos = optional_usize(j, "bos_token_id")?.unwrap_or(1) as u32;
+    c.eos = eos_ids(j)?;
+    c.eos_ends_generation = true;
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+/// RoPE base and scaling: `rope_parameters` (transformers 5) or the
+/// top-level `rope_theta` and `rope_scaling` (earlier versions).
+fn rope(j: &Value) -> std::result::Result<(f32, Option<Llama3Scaling>), String> {
+    let params = j.get("rope_parameters").filter(|v| v.is_object());
+    let theta = match params.and_then(|p| p.get("rope_theta")) {
+        Some(v) => number(v, "rope_parameters.rope_theta")?,
+        None => optional_f32(j, "rope_theta")?.unwrap_or(LLAMA2C_ROPE_THETA),
+    };
+    let scaling = params
+        .or_else(|| j.get("rope_scaling").filter(|v| v.is_object()))
+        .filter(|s| s.get("rope_type").or_else(|| s.get("type")).is_some());
+    let Some(s) = scaling else {
+        return Ok((theta, None));
+    };
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    match kind {
+        "default" => Ok((theta, None)),
+        "llama3" => {
+            let f = |key: &str| {
+                s.get(key)
+                    .ok_or_else(|| format!("llama3 RoPE scaling has no {key}"))
+                    .and_then(|v| number(v, key))
+            };
+            let context = f("original_max_position_embeddings")?;
+            Ok((
+                theta,
+                Some(Llama3Scaling {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_context: context as usize,
+                }),
+            ))
+        }
+        other => Err(format!(
+            "RoPE type {other:?} is not supported; supported: default, llama3"
+        )),
+    }
+}
+
+/// `eos_token_id`: one id or a list (llama2.c's 2 when absent).
+fn eos_ids(j: &Value) -> std::result::Result<TokenSet, String> {
+    let ids: Vec<u32> = match j.get("eos_token_id") {
+        None | Some(Value::Null) => vec![2],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_u64().map(|id| id as u32).ok_or("eos_token_id list entry"))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|what| format!("{what} is not a token id"))?,
+        Some(v) => vec![v
+            .as_u64()
+            .ok_or_else(|| format!("eos_token_id is {v}; expected an id or a list of ids"))?
+            as u32],
+    };
+    TokenSet::new(&ids).map_err(|e| e.to_string())
+}
+
+fn usize_key(j: &Value, key: &str) -> std::result::Result<usize, String> {
+    optional_usize(j, key)?.ok_or_else(|| format!("config.json has no {key}"))
+}
+
+fn optional_usize(j: &Value, key: &str) -> std::result::Result<Option<usize>, String> {
+    match j.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n <= u32::MAX as u64)
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| format!("{key} is {v}; expected a non-negative integer")),
+    }
+}
+
+fn optional_f32(j: &Value, key: &str) -> std::result::Result<Option<f32>, String> {
+    match j.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => number(v, key).map(Some),
+    }
+}
+
+fn number(v: &Value, key: &str) -> std::result::Result<f32, String> {
+    v.as_f64()
+        .map(|x| x as f32)
+        .ok_or_else(|| format!("{key} is {v}; expected a number"))
+}
+
+// ----------------------------------------------------------------------------
+// safetensors
+
+/// Every tensor of the directory's safetensors file or shards, by name.
+fn read_weights(dir: &Path) -> Result<HashMap<String, RawTensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        shard_files(dir, &index)?
+    } else {
+        return Err(Error::checkpoint(
+            dir,
+            "no model.safetensors or model.safetensors.index.json beside config.json",
+        ));
+    };
+    let mut tensors = HashMap::new();
+    for file in &files {
+        for t in read_safetensors(file)? {
+            let name = t.name.clone();
+            if tensors.insert(name.clone(), t).is_some() {
+                return Err(Error::checkpoint(
+                    file,
+                    format!("tensor {name} is also in another shard; the shards disagree"),
+                ));
+            }
+        }
+    }
+    Ok(tensors)
+}
+
+/// The shard files an index names, each once, checked to be in `dir`.
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let json = read_json(index)?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::checkpoint(index, "it has no weight_map object"))?;
+    let mut names = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().filter(|f| is_plain_file_name(f)).ok_or_else(|| {
+            Error::checkpoint(
+                index,
+                format!("tensor {tensor} maps to {file}; expected a file name in the directory"),
+            )
+        })?;
+        names.insert(file.to_owned());
+    }
+    Ok(names.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// A name without directories, so an index cannot point outside its folder.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != ".." && name != "." && !name.contains(['/', '\\'])
+}
+
+/// The tensors of one safetensors file, memory-mapped.
+pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
+    let (file, _) = files::open_regular(path, "safetensors file")?;
+    // SAFETY: read-only map; tensors keep an Arc of it and never outlive
+    // it. Another process truncating the file while we run would fault, as
+    // with every mapped checkpoint.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?);
+    tensors_of(map).map_err(|reason| Error::checkpoint(path, reason))
+}
+
+/// The tensors described by the safetensors header at the start of `map`.
+pub fn tensors_of(map: Arc<Mmap>) -> std::result::Result<Vec<RawTensor>, String> {
+    let (header_len, metadata) = SafeTensors::read_metadata(&map)
+        .map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let data_start = 8 + header_len as u64;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            Dtype::F32 => RawDType::F32,
+            Dtype::F16 => RawDType::F16,
+            Dtype::BF16 => RawDType::BF16,
+            other => {
+                return Err(format!(
+                    "tensor {name} is {other:?}; supported types are F32, F16 and BF16"
+                ))
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let t = RawTensor::new(
+            name.clone(),
+            dtype,
+            info.shape.clone(),
+            map.clone(),
+            data_start + start as u64,
+        )
+        .map_err(|e| e.to_string())?;
+        if t.len != end - start {
+            return Err(format!(
+                "tensor {name}: its offsets span {} bytes but {:?} {:?} needs {}",
+                end - start,
+                info.dtype,
+                info.shape,
+                t.len
+            ));
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
