@@ -85,12 +85,17 @@ pub struct DeviceArgs {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
+    /// Context length in positions (default: the model's; 4096 for Meta
+    /// directories, whose files do not say). At most the model's own.
+    #[arg(long, value_name = "N")]
+    pub ctx_size: Option<usize>,
 }
 
 /// llama2.c's `run` flags.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Model checkpoint (llama2.c version 0, 1 or 2).
+    /// The model: a llama2.c checkpoint (version 0, 1 or 2), a Hugging Face
+    /// or Meta directory, a train.py ckpt.pt, or a GGUF file.
     #[arg(required = true)]
     pub checkpoint: Option<PathBuf>,
     /// Temperature; 0 is greedy, negative becomes 0.
@@ -125,7 +130,8 @@ pub struct RunArgs {
     /// Prompt (generate) or first user message (chat).
     #[arg(short = 'i', long)]
     pub prompt: Option<String>,
-    /// tokenizer.bin (default: beside the checkpoint, then ./tokenizer.bin).
+    /// tokenizer.bin or tokenizer.model (default: inside a GGUF file or a
+    /// model directory, else beside the checkpoint, then ./tokenizer.bin).
     #[arg(short = 'z', long)]
     pub tokenizer: Option<PathBuf>,
     /// generate or chat.
@@ -155,8 +161,9 @@ pub struct BenchArgs {
     /// Model shape: stories260K, stories15M, stories42M, stories110M or llama2-7b.
     #[arg(long, default_value = "stories15M")]
     pub shape: String,
-    /// Measure a real checkpoint instead of a random shape.
-    #[arg(long, value_name = "FILE")]
+    /// Measure a real model (any form the top level accepts) instead of a
+    /// random shape.
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Prompt tokens for the prefill measurement (0 skips it).
     #[arg(long, default_value_t = 256)]
@@ -194,11 +201,11 @@ pub struct SynthArgs {
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
-    /// Model checkpoint.
+    /// The model (any form the top level accepts).
     pub checkpoint: PathBuf,
-    /// tokenizer.bin of the model.
+    /// The model's tokenizer (found as for generation when not given).
     #[arg(short = 'z', long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     /// UTF-8 text file to score.
     #[arg(long)]
     pub text: PathBuf,
@@ -211,7 +218,7 @@ pub struct PerplexityArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// Model checkpoint (or use --shape for random weights).
+    /// The model (any form the top level accepts), or --shape.
     pub checkpoint: Option<PathBuf>,
     /// Check random weights of a standard shape instead of a file.
     #[arg(long, conflicts_with = "checkpoint")]

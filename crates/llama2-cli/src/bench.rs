@@ -82,7 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Builds the model to measure and returns it with its config and dtype.
 fn build(args: &BenchArgs, device: Device) -> Result<(Box<dyn LanguageModel>, Config, DType)> {
     if let Some(path) = &args.model {
-        let weights = checkpoint::load(path)?;
+        let weights = checkpoint::open(path, args.device.ctx_size)?;
         let dtype = args.device.dtype.unwrap_or(weights.layers[0].wq.dtype());
         let model = device::load_model(&weights, &args.device)?;
         return Ok((model, weights.config, dtype));

@@ -31,7 +31,7 @@ fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
 
 fn load_weights(args: &CheckArgs) -> Result<ModelWeights> {
     match (&args.checkpoint, &args.shape) {
-        (Some(path), _) => Ok(checkpoint::load(path)?),
+        (Some(path), _) => Ok(checkpoint::open(path, args.device.ctx_size)?),
         (None, Some(shape)) => {
             let config = shape_config(shape)?;
             Ok(synth::random_weights(&config, DType::F32, 1234))
@@ -46,9 +46,8 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     let c = weights.config;
     let dtype = args.device.dtype.unwrap_or(weights.layers[0].wq.dtype());
     let tested_args = DeviceArgs {
-        device: args.device.device,
         dtype: Some(dtype),
-        threads: args.device.threads,
+        ..args.device.clone()
     };
     if device::resolve(&tested_args)? == Device::Cpu && args.device.device != Device::Cpu {
         bail!("no GPU to check: `check` compares a GPU with the CPU");

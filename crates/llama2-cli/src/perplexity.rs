@@ -5,8 +5,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use llama2::tokenizer::BOS;
-use llama2::{checkpoint, Tokenizer};
+use llama2::checkpoint;
 
 use crate::args::PerplexityArgs;
 use crate::device;
@@ -24,8 +23,12 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
 
 /// `llama2 perplexity`.
 pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
-    let weights = checkpoint::load(&args.checkpoint)?;
-    let tokenizer = Tokenizer::load(&args.tokenizer, weights.config.vocab_size)?;
+    let weights = checkpoint::open(&args.checkpoint, args.device.ctx_size)?;
+    let tokenizer = llama2::tokenizer::find(
+        args.tokenizer.as_deref(),
+        &args.checkpoint,
+        weights.config.vocab_size,
+    )?;
     let bytes = llama2::files::read_bounded(&args.text, "text to score", MAX_TEXT_BYTES)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
@@ -35,6 +38,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
         )
     })?;
     let tokens = tokenizer.encode(&text, false, false);
+    let bos = weights.config.bos;
     if tokens.is_empty() {
         bail!("{} holds no text to score", args.text.display());
     }
@@ -55,7 +59,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
     let mut window = Vec::with_capacity(context);
     for targets in tokens.chunks(context - 1) {
         window.clear();
-        window.push(BOS);
+        window.push(bos);
         window.extend_from_slice(targets);
         let logits = model.forward_all(&window[..window.len() - 1], 0)?;
         for (i, &target) in targets.iter().enumerate() {

@@ -2,37 +2,15 @@
 //! `tokenize`. Flags are clamped here exactly as run.c clamps them.
 
 use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use llama2::generate::{self, ChatInput};
 use llama2::sampler::Sampler;
 use llama2::{checkpoint, Tokenizer};
 
 use crate::args::{Mode, RunArgs, TokenizeArgs};
 use crate::device;
-
-/// The tokenizer path: `-z`, else tokenizer.bin beside the checkpoint, else
-/// ./tokenizer.bin.
-fn tokenizer_path(explicit: Option<&Path>, checkpoint: &Path) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_owned());
-    }
-    let beside = checkpoint
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("tokenizer.bin");
-    for candidate in [beside.clone(), PathBuf::from("tokenizer.bin")] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!(
-        "no tokenizer given and none found at {} or ./tokenizer.bin: pass one with -z",
-        beside.display()
-    )
-}
 
 /// run.c's clamping of odd flag values.
 struct Settings {
@@ -78,9 +56,9 @@ fn clamp(args: &RunArgs, seq_len: usize) -> Settings {
 pub fn run(args: &RunArgs) -> Result<()> {
     let path = args.checkpoint.as_deref().context("no checkpoint given")?;
     let started = Instant::now();
-    let weights = checkpoint::load(path)?;
-    let tok_path = tokenizer_path(args.tokenizer.as_deref(), path)?;
-    let tokenizer = Tokenizer::load(&tok_path, weights.config.vocab_size)?;
+    let weights = checkpoint::open(path, args.device.ctx_size)?;
+    let tokenizer =
+        llama2::tokenizer::find(args.tokenizer.as_deref(), path, weights.config.vocab_size)?;
     let mut model = device::load_model(&weights, &args.device)?;
     let load_time = started.elapsed();
     let s = clamp(args, weights.config.seq_len);

@@ -77,8 +77,8 @@ fn missing_empty_truncated_oversized_random() {
     let mut rng = Rng::new(12345);
     let random: Vec<u8> = (0..1 << 20).map(|_| rng.next_u32() as u8).collect();
     check_file(&dir, "random.bin", &random, "not a valid checkpoint");
-    // A directory is not a checkpoint either, and is called one.
-    run_model(&dir.path(""), &[]).fails_with("this is a directory, not a regular file");
+    // A directory that is no model directory says what it lacks.
+    run_model(&dir.path(""), &[]).fails_with("neither config.json");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::model::LanguageModel;
 use crate::sampler::Sampler;
-use crate::tokenizer::{Tokenizer, Utf8Stream, BOS, EOS};
+use crate::tokenizer::{Tokenizer, Utf8Stream};
 
 /// Timings of one generation, for the report on stderr.
 #[derive(Clone, Debug, Default)]
@@ -47,6 +47,12 @@ fn emit(
         out.flush()?;
     }
     Ok(())
+}
+
+/// Whether generation stops at `token`: at BOS, as run.c stops, and at the
+/// model's EOS tokens for models whose files declare them.
+fn ends_generation(c: &crate::config::Config, token: u32) -> bool {
+    token == c.bos || (c.eos_ends_generation && c.eos.contains(token))
 }
 
 /// Encodes `text` with BOS and checks it fits in `room` positions.
@@ -97,7 +103,7 @@ pub fn generate(
         } else {
             sampler.sample(&mut logits)
         };
-        if next == BOS {
+        if ends_generation(model.config(), next) {
             break;
         }
         emit(out, &mut stream, tok, token, next)?;
@@ -184,6 +190,7 @@ pub fn chat(
     out: &mut dyn Write,
 ) -> Result<Stats> {
     let seq_len = model.config().seq_len;
+    let eos = model.config().eos;
     let mut stats = Stats::default();
     let mut stream = Utf8Stream::new();
     let mut system = input.system;
@@ -222,24 +229,24 @@ pub fn chat(
             stats.prefill += started.elapsed();
             let vocab = tok.vocab_size();
             for (i, &token) in prompt[..n].iter().enumerate() {
-                if token == EOS {
+                if eos.contains(token) {
                     user_turn = true;
                 }
                 logits.clear();
                 logits.extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
                 next = sampler.sample(&mut logits);
                 pos += 1;
-                if i + 1 == prompt.len() && next != EOS {
+                if i + 1 == prompt.len() && !eos.contains(next) {
                     emit(out, &mut stream, tok, token, next)?;
                 }
-                if next == EOS {
+                if eos.contains(next) {
                     out.write_all(b"\n")?;
                 }
             }
             continue;
         }
         let token = next;
-        if token == EOS {
+        if eos.contains(token) {
             user_turn = true;
         }
         logits.clear();
@@ -247,7 +254,7 @@ pub fn chat(
         stats.decoded_tokens += 1;
         next = sampler.sample(&mut logits);
         pos += 1;
-        if next != EOS {
+        if !eos.contains(next) {
             emit(out, &mut stream, tok, token, next)?;
         } else {
             out.write_all(b"\n")?;

@@ -51,6 +51,42 @@ impl Tokenizer {
         Self::parse_all(&bytes).map_err(|reason| Error::tokenizer(path, reason))
     }
 
+    /// A tokenizer of `pieces` with `scores`, written as llama2.c's
+    /// tokenizer.py writes a SentencePiece vocabulary: "▁" becomes a space,
+    /// and the BOS and EOS pieces (ids `bos`, `eos`) become "\n<s>\n" and
+    /// "\n</s>\n". For vocabularies read from other files (GGUF).
+    pub fn from_sentencepiece_pieces(
+        pieces: &[Vec<u8>],
+        scores: &[f32],
+        bos: u32,
+        eos: u32,
+    ) -> std::result::Result<Self, String> {
+        if pieces.len() != scores.len() {
+            return Err(format!(
+                "{} pieces but {} scores",
+                pieces.len(),
+                scores.len()
+            ));
+        }
+        let written: Vec<Vec<u8>> = pieces
+            .iter()
+            .enumerate()
+            .map(|(id, p)| match id as u32 {
+                id if id == bos => b"\n<s>\n".to_vec(),
+                id if id == eos => b"\n</s>\n".to_vec(),
+                _ => replace_spm_space(p),
+            })
+            .collect();
+        let longest = written.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let mut bytes = (longest as u32).to_le_bytes().to_vec();
+        for (p, score) in written.iter().zip(scores) {
+            bytes.extend(score.to_le_bytes());
+            bytes.extend((p.len() as i32).to_le_bytes());
+            bytes.extend_from_slice(p);
+        }
+        Self::parse(&bytes, pieces.len())
+    }
+
     /// Parses tokenizer.bin bytes, however many entries they hold.
     pub fn parse_all(bytes: &[u8]) -> std::result::Result<Self, String> {
         Self::parse(bytes, count_entries(bytes)?)
@@ -292,6 +328,102 @@ impl Tokenizer {
     }
 }
 
+/// The tokenizer of the model at `model` with `vocab_size` tokens: the file
+/// `explicit` (`-z`) when given, read according to its kind (`.model`:
+/// SentencePiece, `.gguf`: the vocabulary inside, anything else:
+/// tokenizer.bin); else the vocabulary inside a GGUF model, or
+/// `tokenizer.model` / `tokenizer.bin` in a model directory or beside a
+/// model file, then `./tokenizer.bin` (run.c's default).
+pub fn find(explicit: Option<&Path>, model: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    if let Some(path) = explicit {
+        return load_by_kind(path, vocab_size);
+    }
+    if model.is_file() && crate::checkpoint::gguf::is_gguf(model) {
+        return load_by_kind(model, vocab_size);
+    }
+    // A model directory's own tokenizer first; beside a llama2.c file,
+    // run.c's tokenizer.bin first.
+    let (folder, candidates) = if model.is_dir() {
+        (
+            model,
+            vec![model.join("tokenizer.model"), model.join("tokenizer.bin")],
+        )
+    } else {
+        let beside = model.parent().unwrap_or(Path::new("."));
+        let names = ["tokenizer.bin", "tokenizer.model"];
+        let mut c: Vec<_> = names.iter().map(|n| beside.join(n)).collect();
+        c.push("tokenizer.bin".into());
+        (beside, c)
+    };
+    for candidate in &candidates {
+        if candidate.is_file() {
+            return load_by_kind(candidate, vocab_size);
+        }
+    }
+    let json = folder.join("tokenizer.json");
+    let hint = if json.is_file() {
+        format!(
+            "; {} is a Hugging Face tokenizer.json, which is not supported yet",
+            json.display()
+        )
+    } else {
+        String::new()
+    };
+    let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+    Err(Error::Invalid(format!(
+        "no tokenizer given and none found at {}{hint}: pass one with -z",
+        tried.join(", ")
+    )))
+}
+
+/// Reads the tokenizer at `path` according to its kind.
+fn load_by_kind(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "model" => {
+            let spm = crate::sentencepiece::SentencePieceModel::load(path)?;
+            Tokenizer::parse(&spm.to_tokenizer_bin(), vocab_size)
+                .map_err(|reason| Error::tokenizer(path, reason))
+        }
+        "gguf" => {
+            let v = crate::checkpoint::gguf::open(path)?.vocabulary()?;
+            if v.model != "llama" {
+                return Err(Error::tokenizer(
+                    path,
+                    format!(
+                        "its tokenizer is of kind {:?}; only SentencePiece (\"llama\") \
+                         vocabularies are supported in GGUF files yet",
+                        v.model
+                    ),
+                ));
+            }
+            let tok = Tokenizer::from_sentencepiece_pieces(
+                &v.pieces,
+                &v.scores,
+                v.bos.unwrap_or(BOS),
+                v.eos.unwrap_or(EOS),
+            )
+            .map_err(|reason| Error::tokenizer(path, reason))?;
+            if tok.vocab_size() != vocab_size {
+                return Err(Error::tokenizer(
+                    path,
+                    format!(
+                        "it has {} tokens but the model has {vocab_size}",
+                        tok.vocab_size()
+                    ),
+                ));
+            }
+            Ok(tok)
+        }
+        "json" => Err(Error::tokenizer(
+            path,
+            "Hugging Face tokenizer.json files are not supported yet; pass the model's \
+             tokenizer.model or a tokenizer.bin",
+        )),
+        _ => Tokenizer::load(path, vocab_size),
+    }
+}
+
 /// A mergeable adjacent pair. The heap pops the highest score first, and
 /// among equal scores the leftmost pair, as run.c's scan picks it.
 struct Candidate {
@@ -353,6 +485,23 @@ fn count_entries(bytes: &[u8]) -> std::result::Result<usize, String> {
         return Err("the file ends inside an entry or holds fewer than 3 tokens".into());
     }
     Ok(count)
+}
+
+/// `piece` with SentencePiece's "▁" (U+2581) turned into a space.
+fn replace_spm_space(piece: &[u8]) -> Vec<u8> {
+    const SPM_SPACE: &[u8] = "\u{2581}".as_bytes();
+    let mut out = Vec::with_capacity(piece.len());
+    let mut rest = piece;
+    while !rest.is_empty() {
+        if rest.starts_with(SPM_SPACE) {
+            out.push(b' ');
+            rest = &rest[SPM_SPACE.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    out
 }
 
 /// Every byte value, so a byte token can be returned as a slice.

@@ -49,7 +49,10 @@ fn assert_logits_close(what: &str, got: &[f32], want: &[f32], vocab: usize, tole
             .zip(w)
             .map(|(a, b)| (a - b).abs())
             .enumerate()
-            .fold((0, 0f32), |best, (i, d)| if d > best.1 { (i, d) } else { best });
+            .fold(
+                (0, 0f32),
+                |best, (i, d)| if d > best.1 { (i, d) } else { best },
+            );
         assert!(
             diff <= tolerance * scale,
             "{what}: position {t}, logit {i}: {} vs {} (relative {:.2e} > {tolerance:.0e})",
@@ -61,7 +64,7 @@ fn assert_logits_close(what: &str, got: &[f32], want: &[f32], vocab: usize, tole
 }
 
 fn check_hf_logits(dir: &str, reference_name: &str, dtype: Option<DType>, tolerance: f32) {
-    let weights = checkpoint::open(&model_path(dir)).unwrap_or_else(|e| panic!("{dir}: {e}"));
+    let weights = checkpoint::open(&model_path(dir), None).unwrap_or_else(|e| panic!("{dir}: {e}"));
     let (ids, want) = reference_logits(reference_name);
     let mut m = model(&weights, dtype);
     let got = m.forward_all(&ids, 0).unwrap().to_vec();
@@ -75,19 +78,29 @@ fn hugging_face_f32_matches_transformers() {
 
 #[test]
 fn hugging_face_theta_is_honoured() {
-    check_hf_logits("hf/stories260K-theta1e6", "stories260K-theta1e6", None, 1e-4);
-    let w = checkpoint::open(&model_path("hf/stories260K-theta1e6")).unwrap();
+    check_hf_logits(
+        "hf/stories260K-theta1e6",
+        "stories260K-theta1e6",
+        None,
+        1e-4,
+    );
+    let w = checkpoint::open(&model_path("hf/stories260K-theta1e6"), None).unwrap();
     assert_eq!(w.config.rope_theta, 1e6);
 }
 
 #[test]
 fn hugging_face_bf16_shards_match_transformers() {
-    check_hf_logits("hf/stories260K-bf16-sharded", "stories260K-bf16-sharded", None, 1e-2);
+    check_hf_logits(
+        "hf/stories260K-bf16-sharded",
+        "stories260K-bf16-sharded",
+        None,
+        1e-2,
+    );
 }
 
 #[test]
 fn llama3_layout_with_rope_scaling_matches_transformers() {
-    let w = checkpoint::open(&model_path("hf/llama3-tiny-random")).unwrap();
+    let w = checkpoint::open(&model_path("hf/llama3-tiny-random"), None).unwrap();
     let c = w.config;
     assert!(c.rope_scaling.is_some());
     assert_eq!(c.eos.as_slice(), [128001, 128008, 128009]);
@@ -105,7 +118,7 @@ fn llama3_layout_with_rope_scaling_matches_transformers() {
 fn hugging_face_and_llama2c_weights_are_the_same_model() {
     // The f32 directory holds stories260K's weights: after the rotate-half
     // permutation every matrix equals the llama2.c file's.
-    let hf = checkpoint::open(&model_path("hf/stories260K")).unwrap();
+    let hf = checkpoint::open(&model_path("hf/stories260K"), None).unwrap();
     let bin = load("stories260K.bin");
     assert_eq!(hf.layers[2].wq.to_f32(), bin.layers[2].wq.to_f32());
     assert_eq!(hf.layers[4].wk.to_f32(), bin.layers[4].wk.to_f32());
@@ -120,7 +133,7 @@ fn hugging_face_and_llama2c_weights_are_the_same_model() {
 
 /// transformers' greedy continuation of `greedy_prompt`, id for id.
 fn check_greedy(dir: &str, reference_name: &str) {
-    let weights = checkpoint::open(&model_path(dir)).unwrap();
+    let weights = checkpoint::open(&model_path(dir), None).unwrap();
     let r = reference(reference_name);
     let (prompt, want) = (ids(&r["greedy_prompt"]), ids(&r["greedy_ids"]));
     let mut m = model(&weights, None);
@@ -144,3 +157,73 @@ fn greedy_continuations_match_transformers() {
     check_greedy("hf/llama3-tiny-random", "llama3-tiny-random");
 }
 
+/// Greedy text of a model opened from any path, with the tokenizer found
+/// for it (or `tokenizer` when given).
+fn greedy_of(path: &str, tokenizer: Option<&str>) -> String {
+    let p = model_path(path);
+    let w = checkpoint::open(&p, None).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let tok_path = tokenizer.map(model_path);
+    let tok = llama2::tokenizer::find(tok_path.as_deref(), &p, w.config.vocab_size).unwrap();
+    generate_text(&w, &tok, "", 200, 0.0, 0.9, 1)
+}
+
+#[test]
+fn every_copy_of_stories260k_prints_the_llama2c_text() {
+    for (path, tok) in [
+        ("hf/stories260K", None),
+        ("meta/stories260K", None),
+        ("stories260K-ckpt.pt", Some("tok512.bin")),
+        ("stories260K-ckpt.pt", Some("tok512.model")),
+        ("gguf/stories260K-f32.gguf", None),
+    ] {
+        assert_eq!(
+            greedy_of(path, tok).trim_end(),
+            GOLDEN_FP32,
+            "{path} with {tok:?}"
+        );
+    }
+}
+
+#[test]
+fn gguf_q8_0_stays_within_the_int8_tolerance() {
+    let w = checkpoint::open(&model_path("gguf/stories260K-q8_0.gguf"), None).unwrap();
+    let (ids, want) = reference_logits("stories260K");
+    let got = model(&w, None).forward_all(&ids, 0).unwrap().to_vec();
+    assert_logits_close("gguf q8_0", &got, &want, w.config.vocab_size, 5e-2);
+}
+
+#[test]
+fn tokenizers_inside_and_beside_models_equal_tok512() {
+    let tok512 = tok512();
+    for path in [
+        "gguf/stories260K-f32.gguf",
+        "hf/stories260K",
+        "tok512.model",
+    ] {
+        let p = model_path(path);
+        let explicit = p
+            .extension()
+            .is_some_and(|e| e == "model")
+            .then_some(p.as_path());
+        let tok = llama2::tokenizer::find(explicit, &p, 512).unwrap();
+        for id in 0..512 {
+            assert_eq!(tok.piece(id), tok512.piece(id), "{path}: piece {id}");
+        }
+    }
+}
+
+#[test]
+fn meta_context_is_a_choice_with_a_real_default() {
+    let dir = model_path("meta/stories260K");
+    let w = checkpoint::open(&dir, None).unwrap();
+    assert_eq!(w.config.seq_len, checkpoint::meta::META_DEFAULT_CONTEXT);
+    assert_eq!(
+        checkpoint::open(&dir, Some(512)).unwrap().config.seq_len,
+        512
+    );
+    // Other formats know their context and refuse a longer one.
+    let err = checkpoint::open(&model_path("hf/stories260K"), Some(4096))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("context is 512"), "{err}");
+}

@@ -265,7 +265,11 @@ fn small_vocabularies_never_index_past_their_table() {
 fn tokenizer_header_must_bound_every_entry() {
     let mut bytes = tokenizer_bytes(&[b"<unk>", b"<s>", b"</s>", b"abcdef"]);
     assert!(Tokenizer::parse(&bytes, 4).is_ok());
-    for (value, needle) in [(0i32, "as 0 bytes"), (-7, "as -7 bytes"), (1 << 20, "1048576")] {
+    for (value, needle) in [
+        (0i32, "as 0 bytes"),
+        (-7, "as -7 bytes"),
+        (1 << 20, "1048576"),
+    ] {
         bytes[..4].copy_from_slice(&value.to_le_bytes());
         let err = Tokenizer::parse(&bytes, 4).err().unwrap();
         assert!(err.contains(needle), "{err}");

@@ -257,7 +257,10 @@ mod tests {
             Naming::HuggingFace.name(Tensor::W2, 3),
             "model.layers.3.mlp.down_proj.weight"
         );
-        assert_eq!(Naming::Meta.name(Tensor::Wk, 0), "layers.0.attention.wk.weight");
+        assert_eq!(
+            Naming::Meta.name(Tensor::Wk, 0),
+            "layers.0.attention.wk.weight"
+        );
         assert_eq!(Naming::Gguf.name(Tensor::RmsFinal, 0), "output_norm.weight");
     }
 }

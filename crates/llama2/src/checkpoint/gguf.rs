@@ -1228,6 +1228,125 @@ impl<'a> Reader<'a> {
     }
 }
 
+// ----------------------------------------------------------------------------
+// The Llama model in a GGUF file
+
+/// Whether the file at `path` starts with GGUF's magic.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok((file, _)) = files::open_regular(path, "GGUF file") else {
+        return false;
+    };
+    let mut magic = [0u8; 4];
+    file.take(4).read_exact(&mut magic).is_ok() && magic == MAGIC
+}
+
+/// Loads the Llama model of the GGUF file at `path`.
+pub fn load_model(path: &Path) -> Result<super::ModelWeights> {
+    let file = open(path)?;
+    file.model()
+}
+
+impl GgufFile {
+    /// The model's hyper-parameters from the `llama.*` metadata and the
+    /// vocabulary (BOS/EOS ids).
+    pub fn config(&self) -> Result<crate::config::Config> {
+        use crate::config::{Config, TokenSet, LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA};
+        let arch = self.get_str("general.architecture")?.unwrap_or("");
+        if arch != "llama" {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("general.architecture is {arch:?}; this program runs \"llama\" models"),
+            ));
+        }
+        if self.get("llama.rope.scaling.type").is_some() || self.tensor_named("rope_freqs.weight") {
+            return Err(Error::checkpoint(
+                &self.path,
+                "the model scales its RoPE frequencies, which is not supported for GGUF files \
+                 yet; convert the Hugging Face model instead",
+            ));
+        }
+        let key = |k: &str| self.require_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let n_heads = key("attention.head_count")?;
+        let embd_rows = self.tensor_named_rows("token_embd.weight");
+        let vocab = match self.get_u64("llama.vocab_size")? {
+            Some(v) => v as usize,
+            None => embd_rows.unwrap_or(0),
+        };
+        let mut c = Config::llama2c(
+            key("embedding_length")?,
+            key("feed_forward_length")?,
+            key("block_count")?,
+            n_heads,
+            match self.get_u64("llama.attention.head_count_kv")? {
+                Some(kv) => kv as usize,
+                None => n_heads,
+            },
+            vocab,
+            key("context_length")?,
+            !self.tensor_named("output.weight"),
+        );
+        if let Some(hd) = self.get_u64("llama.attention.key_length")? {
+            c.head_dim = hd as usize;
+        }
+        c.norm_eps = self
+            .get_f64("llama.attention.layer_norm_rms_epsilon")?
+            .map_or(LLAMA2C_NORM_EPS, |e| e as f32);
+        c.rope_theta = self
+            .get_f64("llama.rope.freq_base")?
+            .map_or(LLAMA2C_ROPE_THETA, |t| t as f32);
+        let vocabulary = self.vocabulary()?;
+        if let Some(bos) = vocabulary.bos {
+            c.bos = bos;
+        }
+        if let Some(eos) = vocabulary.eos {
+            c.eos = TokenSet::one(eos);
+        }
+        c.eos_ends_generation = true;
+        c.validate()
+            .map_err(|e| Error::checkpoint(&self.path, e.to_string()))?;
+        Ok(c)
+    }
+
+    /// Whether a tensor of this name exists, of any type.
+    fn tensor_named(&self, name: &str) -> bool {
+        self.tensors.iter().any(|t| t.name == name)
+            || self.unsupported.iter().any(|t| t.name == name)
+    }
+
+    /// The row count of a supported tensor.
+    fn tensor_named_rows(&self, name: &str) -> Option<usize> {
+        let t = self.tensors.iter().find(|t| t.name == name)?;
+        t.shape.first().copied()
+    }
+
+    /// The model's weights, borrowed from the file where they can be.
+    pub fn model(&self) -> Result<super::ModelWeights> {
+        let config = self.config()?;
+        // A tensor the model needs in a type we cannot compute with is an
+        // error naming it and its type.
+        for t in &self.unsupported {
+            self.tensor(&t.name)?;
+        }
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        super::assemble::TensorSet {
+            tensors,
+            naming: super::assemble::Naming::Gguf,
+            rotate_half: false,
+            source: super::Source::Gguf,
+        }
+        .assemble(config)
+        .map_err(|e| match e {
+            Error::Invalid(reason) | Error::Config(reason) => Error::checkpoint(&self.path, reason),
+            other => other,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,7 +79,9 @@ pub fn parse_config(j: &Value) -> std::result::Result<Config, String> {
     }
     for flag in ["attention_bias", "mlp_bias"] {
         if j.get(flag).and_then(Value::as_bool) == Some(true) {
-            return Err(format!("{flag} is true; Llama models without biases are supported"));
+            return Err(format!(
+                "{flag} is true; Llama models without biases are supported"
+            ));
         }
     }
     if let Some(act) = j.get("hidden_act").and_then(Value::as_str) {
@@ -167,15 +169,19 @@ fn eos_ids(j: &Value) -> std::result::Result<TokenSet, String> {
         None | Some(Value::Null) => vec![2],
         Some(Value::Array(list)) => list
             .iter()
-            .map(|v| v.as_u64().map(|id| id as u32).ok_or("eos_token_id list entry"))
+            .map(|v| token_id(v).ok_or("eos_token_id list entry"))
             .collect::<std::result::Result<_, _>>()
             .map_err(|what| format!("{what} is not a token id"))?,
-        Some(v) => vec![v
-            .as_u64()
-            .ok_or_else(|| format!("eos_token_id is {v}; expected an id or a list of ids"))?
-            as u32],
+        Some(v) => vec![token_id(v)
+            .ok_or_else(|| format!("eos_token_id is {v}; expected an id or a list of ids"))?],
     };
     TokenSet::new(&ids).map_err(|e| e.to_string())
+}
+
+/// A token id: a non-negative integer that fits 32 bits (a larger one is
+/// refused, not cut to its low bits).
+fn token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|id| u32::try_from(id).ok())
 }
 
 fn usize_key(j: &Value, key: &str) -> std::result::Result<usize, String> {
@@ -247,12 +253,17 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<std::path::PathBuf>> {
         .ok_or_else(|| Error::checkpoint(index, "it has no weight_map object"))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().filter(|f| is_plain_file_name(f)).ok_or_else(|| {
-            Error::checkpoint(
-                index,
-                format!("tensor {tensor} maps to {file}; expected a file name in the directory"),
-            )
-        })?;
+        let file = file
+            .as_str()
+            .filter(|f| is_plain_file_name(f))
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    index,
+                    format!(
+                        "tensor {tensor} maps to {file}; expected a file name in the directory"
+                    ),
+                )
+            })?;
         names.insert(file.to_owned());
     }
     Ok(names.into_iter().map(|f| dir.join(f)).collect())
@@ -314,4 +325,35 @@ pub fn tensors_of(map: Arc<Mmap>) -> std::result::Result<Vec<RawTensor>, String>
         out.push(t);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(eos: Value) -> Value {
+        serde_json::json!({
+            "model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32,
+            "max_position_embeddings": 16, "eos_token_id": eos,
+        })
+    }
+
+    #[test]
+    fn eos_ids_read_as_given() {
+        let c = parse_config(&config(serde_json::json!([2, 3]))).unwrap();
+        assert_eq!(c.eos.as_slice(), [2, 3]);
+        let c = parse_config(&config(serde_json::json!(5))).unwrap();
+        assert_eq!(c.eos.as_slice(), [5]);
+    }
+
+    #[test]
+    fn eos_ids_beyond_32_bits_are_refused_not_truncated() {
+        // 2^32 + 2 would be id 2 if cut to its low 32 bits.
+        let big = (1u64 << 32) + 2;
+        for eos in [serde_json::json!(big), serde_json::json!([2, big])] {
+            let err = parse_config(&config(eos)).unwrap_err();
+            assert!(err.contains("eos_token_id"), "{err}");
+        }
+    }
 }

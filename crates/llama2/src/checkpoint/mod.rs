@@ -1,41 +1,97 @@
-//! Checkpoints: the three llama2.c file formats, read from a memory map with
-//! every size checked against the header before any weight is touched, and
-//! written back (for tests, quantization and `synth`).
+//! Checkpoints: every format a Llama model comes in, read from memory maps
+//! with every size checked before any weight is touched, and llama2.c's
+//! formats written back (for tests, quantization and `synth`).
 //!
-//! - version 0: llama2.c's legacy fp32 layout (28-byte header);
-//! - version 1: fp32 with a 256-byte `ak42` header;
-//! - version 2: Q8_0 int8 with a 256-byte `ak42` header and a group size.
+//! - `read.rs`/`write.rs`: llama2.c's version 0 (legacy fp32, 28-byte
+//!   header), 1 (fp32, 256-byte `ak42` header) and 2 (Q8_0 int8);
+//! - `hf.rs`: Hugging Face directories (config.json, safetensors);
+//! - `meta.rs`: Meta directories and llama2.c `train.py` checkpoints, read
+//!   by `pickle.rs` (torch zip pickles, parsed, never executed);
+//! - `gguf.rs`: llama.cpp's GGUF;
+//! - `assemble.rs`: the one step from any format's tensors to `ModelWeights`.
 //!
-//! The byte layouts are documented in `shared/docs/FORMATS.md`.
+//! The llama2.c byte layouts are documented in `shared/docs/FORMATS.md`.
 
 mod assemble;
 pub mod gguf;
 pub mod hf;
-
+pub mod meta;
+pub mod pickle;
 pub mod raw;
 mod read;
 mod write;
 
+pub use assemble::{Naming, TensorSet};
 pub use read::{from_bytes, load};
+pub use write::{write, FileFormat};
 
 use std::path::Path;
 
-/// Opens a model of any supported kind, detected from the path itself: a
-/// Hugging Face directory (config.json), or a llama2.c checkpoint file.
-pub fn open(path: &Path) -> Result<ModelWeights> {
-    if path.is_dir() {
+/// Opens a model of any supported kind, detected from the path itself:
+///
+/// - a directory with `config.json`: Hugging Face (safetensors);
+/// - a directory with `params.json`: Meta (`consolidated.NN.pth` shards);
+/// - a file starting with "GGUF": llama.cpp / ollama;
+/// - a zip file (torch.save): a llama2.c `train.py` checkpoint;
+/// - any other file: a llama2.c checkpoint, version 0, 1 or 2.
+///
+/// `context` sets the context length: at most the model's own, or, for
+/// Meta models (whose files do not say), any (default 4096).
+pub fn open(path: &Path, context: Option<usize>) -> Result<ModelWeights> {
+    let mut weights = if path.is_dir() {
         if hf::is_model_dir(path) {
-            return hf::load(path);
+            hf::load(path)?
+        } else if meta::is_model_dir(path) {
+            return meta::load_dir(path, context);
+        } else {
+            return Err(Error::checkpoint(
+                path,
+                "this directory has neither config.json (a Hugging Face model) nor \
+                 params.json (a Meta model)",
+            ));
         }
-        return Err(Error::checkpoint(
-            path,
-            "this directory has no config.json, so it is not a Hugging Face model directory",
-        ));
+    } else {
+        match sniff(path)? {
+            Kind::Gguf => gguf::load_model(path)?,
+            Kind::Zip => meta::load_train_checkpoint(path)?,
+            Kind::Llama2c => load(path)?,
+        }
+    };
+    if let Some(n) = context {
+        let trained = weights.config.seq_len;
+        if n == 0 || n > trained {
+            return Err(Error::Invalid(format!(
+                "--context {n}: the model's context is {trained} positions; give 1 to {trained}"
+            )));
+        }
+        weights.config.seq_len = n;
     }
-    load(path)
+    Ok(weights)
 }
-pub use write::{write, FileFormat};
-pub use assemble::{Naming, TensorSet};
+
+/// What a model file is, from its first bytes.
+enum Kind {
+    Gguf,
+    Zip,
+    Llama2c,
+}
+
+fn sniff(path: &Path) -> Result<Kind> {
+    use std::io::Read;
+    let (file, _) = crate::files::open_regular(path, "checkpoint")?;
+    let mut magic = Vec::with_capacity(4);
+    file.take(4)
+        .read_to_end(&mut magic)
+        .map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(match magic.as_slice() {
+        b"GGUF" => Kind::Gguf,
+        b"PK\x03\x04" => Kind::Zip,
+        _ => Kind::Llama2c,
+    })
+}
 
 use crate::config::Config;
 use crate::error::{Error, Result};

@@ -425,11 +425,10 @@ impl Backend for CpuBackend {
         let have = self.rope_table.len() / half.max(1);
         for pos in have..pos0 + rows {
             // The factors exactly as `reference::rope` computes them.
-            self.rope_table
-                .extend(self.rope_freqs.iter().map(|&freq| {
-                    let (fci, fcr) = (pos as f32 * freq).sin_cos();
-                    (fcr, fci)
-                }));
+            self.rope_table.extend(self.rope_freqs.iter().map(|&freq| {
+                let (fci, fcr) = (pos as f32 * freq).sin_cos();
+                (fcr, fci)
+            }));
         }
         for r in 0..rows {
             let f = &self.rope_table[(pos0 + r) * half..(pos0 + r + 1) * half];
