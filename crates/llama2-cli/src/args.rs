@@ -56,6 +56,10 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Compare a GPU's logits with the CPU's on the same tokens.
     Check(CheckArgs),
+    /// Convert a model (any form the top level accepts) to a llama2.c file.
+    Export(ExportArgs),
+    /// Convert a SentencePiece tokenizer.model to llama2.c's tokenizer.bin.
+    ExportTokenizer(ExportTokenizerArgs),
 }
 
 /// Where the model runs.
@@ -231,4 +235,36 @@ pub struct CheckArgs {
     pub steps: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  llama2 export out/ckpt.pt model.bin --version 2\n  \
+    llama2 export ./Llama-2-7b-hf llama2-7b-q8.bin --version 2 --group-size 64"
+)]
+pub struct ExportArgs {
+    /// The model to convert: llama2.c file, Hugging Face or Meta directory,
+    /// train.py ckpt.pt, or GGUF.
+    pub input: PathBuf,
+    /// The llama2.c file to write.
+    pub output: PathBuf,
+    /// llama2.c format version: 0 (legacy fp32, llama2.c's run), 1 (fp32)
+    /// or 2 (int8 Q8_0, llama2.c's runq), as export.py's --version.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub version: u8,
+    /// Q8_0 group size for version 2 (default as export.py: 64, halved until
+    /// it divides dim).
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Context length to record (default: the model's; Meta: 4096).
+    #[arg(long, value_name = "N")]
+    pub ctx_size: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportTokenizerArgs {
+    /// A SentencePiece tokenizer.model.
+    pub input: PathBuf,
+    /// The tokenizer.bin to write (byte-identical to llama2.c's tokenizer.py).
+    pub output: PathBuf,
 }

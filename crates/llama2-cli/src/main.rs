@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod check;
 mod device;
+mod export;
 mod perplexity;
 mod run;
 
@@ -24,6 +25,8 @@ fn main() -> ExitCode {
         Some(Command::Synth(a)) => bench::synth(&a),
         Some(Command::Perplexity(a)) => perplexity::perplexity(&a),
         Some(Command::Check(a)) => check::check(&a),
+        Some(Command::Export(a)) => export::export(&a),
+        Some(Command::ExportTokenizer(a)) => export::export_tokenizer(&a),
         None => run::run(&cli.run),
     };
     match result {

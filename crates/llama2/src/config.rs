@@ -71,8 +71,9 @@ pub struct Llama3Scaling {
     pub original_context: usize,
 }
 
-/// A small set of token ids (a model's EOS tokens).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// A small set of token ids (a model's EOS tokens), compared as the list
+/// of its ids.
+#[derive(Clone, Copy)]
 pub struct TokenSet {
     ids: [u32; MAX_EOS],
     len: usize,
@@ -96,10 +97,9 @@ impl TokenSet {
     }
 
     pub const fn one(id: u32) -> Self {
-        TokenSet {
-            ids: [id; MAX_EOS],
-            len: 1,
-        }
+        let mut ids = [0; MAX_EOS];
+        ids[0] = id;
+        TokenSet { ids, len: 1 }
     }
 
     pub fn contains(&self, id: u32) -> bool {
@@ -110,6 +110,14 @@ impl TokenSet {
         &self.ids[..self.len]
     }
 }
+
+impl PartialEq for TokenSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for TokenSet {}
 
 impl std::fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

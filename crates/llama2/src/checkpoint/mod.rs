@@ -13,6 +13,7 @@
 //! The llama2.c byte layouts are documented in `shared/docs/FORMATS.md`.
 
 mod assemble;
+mod extension;
 pub mod gguf;
 pub mod hf;
 pub mod meta;

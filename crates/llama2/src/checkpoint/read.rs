@@ -144,7 +144,11 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
             ))
         }
     };
-    let config = config_at(8, shared)?;
+    let mut config = config_at(8, shared)?;
+    super::extension::read(bytes, &mut config)?;
+    config
+        .validate()
+        .map_err(|e| format!("header extension: {e}"))?;
     let format = match version {
         1 => FileFormat::V1,
         2 => {

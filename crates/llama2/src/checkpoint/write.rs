@@ -33,10 +33,22 @@ impl FileFormat {
     }
 }
 
-/// Writes `weights` to `out` in `format`.
+/// Writes `weights` to `out` in `format`, tensor by tensor (only the
+/// tensor being quantized is ever held in memory besides the weights). A
+/// model whose hyper-parameters version 0 cannot express is refused for it.
 pub fn write(weights: &ModelWeights, format: FileFormat, out: &mut impl Write) -> io::Result<()> {
     let c = &weights.config;
     let shared = weights.classifier.is_none();
+    if format == FileFormat::V0 && super::extension::needs_extension(c) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "version 0 cannot store this model's RoPE base {}, scaling {:?}, norm epsilon {} \
+                 or BOS/EOS ids {}/{:?}, which differ from llama2.c's; export version 1 or 2",
+                c.rope_theta, c.rope_scaling, c.norm_eps, c.bos, c.eos
+            ),
+        ));
+    }
     write_header(c, shared, format, out)?;
     for t in tensor_order(format, shared) {
         for m in slices(weights, t) {
@@ -53,7 +65,7 @@ pub fn write(weights: &ModelWeights, format: FileFormat, out: &mut impl Write) -
         // Version 0 has the two legacy RoPE tables after rms_final, whether
         // or not a classifier follows.
         if t == Tensor::RmsFinal && format == FileFormat::V0 {
-            write_zeros(out, 4 * rope_table_floats(c) as usize)?;
+            write_rope_tables(c, out)?;
         }
     }
     out.flush()
@@ -101,6 +113,7 @@ fn write_header(
                 header.extend((group_size as i32).to_le_bytes());
             }
             header.resize(HEADER_V1_BYTES, 0);
+            super::extension::write(c, &mut header);
         }
     }
     out.write_all(&header)
@@ -142,13 +155,22 @@ fn write_q8(m: &HostMatrix, out: &mut impl Write) -> io::Result<()> {
     out.write_all(bytemuck::cast_slice(&d.scales))
 }
 
-fn write_zeros(out: &mut impl Write, bytes: usize) -> io::Result<()> {
-    let zeros = [0u8; 4096];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(zeros.len());
-        out.write_all(&zeros[..n])?;
-        left -= n;
+/// llama2.c's legacy RoPE tables, `cos` then `sin` of `pos * freq_j`
+/// `[S][hs / 2]`, as model.py's `precompute_freqs_cis` computes them in
+/// float32: the angle rounded to f32 once, its cosine and sine rounded
+/// from double precision (within an ulp of torch's).
+fn write_rope_tables(c: &Config, out: &mut impl Write) -> io::Result<()> {
+    let freqs = c.rope_frequencies();
+    for trig in [f64::cos, f64::sin] {
+        let table: Vec<f32> = (0..c.seq_len)
+            .flat_map(|pos| {
+                freqs
+                    .iter()
+                    .map(move |&f| trig((pos as f32 * f) as f64) as f32)
+            })
+            .collect();
+        debug_assert_eq!(2 * table.len() as u64, rope_table_floats(c));
+        write_f32s(&table, out)?;
     }
     Ok(())
 }

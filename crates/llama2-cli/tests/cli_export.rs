@@ -1,0 +1,153 @@
+//! `llama2 export` and `export-tokenizer` against llama2.c's export.py and
+//! tokenizer.py: byte-identical where those are right (the SHA-256 of
+//! export.py's outputs is in shared/models/reference), and round trips from
+//! every input format back to the same text.
+
+mod common;
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn sha256(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn export_py_sha(version: &str) -> String {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(model_path("reference/export_py_sha256.json")).unwrap(),
+    )
+    .unwrap();
+    json[version].as_str().unwrap().to_owned()
+}
+
+fn export(input: &str, output: &std::path::Path, extra: &[&str]) {
+    let mut args = vec!["export".to_string(), arg(&model_path(input)), arg(output)];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let r = llama2(&args);
+    r.ok();
+    assert!(r.stderr.contains("wrote"), "{}", r.stderr);
+}
+
+#[test]
+fn train_checkpoint_exports_byte_identical_to_export_py() {
+    let dir = TempDir::new("export");
+    for v in ["1", "2"] {
+        let out = dir.path(&format!("v{v}.bin"));
+        export("stories260K-ckpt.pt", &out, &["--version", v]);
+        assert_eq!(sha256(&out), export_py_sha(&format!("v{v}")), "version {v}");
+    }
+    // Version 0: identical except the legacy RoPE tables, within 1e-6.
+    let out = dir.path("v0.bin");
+    export("stories260K-ckpt.pt", &out, &["--version", "0"]);
+    let ours = std::fs::read(&out).unwrap();
+    let theirs = std::fs::read(model_path("stories260K.bin")).unwrap();
+    assert_eq!(export_py_sha("v0"), sha256(&model_path("stories260K.bin")));
+    assert_eq!(ours.len(), theirs.len());
+    let c = load("stories260K.bin").config;
+    let (d, h, l, v, kv) = (c.dim, c.hidden_dim, c.n_layers, c.vocab_size, c.kv_dim());
+    let before_tables = 28 + 4 * (v * d + l * (2 * d + 2 * d * d + 2 * kv * d + 3 * d * h) + d);
+    let tables = 4 * c.seq_len * c.head_size();
+    assert_eq!(ours[..before_tables], theirs[..before_tables]);
+    assert_eq!(
+        ours[before_tables + tables..],
+        theirs[before_tables + tables..]
+    );
+    let floats = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (a, b) = (
+        floats(&ours[before_tables..before_tables + tables]),
+        floats(&theirs[before_tables..before_tables + tables]),
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "RoPE tables differ by {worst}");
+}
+
+#[test]
+fn sentencepiece_models_export_to_the_shared_tokenizer_bins() {
+    let dir = TempDir::new("export-tok");
+    for (model, bin) in [
+        ("tok512.model", "tok512.bin"),
+        ("tokenizer.model", "tokenizer.bin"),
+    ] {
+        let out = dir.path(bin);
+        llama2(&["export-tokenizer", &arg(&model_path(model)), &arg(&out)]).ok();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(model_path(bin)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn every_format_round_trips_through_every_version_to_the_same_text() {
+    let dir = TempDir::new("roundtrip");
+    let greedy = |model: &std::path::Path| {
+        let args = [
+            arg(model),
+            "-z".into(),
+            arg(&model_path("tok512.bin")),
+            "-t".into(),
+            "0".into(),
+            "-n".into(),
+            "200".into(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        llama2(&args).ok().trim_end().to_string()
+    };
+    for input in [
+        "stories260K.bin",
+        "hf/stories260K",
+        "meta/stories260K",
+        "stories260K-ckpt.pt",
+        "gguf/stories260K-f32.gguf",
+    ] {
+        for v in ["0", "1"] {
+            let out = dir.path("m.bin");
+            export(input, &out, &["--version", v, "--ctx-size", "512"]);
+            assert_eq!(greedy(&out), GOLDEN_FP32, "{input} -> v{v}");
+        }
+        // int8 with groups of 4 is llama2.c runq's file, and its text.
+        let out = dir.path("q.bin");
+        export(
+            input,
+            &out,
+            &["--version", "2", "--group-size", "4", "--ctx-size", "512"],
+        );
+        assert_eq!(greedy(&out), GOLDEN_Q8, "{input} -> v2");
+    }
+}
+
+#[test]
+fn hyper_parameters_survive_versions_1_and_2_and_version_0_refuses_them() {
+    let dir = TempDir::new("export-theta");
+    let out = dir.path("theta.bin");
+    export("hf/stories260K-theta1e6", &out, &["--version", "1"]);
+    let w = llama2::checkpoint::load(&out).unwrap();
+    assert_eq!(w.config.rope_theta, 1e6);
+    let direct = llama2::checkpoint::open(&model_path("hf/stories260K-theta1e6"), None).unwrap();
+    assert_eq!(w.config, direct.config);
+    let out = dir.path("llama3.bin");
+    export("hf/llama3-tiny-random", &out, &["--version", "2"]);
+    let w = llama2::checkpoint::load(&out).unwrap();
+    let direct = llama2::checkpoint::open(&model_path("hf/llama3-tiny-random"), None).unwrap();
+    assert_eq!(w.config, direct.config);
+    let r = llama2(&[
+        "export",
+        &arg(&model_path("hf/stories260K-theta1e6")),
+        &arg(&dir.path("v0.bin")),
+    ]);
+    r.fails_with("version 0 cannot store this model's RoPE base 1000000");
+    assert!(!dir.path("v0.bin").exists(), "no partial output");
+}
