@@ -24,11 +24,8 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
 /// `llama2 perplexity`.
 pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
     let weights = checkpoint::open(&args.checkpoint, args.device.ctx_size)?;
-    let tokenizer = llama2::tokenizer::find(
-        args.tokenizer.as_deref(),
-        &args.checkpoint,
-        weights.config.vocab_size,
-    )?;
+    let tokenizer =
+        llama2::tokenizer::find(args.tokenizer.as_deref(), &args.checkpoint, &weights.config)?;
     let bytes = llama2::files::read_bounded(&args.text, "text to score", MAX_TEXT_BYTES)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
@@ -37,7 +34,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<()> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let tokens = tokenizer.encode(&text, false, false);
+    let tokens = tokenizer.encode_text(&text, false, false)?;
     let bos = weights.config.bos;
     if tokens.is_empty() {
         bail!("{} holds no text to score", args.text.display());

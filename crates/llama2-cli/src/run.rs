@@ -5,9 +5,9 @@ use std::io::{self, BufWriter, Write};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use llama2::checkpoint;
 use llama2::generate::{self, ChatInput};
 use llama2::sampler::Sampler;
-use llama2::{checkpoint, Tokenizer};
 
 use crate::args::{Mode, RunArgs, TokenizeArgs};
 use crate::device;
@@ -57,8 +57,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let path = args.checkpoint.as_deref().context("no checkpoint given")?;
     let started = Instant::now();
     let weights = checkpoint::open(path, args.device.ctx_size)?;
-    let tokenizer =
-        llama2::tokenizer::find(args.tokenizer.as_deref(), path, weights.config.vocab_size)?;
+    let tokenizer = llama2::tokenizer::find(args.tokenizer.as_deref(), path, &weights.config)?;
     let mut model = device::load_model(&weights, &args.device)?;
     let load_time = started.elapsed();
     let s = clamp(args, weights.config.seq_len);
@@ -116,11 +115,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
 /// `llama2 tokenize -z TOKENIZER "text"`: ids separated by single spaces.
 pub fn tokenize(args: &TokenizeArgs) -> Result<()> {
-    let tokenizer = match args.vocab {
-        Some(v) => Tokenizer::load(&args.tokenizer, v)?,
-        None => Tokenizer::load_all(&args.tokenizer)?,
-    };
-    let ids = tokenizer.encode(&args.text, true, false);
+    let tokenizer = llama2::tokenizer::open(&args.tokenizer, args.vocab)?;
+    let ids = tokenizer.encode_text(&args.text, true, false)?;
     let line: Vec<String> = ids.iter().map(u32::to_string).collect();
     let mut out = io::stdout().lock();
     writeln!(out, "{}", line.join(" "))?;

@@ -57,7 +57,7 @@ fn ends_generation(c: &crate::config::Config, token: u32) -> bool {
 
 /// Encodes `text` with BOS and checks it fits in `room` positions.
 fn encode_prompt(tok: &Tokenizer, text: &str, room: usize, context: usize) -> Result<Vec<u32>> {
-    let tokens = tok.encode(text, true, false);
+    let tokens = tok.encode_text(text, true, false)?;
     if tokens.len() > room {
         return Err(Error::PromptTooLong {
             tokens: tokens.len() + (context - room),

@@ -27,6 +27,7 @@ pub mod cpu;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod hf_tokenizer;
 pub mod model;
 pub mod quant;
 pub mod sampler;

@@ -7,6 +7,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// Token id of `<unk>`.
@@ -23,7 +24,8 @@ const MAX_PIECE_BYTES: usize = 1 << 16;
 /// Largest tokenizer file read. A 128k-token vocabulary takes about 2 MB.
 const MAX_FILE_BYTES: u64 = 1 << 28;
 
-/// A vocabulary of byte strings with merge scores.
+/// A vocabulary of byte strings with merge scores, and how text is split
+/// into them: run.c's BPE, or Hugging Face's library for a tokenizer.json.
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     /// Token strings, indexed by id.
@@ -36,6 +38,15 @@ pub struct Tokenizer {
     max_token_length: u32,
     /// The real longest token, in bytes: what merge buffers are sized by.
     longest_piece: usize,
+    /// tokenizer.json's encoder when the vocabulary came from one; `None`:
+    /// run.c's BPE over `lookup` and `scores`.
+    hf: Option<Box<tokenizers::Tokenizer>>,
+    /// Whether the leading space of a piece right after BOS is dropped
+    /// (SentencePiece's dummy prefix; not byte-level BPE).
+    strip_space_after_bos: bool,
+    /// The ids `encode` adds for BOS and EOS.
+    bos: u32,
+    eos: u32,
 }
 
 impl Tokenizer {
@@ -161,6 +172,41 @@ impl Tokenizer {
             lookup,
             max_token_length: max_token_length as u32,
             longest_piece,
+            hf: None,
+            strip_space_after_bos: true,
+            bos: BOS,
+            eos: EOS,
+        })
+    }
+
+    /// The tokenizer.json at `path`, for a model of `vocab_size` tokens
+    /// (a tokenizer may have fewer: vocabularies are often padded) whose
+    /// BOS and EOS are `bos` and `eos`.
+    pub fn load_json(path: &Path, vocab_size: usize, bos: u32, eos: u32) -> Result<Self> {
+        let v = crate::hf_tokenizer::load(path)?;
+        if v.pieces.len() > vocab_size {
+            return Err(Error::tokenizer(
+                path,
+                format!(
+                    "it has {} tokens but the model only {vocab_size}: pass the tokenizer the \
+                     model was trained with (-z)",
+                    v.pieces.len()
+                ),
+            ));
+        }
+        let mut vocab = v.pieces;
+        vocab.resize(vocab_size, Vec::new());
+        let longest_piece = vocab.iter().map(Vec::len).max().unwrap_or(0);
+        Ok(Tokenizer {
+            scores: vec![0.0; vocab.len()],
+            vocab,
+            lookup: HashMap::new(),
+            max_token_length: longest_piece as u32,
+            longest_piece,
+            hf: Some(Box::new(v.encoder)),
+            strip_space_after_bos: v.strip_space_after_bos,
+            bos,
+            eos,
         })
     }
 
@@ -191,8 +237,35 @@ impl Tokenizer {
         self.encode_bytes(text.as_bytes(), bos, eos)
     }
 
-    /// `encode` over raw bytes (invalid UTF-8 is handled as run.c does).
+    /// `encode` for any tokenizer: a tokenizer.json's encoder can fail on
+    /// some texts (its regexes have backtracking limits), which is an error
+    /// here rather than a wrong encoding.
+    pub fn encode_text(&self, text: &str, bos: bool, eos: bool) -> Result<Vec<u32>> {
+        let Some(hf) = &self.hf else {
+            return Ok(self.encode(text, bos, eos));
+        };
+        let encoding = hf
+            .encode(text, false)
+            .map_err(|e| Error::Invalid(format!("cannot tokenize the text: {e}")))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 2);
+        if bos {
+            ids.push(self.bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        if eos {
+            ids.push(self.eos);
+        }
+        Ok(ids)
+    }
+
+    /// `encode` over raw bytes (invalid UTF-8 is handled as run.c does). A
+    /// tokenizer.json tokenizer encodes the text with invalid bytes replaced,
+    /// and an empty encoding where its library fails (see `encode_text`).
     pub fn encode_bytes(&self, text: &[u8], bos: bool, eos: bool) -> Vec<u32> {
+        if self.hf.is_some() {
+            let text = String::from_utf8_lossy(text);
+            return self.encode_text(&text, bos, eos).unwrap_or_default();
+        }
         let mut pieces = Vec::with_capacity(text.len() + 1);
         if !text.is_empty() {
             if let Some(&space) = self.lookup.get(&b" "[..]) {
@@ -203,11 +276,11 @@ impl Tokenizer {
         self.merge_pairs(&mut pieces);
         let mut tokens = Vec::with_capacity(pieces.len() + 2);
         if bos {
-            tokens.push(BOS);
+            tokens.push(self.bos);
         }
         tokens.extend(pieces);
         if eos {
-            tokens.push(EOS);
+            tokens.push(self.eos);
         }
         tokens
     }
@@ -318,7 +391,10 @@ impl Tokenizer {
     /// the leading space right after BOS, and `<0xXX>` turned into that byte.
     pub fn decode(&self, prev: u32, token: u32) -> &[u8] {
         let mut piece = self.piece(token);
-        if prev == BOS && piece.first() == Some(&b' ') {
+        if !self.strip_space_after_bos {
+            return piece;
+        }
+        if prev == self.bos && piece.first() == Some(&b' ') {
             piece = &piece[1..];
         }
         if let Some(b) = parse_byte_token(piece) {
@@ -330,54 +406,83 @@ impl Tokenizer {
 
 /// The tokenizer of the model at `model` with `vocab_size` tokens: the file
 /// `explicit` (`-z`) when given, read according to its kind (`.model`:
-/// SentencePiece, `.gguf`: the vocabulary inside, anything else:
-/// tokenizer.bin); else the vocabulary inside a GGUF model, or
-/// `tokenizer.model` / `tokenizer.bin` in a model directory or beside a
-/// model file, then `./tokenizer.bin` (run.c's default).
-pub fn find(explicit: Option<&Path>, model: &Path, vocab_size: usize) -> Result<Tokenizer> {
+/// SentencePiece, `.json`: Hugging Face, `.gguf`: the vocabulary inside,
+/// anything else: tokenizer.bin); else the vocabulary inside a GGUF model,
+/// `tokenizer.model`, `tokenizer.json` or `tokenizer.bin` in a model
+/// directory, or `tokenizer.bin` / `tokenizer.model` beside a model file,
+/// then `./tokenizer.bin` (run.c's default).
+pub fn find(explicit: Option<&Path>, model: &Path, config: &Config) -> Result<Tokenizer> {
     if let Some(path) = explicit {
-        return load_by_kind(path, vocab_size);
+        return load_by_kind(path, config);
     }
     if model.is_file() && crate::checkpoint::gguf::is_gguf(model) {
-        return load_by_kind(model, vocab_size);
+        return load_by_kind(model, config);
     }
     // A model directory's own tokenizer first; beside a llama2.c file,
     // run.c's tokenizer.bin first.
-    let (folder, candidates) = if model.is_dir() {
-        (
-            model,
-            vec![model.join("tokenizer.model"), model.join("tokenizer.bin")],
-        )
+    let candidates: Vec<std::path::PathBuf> = if model.is_dir() {
+        let names = ["tokenizer.model", "tokenizer.json", "tokenizer.bin"];
+        names.iter().map(|n| model.join(n)).collect()
     } else {
         let beside = model.parent().unwrap_or(Path::new("."));
         let names = ["tokenizer.bin", "tokenizer.model"];
         let mut c: Vec<_> = names.iter().map(|n| beside.join(n)).collect();
         c.push("tokenizer.bin".into());
-        (beside, c)
+        c
     };
     for candidate in &candidates {
         if candidate.is_file() {
-            return load_by_kind(candidate, vocab_size);
+            return load_by_kind(candidate, config);
         }
     }
-    let json = folder.join("tokenizer.json");
-    let hint = if json.is_file() {
-        format!(
-            "; {} is a Hugging Face tokenizer.json, which is not supported yet",
-            json.display()
-        )
-    } else {
-        String::new()
-    };
     let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
     Err(Error::Invalid(format!(
-        "no tokenizer given and none found at {}{hint}: pass one with -z",
+        "no tokenizer given and none found at {}: pass one with -z",
         tried.join(", ")
     )))
 }
 
+/// The tokenizer at `path` on its own, without a model (`llama2
+/// tokenize`): read by its kind, with `vocab_size` entries when given, else
+/// all of them. A tokenizer.json's BOS and EOS come from the
+/// tokenizer_config.json beside it, else from the usual special tokens.
+pub fn open(path: &Path, vocab_size: Option<usize>) -> Result<Tokenizer> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match (ext, vocab_size) {
+        ("json", _) => {
+            let v = crate::hf_tokenizer::load(path)?;
+            let (bos, eos) = crate::hf_tokenizer::special_ids(path, &v.encoder);
+            Tokenizer::load_json(path, vocab_size.unwrap_or(v.pieces.len()), bos, eos)
+        }
+        ("model" | "gguf", _) => {
+            let mut config = Config::llama2c(0, 0, 0, 0, 0, 0, 0, true);
+            config.vocab_size = match vocab_size {
+                Some(n) => n,
+                None => count_by_kind(path)?,
+            };
+            load_by_kind(path, &config)
+        }
+        (_, Some(n)) => Tokenizer::load(path, n),
+        (_, None) => Tokenizer::load_all(path),
+    }
+}
+
+/// How many tokens a SentencePiece model or a GGUF vocabulary holds.
+fn count_by_kind(path: &Path) -> Result<usize> {
+    if crate::checkpoint::gguf::is_gguf(path) {
+        return Ok(crate::checkpoint::gguf::open(path)?
+            .vocabulary()?
+            .pieces
+            .len());
+    }
+    Ok(crate::sentencepiece::SentencePieceModel::load(path)?
+        .pieces
+        .len())
+}
+
 /// Reads the tokenizer at `path` according to its kind.
-fn load_by_kind(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
+fn load_by_kind(path: &Path, config: &Config) -> Result<Tokenizer> {
+    let vocab_size = config.vocab_size;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
         "model" => {
@@ -415,11 +520,10 @@ fn load_by_kind(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
             }
             Ok(tok)
         }
-        "json" => Err(Error::tokenizer(
-            path,
-            "Hugging Face tokenizer.json files are not supported yet; pass the model's \
-             tokenizer.model or a tokenizer.bin",
-        )),
+        "json" => {
+            let eos = config.eos.as_slice().first().copied().unwrap_or(EOS);
+            Tokenizer::load_json(path, vocab_size, config.bos, eos)
+        }
         _ => Tokenizer::load(path, vocab_size),
     }
 }
