@@ -2,8 +2,9 @@
 # The whole test suite, as CI runs it. Installs NVRTC and the CUDA headers
 # from PyPI into .nvrtc/ (once) so the kernel compile test runs without a GPU
 # or a CUDA toolkit, then runs every crate's tests, the core library's tests
-# for aarch64 under qemu (NEON kernels; see scripts/test-aarch64.sh) and a
-# smoke run of the reference benchmark script (our engine only, tiny shape).
+# for aarch64 under qemu (NEON kernels; see scripts/test-aarch64.sh), a
+# smoke run of the reference benchmark script (our engine only, tiny shape)
+# and every fuzz target for FUZZ_SECONDS each (default 30; 0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
@@ -17,3 +18,6 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 scripts/bench-reference.py --ours target/debug/llama2 --work "$work" \
     --shapes stories260K --rounds 1 --gen-tokens 4 --prompt-tokens 4 >/dev/null
+if [ "${FUZZ_SECONDS:-30}" != 0 ]; then
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+fi
