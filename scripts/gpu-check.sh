@@ -6,8 +6,10 @@
 #
 #   scripts/gpu-check.sh [MODELS_DIR] [LOG_FILE]
 #
-# MODELS_DIR holds stories260K.bin, stories260K_q8_gs4.bin and tok512.bin
-# (default ../shared/models). Set LLAMA2 to use another binary. Takes about
+# MODELS_DIR holds stories260K.bin, stories260K_q8_gs4.bin and tok512.bin,
+# and hf/stories260K-bf16-sharded and hf/llama3-tiny-random (Hugging Face
+# fixtures: bf16 weights, theta and Llama 3 RoPE scaling on the GPU) when
+# present (default ../shared/models). Set LLAMA2 to use another binary. Takes about
 # five minutes on an H100; a failing step is reported and the run goes on.
 set -u
 models=${1:-../shared/models}
@@ -40,6 +42,11 @@ for dtype in f32 f16 bf16 q8; do
     step 120 "$bin" check "$models/stories260K.bin" --device cuda --dtype "$dtype" --prompt-tokens 16 --steps 16
 done
 step 120 "$bin" check "$models/stories260K_q8_gs4.bin" --device cuda --prompt-tokens 16 --steps 16
+for hf in stories260K-bf16-sharded llama3-tiny-random; do
+    if [ -d "$models/hf/$hf" ]; then
+        step 120 "$bin" check "$models/hf/$hf" --device cuda --prompt-tokens 16 --steps 16
+    fi
+done
 for dtype in f32 f16 bf16 q8; do
     step 120 "$bin" check --shape stories15M --device cuda --dtype "$dtype"
 done
