@@ -73,7 +73,7 @@ pub fn parse_config(j: &Value) -> std::result::Result<Config, String> {
     let model_type = j.get("model_type").and_then(Value::as_str).unwrap_or("");
     if model_type != "llama" {
         return Err(format!(
-            "model_type is {:?}; this program runs Llama models (model_type \"llama\")",
+            "model_type is {}; this program runs Llama models (model_type \"llama\")",
             j.get("model_type").unwrap_or(&Value::Null)
         ));
     }
