@@ -160,10 +160,13 @@ fn greedy_continuations_match_transformers() {
 /// Greedy text of a model opened from any path, with the tokenizer found
 /// for it (or `tokenizer` when given).
 fn greedy_of(path: &str, tokenizer: Option<&str>) -> String {
-    let p = model_path(path);
-    let w = checkpoint::open(&p, None).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let tok_path = tokenizer.map(model_path);
-    let tok = llama2::tokenizer::find(tok_path.as_deref(), &p, &w.config).unwrap();
+    greedy_with(&model_path(path), tokenizer.map(model_path).as_deref())
+}
+
+/// `greedy_of` for any path.
+fn greedy_with(p: &Path, tokenizer: Option<&Path>) -> String {
+    let w = checkpoint::open(p, None).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let tok = llama2::tokenizer::find(tokenizer, p, &w.config).unwrap();
     generate_text(&w, &tok, "", 200, 0.0, 0.9, 1)
 }
 
@@ -245,4 +248,24 @@ fn llama3_generates_transformers_greedy_text_with_its_own_tokenizer() {
     // transformers decodes invalid UTF-8 to U+FFFD; we drop it.
     let want = r["greedy_text"].as_str().unwrap().replace('\u{FFFD}', "");
     assert_eq!(text.trim_end_matches('\n'), want);
+}
+
+#[test]
+fn hugging_face_pytorch_model_bin_runs_like_safetensors() {
+    // An older-style directory: the same tensors as a torch.save pickle.
+    let dir = TempDir::new("hf-pickle");
+    let hf = model_path("hf/stories260K");
+    for f in ["config.json", "tokenizer.model"] {
+        std::fs::copy(hf.join(f), dir.path(f)).unwrap();
+    }
+    let tensors: Vec<_> = checkpoint::hf::read_safetensors(&hf.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let values = bytemuck::pod_collect_to_vec(t.bytes());
+            (t.name.clone(), t.shape.clone(), values)
+        })
+        .collect();
+    write_torch_state_dict(&dir.path("pytorch_model.bin"), &tensors);
+    assert_eq!(greedy_with(&dir.path(""), None).trim_end(), GOLDEN_FP32);
 }

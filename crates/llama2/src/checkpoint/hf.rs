@@ -1,8 +1,9 @@
 //! Hugging Face model directories: `config.json` (both the older style with
 //! `rope_theta` and `rope_scaling` at the top level and transformers 5's
 //! `rope_parameters`) and the weights in `model.safetensors` or in shards
-//! listed by `model.safetensors.index.json`. Safetensors files are
-//! memory-mapped; their tensors are used in place (see `assemble.rs`).
+//! listed by `model.safetensors.index.json` (or, in older directories,
+//! `pytorch_model.bin` pickles). Weight files are memory-mapped; their
+//! tensors are used in place (see `assemble.rs`).
 //! Only the Llama architecture is accepted; anything the forward pass does
 //! not implement (biases, other activations, other RoPE types) is refused by
 //! name rather than run wrongly.
@@ -216,22 +217,19 @@ fn number(v: &Value, key: &str) -> std::result::Result<f32, String> {
 // safetensors
 
 /// Every tensor of the directory's safetensors file or shards, by name.
+/// Safetensors first; older directories have only PyTorch pickles
+/// (`pytorch_model.bin`, or shards listed in `pytorch_model.bin.index.json`),
+/// read by the same never-executing parser as Meta checkpoints.
 fn read_weights(dir: &Path) -> Result<HashMap<String, RawTensor>> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let files = if single.is_file() {
-        vec![single]
-    } else if index.is_file() {
-        shard_files(dir, &index)?
-    } else {
-        return Err(Error::checkpoint(
-            dir,
-            "no model.safetensors or model.safetensors.index.json beside config.json",
-        ));
-    };
+    let (files, pickled) = weight_files(dir)?;
     let mut tensors = HashMap::new();
     for file in &files {
-        for t in read_safetensors(file)? {
+        let read = if pickled {
+            read_pickle(file)?
+        } else {
+            read_safetensors(file)?
+        };
+        for t in read {
             let name = t.name.clone();
             if tensors.insert(name.clone(), t).is_some() {
                 return Err(Error::checkpoint(
@@ -242,6 +240,34 @@ fn read_weights(dir: &Path) -> Result<HashMap<String, RawTensor>> {
         }
     }
     Ok(tensors)
+}
+
+/// The weight files of `dir`, and whether they are pickles.
+fn weight_files(dir: &Path) -> Result<(Vec<std::path::PathBuf>, bool)> {
+    for (single, index, pickled) in [
+        ("model.safetensors", "model.safetensors.index.json", false),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", true),
+    ] {
+        if dir.join(single).is_file() {
+            return Ok((vec![dir.join(single)], pickled));
+        }
+        if dir.join(index).is_file() {
+            return Ok((shard_files(dir, &dir.join(index))?, pickled));
+        }
+    }
+    Err(Error::checkpoint(
+        dir,
+        "no model.safetensors, pytorch_model.bin or their .index.json beside config.json",
+    ))
+}
+
+/// The tensors of one `pytorch_model.bin` file.
+fn read_pickle(path: &Path) -> Result<Vec<RawTensor>> {
+    let file = super::pickle::TorchFile::open(path)?;
+    file.state_dict()?
+        .iter()
+        .map(|(name, t)| file.raw_tensor(name, t))
+        .collect()
 }
 
 /// The shard files an index names, each once, checked to be in `dir`.
