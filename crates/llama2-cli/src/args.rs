@@ -246,8 +246,19 @@ pub struct ExportArgs {
     /// The model to convert: llama2.c file, Hugging Face or Meta directory,
     /// train.py ckpt.pt, or GGUF.
     pub input: PathBuf,
-    /// The llama2.c file to write.
+    /// The file (llama2c) or directory (hf) to write.
     pub output: PathBuf,
+    /// Output format: llama2c (a .bin of --version) or hf (a Hugging Face
+    /// directory: model.safetensors, config.json and the tokenizer).
+    #[arg(long, value_enum, default_value_t = ExportFormat::Llama2c)]
+    pub format: ExportFormat,
+    /// Weight precision of an hf export: f32, f16 or bf16 (default f32).
+    #[arg(long)]
+    pub dtype: Option<llama2::DType>,
+    /// The model's tokenizer, copied into an hf export (default: found as
+    /// for generation).
+    #[arg(short = 'z', long)]
+    pub tokenizer: Option<PathBuf>,
     /// llama2.c format version: 0 (legacy fp32, llama2.c's run), 1 (fp32)
     /// or 2 (int8 Q8_0, llama2.c's runq), as export.py's --version.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
@@ -259,6 +270,15 @@ pub struct ExportArgs {
     /// Context length to record (default: the model's; Meta: 4096).
     #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
+}
+
+/// What `llama2 export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// llama2.c's .bin (version 0, 1 or 2).
+    Llama2c,
+    /// A Hugging Face directory.
+    Hf,
 }
 
 #[derive(Args, Debug)]

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llama2::checkpoint::{self, FileFormat};
 use llama2::sentencepiece::SentencePieceModel;
 
-use crate::args::{ExportArgs, ExportTokenizerArgs};
+use crate::args::{ExportArgs, ExportFormat, ExportTokenizerArgs};
 
 /// export.py's group size: 64, halved until it divides `dim`.
 fn export_py_group_size(dim: usize) -> usize {
@@ -25,7 +25,16 @@ fn export_py_group_size(dim: usize) -> usize {
 
 /// `llama2 export`.
 pub fn export(args: &ExportArgs) -> Result<()> {
+    if args.format == ExportFormat::Hf && args.output.exists() {
+        bail!(
+            "{} exists; give a new directory name",
+            args.output.display()
+        );
+    }
     let weights = checkpoint::open(&args.input, args.ctx_size)?;
+    if args.format == ExportFormat::Hf {
+        return export_hf(args, &weights);
+    }
     let c = &weights.config;
     let format = match args.version {
         0 => FileFormat::V0,
@@ -63,6 +72,74 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         weights.format.describe()
     );
     Ok(())
+}
+
+/// `llama2 export --format hf`: a Hugging Face directory, built under a
+/// temporary name and renamed when complete. The tokenizer goes along as
+/// the file it came from (tokenizer.model or tokenizer.json, with a
+/// tokenizer_config.json beside it), else as tokenizer.bin.
+fn export_hf(args: &ExportArgs, weights: &llama2::ModelWeights) -> Result<()> {
+    let dtype = args.dtype.unwrap_or(llama2::DType::F32);
+    let tokenizer_file = find_tokenizer_file(args);
+    let tokenizer =
+        llama2::tokenizer::find(args.tokenizer.as_deref(), &args.input, &weights.config)?;
+    let out = &args.output;
+    let name = out.file_name().context("the output needs a name")?;
+    let tmp = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        llama2::checkpoint::hf::write_dir(weights, &tmp, dtype)?;
+        match &tokenizer_file {
+            Some(file) => {
+                let kind = file.extension().and_then(|e| e.to_str()).unwrap_or("model");
+                std::fs::copy(file, tmp.join(format!("tokenizer.{kind}")))?;
+                let config = file.with_file_name("tokenizer_config.json");
+                if config.is_file() {
+                    std::fs::copy(&config, tmp.join("tokenizer_config.json"))?;
+                }
+            }
+            None => std::fs::write(tmp.join("tokenizer.bin"), tokenizer.to_bin_bytes())?,
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
+    eprintln!(
+        "wrote {} (Hugging Face, {}) from {} ({})",
+        out.display(),
+        dtype.name(),
+        args.input.display(),
+        weights.format.describe()
+    );
+    Ok(())
+}
+
+/// The tokenizer.model or tokenizer.json that goes with the export's
+/// input, when it has one in that form: `-z`, or the one a model directory
+/// holds (the same file `tokenizer::find` reads there).
+fn find_tokenizer_file(args: &ExportArgs) -> Option<std::path::PathBuf> {
+    let is_copyable = |p: &Path| {
+        p.is_file()
+            && matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("model" | "json")
+            )
+    };
+    if let Some(p) = &args.tokenizer {
+        return is_copyable(p).then(|| p.clone());
+    }
+    if !args.input.is_dir() {
+        return None;
+    }
+    ["tokenizer.model", "tokenizer.json"]
+        .iter()
+        .map(|n| args.input.join(n))
+        .find(|p| is_copyable(p))
 }
 
 /// `llama2 export-tokenizer`.

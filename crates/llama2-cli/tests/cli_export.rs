@@ -151,3 +151,71 @@ fn hyper_parameters_survive_versions_1_and_2_and_version_0_refuses_them() {
     r.fails_with("version 0 cannot store this model's RoPE base 1000000");
     assert!(!dir.path("v0.bin").exists(), "no partial output");
 }
+
+#[test]
+fn hugging_face_export_matches_transformers_files_and_round_trips() {
+    let dir = TempDir::new("export-hf");
+    // From llama2.c's file: the same safetensors bytes transformers wrote
+    // for the fixture (rotate-half rows restored, same names and order).
+    let out = dir.path("hf");
+    let args = [
+        "export".to_string(),
+        arg(&model_path("stories260K.bin")),
+        arg(&out),
+        "--format".into(),
+        "hf".into(),
+        "-z".into(),
+        arg(&model_path("tok512.bin")),
+    ];
+    llama2(&args).ok();
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(model_path("hf/stories260K/model.safetensors")).unwrap()
+    );
+    let text = llama2(&[
+        arg(&out),
+        "-t".into(),
+        "0".into(),
+        "-n".into(),
+        "200".into(),
+    ]);
+    assert_eq!(text.ok().trim_end(), GOLDEN_FP32);
+    // Every other format through a Hugging Face directory and back.
+    for input in [
+        "meta/stories260K",
+        "gguf/stories260K-f32.gguf",
+        "hf/stories260K",
+    ] {
+        let out = dir.path(&input.replace('/', "-"));
+        export(input, &out, &["--format", "hf", "--ctx-size", "512"]);
+        let r = llama2(&[
+            arg(&out),
+            "-t".into(),
+            "0".into(),
+            "-n".into(),
+            "200".into(),
+        ]);
+        assert_eq!(r.ok().trim_end(), GOLDEN_FP32, "{input} -> hf");
+    }
+    // Llama 3 in bf16 keeps its config and its tokenizer.json.
+    let out = dir.path("llama3");
+    export(
+        "hf/llama3-tiny-random",
+        &out,
+        &["--format", "hf", "--dtype", "bf16"],
+    );
+    let back = llama2::checkpoint::open(&out, None).unwrap();
+    let direct = llama2::checkpoint::open(&model_path("hf/llama3-tiny-random"), None).unwrap();
+    assert_eq!(back.config, direct.config);
+    assert_eq!(back.layers[1].wq.to_f32(), direct.layers[1].wq.to_f32());
+    assert!(out.join("tokenizer.json").is_file());
+    // An existing output is not overwritten.
+    let r = llama2(&[
+        "export",
+        &arg(&model_path("stories260K.bin")),
+        &arg(&out),
+        "--format",
+        "hf",
+    ]);
+    r.fails_with("exists");
+}

@@ -210,6 +210,18 @@ impl Tokenizer {
         })
     }
 
+    /// This vocabulary as tokenizer.bin bytes (what `llama2 export` writes
+    /// beside a model whose tokenizer has no other file form).
+    pub fn to_bin_bytes(&self) -> Vec<u8> {
+        let mut bytes = self.max_token_length.max(1).to_le_bytes().to_vec();
+        for (piece, score) in self.vocab.iter().zip(&self.scores) {
+            bytes.extend(score.to_le_bytes());
+            bytes.extend((piece.len() as i32).to_le_bytes());
+            bytes.extend_from_slice(piece);
+        }
+        bytes
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
     }

@@ -223,6 +223,22 @@ pub fn permute_rotate_half<T: Copy>(w: &[T], rows: usize, cols: usize, heads: us
     out
 }
 
+/// The inverse of `permute_rotate_half`: interleaved rows back to
+/// Hugging Face's rotate-half order (for writing Hugging Face files).
+pub fn permute_to_rotate_half<T: Copy>(w: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
+    let per_head = rows / heads;
+    let half = per_head / 2;
+    let mut out = Vec::with_capacity(w.len());
+    for h in 0..heads {
+        for r in 0..per_head {
+            let (t, j) = (r / half, r % half);
+            let src = h * per_head + 2 * j + t;
+            out.extend_from_slice(&w[src * cols..(src + 1) * cols]);
+        }
+    }
+    out
+}
+
 /// GGUF Q8_0 blocks (an f16 scale, then 32 int8) as our Q8 layout: the
 /// int8 values contiguous, one f32 scale per group of 32.
 fn q8_from_blocks(bytes: &[u8]) -> Q8Data {
@@ -249,6 +265,13 @@ mod tests {
         // Two heads of 4 rows: [a0 a1 b0 b1] (halves) -> [a0 b0 a1 b1].
         let w: Vec<u32> = (0..8).collect();
         assert_eq!(permute_rotate_half(&w, 8, 1, 2), [0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
+    fn the_two_row_orders_are_inverse() {
+        let w: Vec<u32> = (0..48).collect();
+        let there = permute_rotate_half(&w, 24, 2, 3);
+        assert_eq!(permute_to_rotate_half(&there, 24, 2, 3), w);
     }
 
     #[test]

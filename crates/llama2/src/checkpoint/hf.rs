@@ -22,6 +22,7 @@ use super::{ModelWeights, Source};
 use crate::config::{Config, Llama3Scaling, TokenSet, LLAMA2C_ROPE_THETA};
 use crate::error::{Error, Result};
 use crate::files;
+use crate::tensor::HostMatrix;
 
 /// Largest config.json or index read: real ones are a few kilobytes.
 const MAX_JSON_BYTES: u64 = 16 << 20;
@@ -351,6 +352,184 @@ pub fn tensors_of(map: Arc<Mmap>) -> std::result::Result<Vec<RawTensor>, String>
         out.push(t);
     }
     Ok(out)
+}
+
+// ----------------------------------------------------------------------------
+// Writing a Hugging Face directory
+
+/// Writes `weights` as a Hugging Face model directory `dir` (which must
+/// exist): `model.safetensors` in `dtype` (f32, f16 or bf16; int8 weights
+/// are dequantized) with `wq`/`wk` rows back in rotate-half order, and a
+/// transformers-style `config.json`. Tensors are converted one at a time
+/// as they are written.
+pub fn write_dir(weights: &ModelWeights, dir: &Path, dtype: crate::tensor::DType) -> Result<()> {
+    use super::read::Tensor;
+    use crate::tensor::DType;
+    let c = &weights.config;
+    let st_dtype = match dtype {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::Q8 => {
+            return Err(Error::Invalid(
+                "Hugging Face directories hold f32, f16 or bf16 weights, not q8".into(),
+            ))
+        }
+    };
+    if dtype == DType::F16 {
+        // f16 saturates to infinity above 65504: refuse instead.
+        for m in std::iter::once(&weights.token_embedding)
+            .chain(
+                weights
+                    .layers
+                    .iter()
+                    .flat_map(|l| l.matrices().map(|(_, m, _)| m)),
+            )
+            .chain(weights.classifier.as_ref())
+        {
+            crate::tensor::check_representable(&m.to_f32(), m.cols, DType::F16)?;
+        }
+    }
+    let mut views = Vec::new();
+    let matrix = |name: String, m: &HostMatrix, heads: Option<usize>| OutTensor {
+        name,
+        shape: vec![m.rows, m.cols],
+        dtype: st_dtype,
+        source: Values::Matrix(m.clone(), heads),
+    };
+    let vector = |name: String, v: &crate::tensor::Storage<f32>| OutTensor {
+        name,
+        shape: vec![v.len()],
+        dtype: st_dtype,
+        source: Values::Vector(v.clone()),
+    };
+    let n = |t: Tensor, l: usize| Naming::HuggingFace.name(t, l);
+    views.push(matrix(
+        n(Tensor::Embedding, 0),
+        &weights.token_embedding,
+        None,
+    ));
+    for (l, layer) in weights.layers.iter().enumerate() {
+        views.push(vector(n(Tensor::RmsAtt, l), &layer.rms_att));
+        views.push(vector(n(Tensor::RmsFfn, l), &layer.rms_ffn));
+        for (_, m, t) in layer.matrices() {
+            let heads = match t {
+                Tensor::Wq => Some(c.n_heads),
+                Tensor::Wk => Some(c.n_kv_heads),
+                _ => None,
+            };
+            views.push(matrix(n(t, l), m, heads));
+        }
+    }
+    views.push(vector(n(Tensor::RmsFinal, 0), &weights.rms_final));
+    if let Some(cls) = &weights.classifier {
+        views.push(matrix(n(Tensor::Classifier, 0), cls, None));
+    }
+    let path = dir.join("model.safetensors");
+    let named: Vec<(String, OutTensor)> = views.into_iter().map(|v| (v.name.clone(), v)).collect();
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(named, Some(metadata), &path)
+        .map_err(|e| Error::checkpoint(&path, format!("cannot write: {e}")))?;
+    let config = config_json(c, dtype);
+    let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
+    std::fs::write(dir.join("config.json"), text + "\n").map_err(|source| Error::Io {
+        path: dir.join("config.json"),
+        source,
+    })
+}
+
+/// transformers' `config.json` for `c`.
+pub fn config_json(c: &Config, dtype: crate::tensor::DType) -> Value {
+    let mut rope = serde_json::json!({ "rope_theta": c.rope_theta, "rope_type": "default" });
+    if let Some(s) = c.rope_scaling {
+        rope = serde_json::json!({
+            "rope_theta": c.rope_theta,
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_context,
+        });
+    }
+    let eos: Vec<u32> = c.eos.as_slice().to_vec();
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "hidden_size": c.dim,
+        "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.seq_len,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": c.shared_classifier,
+        "bos_token_id": c.bos,
+        "eos_token_id": if eos.len() == 1 { Value::from(eos[0]) } else { Value::from(eos) },
+        "dtype": match dtype {
+            crate::tensor::DType::F16 => "float16",
+            crate::tensor::DType::BF16 => "bfloat16",
+            _ => "float32",
+        },
+    })
+}
+
+/// One tensor to write, converted when safetensors asks for its bytes.
+struct OutTensor {
+    name: String,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    source: Values,
+}
+
+/// Where an `OutTensor`'s values come from: a matrix (with the heads whose
+/// rows go back to rotate-half order) or a norm vector.
+enum Values {
+    Matrix(HostMatrix, Option<usize>),
+    Vector(crate::tensor::Storage<f32>),
+}
+
+impl safetensors::tensor::View for OutTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let values = match &self.source {
+            Values::Matrix(m, None) => m.to_f32(),
+            Values::Matrix(m, Some(heads)) => {
+                super::assemble::permute_to_rotate_half(&m.to_f32(), m.rows, m.cols, *heads)
+            }
+            Values::Vector(v) => v.to_vec(),
+        };
+        let bytes: Vec<u8> = match self.dtype {
+            Dtype::F16 => values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            _ => bytemuck::cast_slice(&values).to_vec(),
+        };
+        std::borrow::Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        let n: usize = self.shape.iter().product();
+        n * if self.dtype == Dtype::F32 { 4 } else { 2 }
+    }
 }
 
 #[cfg(test)]
