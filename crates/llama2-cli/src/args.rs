@@ -248,11 +248,13 @@ pub struct ExportArgs {
     pub input: PathBuf,
     /// The file (llama2c) or directory (hf) to write.
     pub output: PathBuf,
-    /// Output format: llama2c (a .bin of --version) or hf (a Hugging Face
-    /// directory: model.safetensors, config.json and the tokenizer).
+    /// Output format: llama2c (a .bin of --version), hf (a Hugging Face
+    /// directory: model.safetensors, config.json and the tokenizer) or gguf
+    /// (llama.cpp, with the tokenizer inside).
     #[arg(long, value_enum, default_value_t = ExportFormat::Llama2c)]
     pub format: ExportFormat,
-    /// Weight precision of an hf export: f32, f16 or bf16 (default f32).
+    /// Weight precision of an hf export (f32, f16 or bf16) or a gguf export
+    /// (f32, f16 or q8 = Q8_0); default f32.
     #[arg(long)]
     pub dtype: Option<llama2::DType>,
     /// The model's tokenizer, copied into an hf export (default: found as
@@ -279,6 +281,8 @@ pub enum ExportFormat {
     Llama2c,
     /// A Hugging Face directory.
     Hf,
+    /// A GGUF file.
+    Gguf,
 }
 
 #[derive(Args, Debug)]

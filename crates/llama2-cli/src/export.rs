@@ -32,8 +32,10 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         );
     }
     let weights = checkpoint::open(&args.input, args.ctx_size)?;
-    if args.format == ExportFormat::Hf {
-        return export_hf(args, &weights);
+    match args.format {
+        ExportFormat::Hf => return export_hf(args, &weights),
+        ExportFormat::Gguf => return export_gguf(args, &weights),
+        ExportFormat::Llama2c => {}
     }
     let c = &weights.config;
     let format = match args.version {
@@ -112,6 +114,28 @@ fn export_hf(args: &ExportArgs, weights: &llama2::ModelWeights) -> Result<()> {
     eprintln!(
         "wrote {} (Hugging Face, {}) from {} ({})",
         out.display(),
+        dtype.name(),
+        args.input.display(),
+        weights.format.describe()
+    );
+    Ok(())
+}
+
+/// `llama2 export --format gguf`: one GGUF file with the tokenizer inside.
+fn export_gguf(args: &ExportArgs, weights: &llama2::ModelWeights) -> Result<()> {
+    let dtype = args.dtype.unwrap_or(llama2::DType::F32);
+    if dtype == llama2::DType::BF16 {
+        bail!("--dtype bf16: GGUF export writes f32, f16 or q8 (Q8_0)");
+    }
+    let tokenizer =
+        llama2::tokenizer::find(args.tokenizer.as_deref(), &args.input, &weights.config)?;
+    write_atomically(&args.output, |out| {
+        llama2::checkpoint::gguf_write::write(weights, &tokenizer, dtype, out)
+            .with_context(|| format!("cannot export {}", args.input.display()))
+    })?;
+    eprintln!(
+        "wrote {} (GGUF, {}) from {} ({})",
+        args.output.display(),
         dtype.name(),
         args.input.display(),
         weights.format.describe()

@@ -219,3 +219,68 @@ fn hugging_face_export_matches_transformers_files_and_round_trips() {
     ]);
     r.fails_with("exists");
 }
+
+#[test]
+fn gguf_export_writes_llama_cpp_converter_data() {
+    let dir = TempDir::new("export-gguf");
+    for (dtype, fixture) in [
+        ("f32", "stories260K-f32.gguf"),
+        ("q8", "stories260K-q8_0.gguf"),
+    ] {
+        let out = dir.path(&format!("{dtype}.gguf"));
+        export(
+            "hf/stories260K",
+            &out,
+            &["--format", "gguf", "--dtype", dtype],
+        );
+        // Every tensor's type, shape and bytes equal those of llama.cpp's
+        // convert_hf_to_gguf.py output for the same directory (Q8_0 rows of
+        // 172 values are F16 there too).
+        let ours = llama2::checkpoint::gguf::open(&out).unwrap();
+        let theirs =
+            llama2::checkpoint::gguf::open(&model_path(&format!("gguf/{fixture}"))).unwrap();
+        assert_eq!(ours.tensors().len(), theirs.tensors().len());
+        for t in theirs.tensors() {
+            let o = ours
+                .tensor(&t.name)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{}", t.name));
+            assert_eq!((o.dtype, &o.shape), (t.dtype, &t.shape), "{}", t.name);
+            assert_eq!(o.bytes(), t.bytes(), "{dtype}: {}", t.name);
+        }
+        assert_eq!(
+            ours.vocabulary().unwrap().pieces,
+            theirs.vocabulary().unwrap().pieces
+        );
+        let text = llama2(&[
+            arg(&out),
+            "-t".into(),
+            "0".into(),
+            "-n".into(),
+            "200".into(),
+        ]);
+        let want = if dtype == "f32" {
+            GOLDEN_FP32.to_string()
+        } else {
+            llama2(&[
+                arg(&model_path(&format!("gguf/{fixture}"))),
+                "-t".into(),
+                "0".into(),
+                "-n".into(),
+                "200".into(),
+            ])
+            .ok()
+            .to_string()
+        };
+        assert_eq!(text.ok().trim_end(), want.trim_end(), "{dtype}");
+    }
+    // What GGUF export cannot write yet is refused by name.
+    let r = llama2(&[
+        "export",
+        &arg(&model_path("hf/llama3-tiny-random")),
+        &arg(&dir.path("l3.gguf")),
+        "--format",
+        "gguf",
+    ]);
+    r.fails_with("Llama 3 RoPE scaling is not supported yet");
+}

@@ -231,6 +231,22 @@ impl Tokenizer {
         self.max_token_length
     }
 
+    /// The merge score of token `id` (0 outside the vocabulary).
+    pub fn score(&self, id: u32) -> f32 {
+        self.scores.get(id as usize).copied().unwrap_or(0.0)
+    }
+
+    /// Whether this tokenizer came from a tokenizer.json (encoded by the
+    /// tokenizers library) rather than a SentencePiece vocabulary.
+    pub fn is_hugging_face(&self) -> bool {
+        self.hf.is_some()
+    }
+
+    /// The BOS and EOS ids `encode` adds.
+    pub fn bos_eos(&self) -> (u32, u32) {
+        (self.bos, self.eos)
+    }
+
     /// The longest token string in bytes, as measured.
     pub fn longest_piece(&self) -> usize {
         self.longest_piece

@@ -15,6 +15,7 @@
 mod assemble;
 mod extension;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf;
 pub mod meta;
 pub mod pickle;
