@@ -269,3 +269,18 @@ fn hugging_face_pytorch_model_bin_runs_like_safetensors() {
     write_torch_state_dict(&dir.path("pytorch_model.bin"), &tensors);
     assert_eq!(greedy_with(&dir.path(""), None).trim_end(), GOLDEN_FP32);
 }
+
+#[test]
+fn half_precision_safetensors_are_used_from_the_mapping() {
+    use llama2::tensor::{MatrixData, Storage};
+    let w = checkpoint::open(&model_path("hf/stories260K-bf16-sharded"), None).unwrap();
+    let mapped = |d: &MatrixData| matches!(d, MatrixData::BF16(Storage::Mapped { .. }));
+    for l in &w.layers {
+        // Every matrix but the two whose rows are permuted at load.
+        for m in [&l.wv, &l.wo, &l.w1, &l.w2, &l.w3] {
+            assert!(mapped(&m.data), "{:?}", m.data);
+        }
+        assert!(!mapped(&l.wq.data) && !mapped(&l.wk.data));
+    }
+    assert!(mapped(&w.token_embedding.data));
+}
