@@ -31,7 +31,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::Mmap;
 
 use super::raw::{RawDType, RawTensor};
 use crate::error::{Error, Result};
@@ -546,22 +546,9 @@ impl fmt::Debug for GgufFile {
 pub fn open(path: &Path) -> Result<GgufFile> {
     let (file, len) = files::open_regular(path, "GGUF file")?;
     check_file_size(len).map_err(|reason| Error::checkpoint(path, reason))?;
-    // SAFETY: the map is read-only and we never hand out references that
-    // outlive it (tensors hold an Arc of it). As with every mmap, another
-    // process truncating the file while we run would fault; that is the
-    // accepted price of not copying gigabytes at start-up.
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    if map.len() as u64 != len {
-        return Err(Error::checkpoint(
-            path,
-            "the file changed size while it was opened",
-        ));
-    }
+    let map = files::map(&file, len, path)?;
     let layout = read_layout(&map).map_err(|reason| Error::checkpoint(path, reason))?;
-    assemble(path, Arc::new(map), layout)
+    assemble(path, map, layout)
 }
 
 /// Validates and maps a GGUF file held in memory (tests and fuzzing): the
@@ -571,16 +558,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<GgufFile> {
     let layout = read_layout(bytes).map_err(|reason| Error::checkpoint(path, reason))?;
     // read_layout refused anything shorter than the header, so the map is
     // never empty.
-    let map = (|| {
-        let mut anon = MmapMut::map_anon(bytes.len())?;
-        anon.copy_from_slice(bytes);
-        anon.make_read_only()
-    })()
-    .map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    assemble(path, Arc::new(map), layout)
+    assemble(path, files::map_copy(bytes, path)?, layout)
 }
 
 impl GgufFile {

@@ -303,15 +303,8 @@ fn is_plain_file_name(name: &str) -> bool {
 
 /// The tensors of one safetensors file, memory-mapped.
 pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
-    let (file, _) = files::open_regular(path, "safetensors file")?;
-    // SAFETY: read-only map; tensors keep an Arc of it and never outlive
-    // it. Another process truncating the file while we run would fault, as
-    // with every mapped checkpoint.
-    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?);
-    tensors_of(map).map_err(|reason| Error::checkpoint(path, reason))
+    let (file, len) = files::open_regular(path, "safetensors file")?;
+    tensors_of(files::map(&file, len, path)?).map_err(|reason| Error::checkpoint(path, reason))
 }
 
 /// The tensors described by the safetensors header at the start of `map`.

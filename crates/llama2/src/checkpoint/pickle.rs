@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::Mmap;
 
 use super::raw::{RawDType, RawTensor};
 use crate::error::{Error, Result};
@@ -247,27 +247,7 @@ impl TorchFile {
         if len < zip::EOCD_LEN as u64 {
             return Err(Error::checkpoint(path, zip::too_short(len)));
         }
-        if len > usize::MAX as u64 {
-            return Err(Error::checkpoint(
-                path,
-                format!("{len} bytes do not fit in this machine's address space"),
-            ));
-        }
-        // SAFETY: the map is read-only and we never hand out references that
-        // outlive it (tensors hold an Arc of it). As with every mmap, another
-        // process truncating the file while we run would fault; that is the
-        // accepted price of not copying gigabytes at start-up.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        if map.len() as u64 != len {
-            return Err(Error::checkpoint(
-                path,
-                "the file changed size while it was opened",
-            ));
-        }
-        Self::parse(path, Arc::new(map))
+        Self::parse(path, files::map(&file, len, path)?)
     }
 
     /// Parses an archive held in memory (tests and fuzzing), on a private
@@ -278,16 +258,7 @@ impl TorchFile {
         if bytes.len() < zip::EOCD_LEN {
             return Err(Error::checkpoint(name, zip::too_short(bytes.len() as u64)));
         }
-        let map = (|| {
-            let mut anon = MmapMut::map_anon(bytes.len())?;
-            anon.copy_from_slice(bytes);
-            anon.make_read_only()
-        })()
-        .map_err(|source| Error::Io {
-            path: name.to_owned(),
-            source,
-        })?;
-        Self::parse(name, Arc::new(map))
+        Self::parse(name, files::map_copy(bytes, name)?)
     }
 
     fn parse(path: &Path, map: Arc<Mmap>) -> Result<TorchFile> {

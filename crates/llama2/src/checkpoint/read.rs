@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::Mmap;
 
 use super::{FileFormat, LayerWeights, ModelWeights, HEADER_V0_BYTES, HEADER_V1_BYTES, MAGIC};
 use crate::config::Config;
@@ -26,21 +26,7 @@ pub fn load(path: &Path) -> Result<ModelWeights> {
         source,
     })?;
     let header = check_header(&head, len).map_err(|reason| Error::checkpoint(path, reason))?;
-    // SAFETY: the map is read-only and we never hand out references that
-    // outlive it (tensors hold an Arc of it). As with every mmap, another
-    // process truncating the file while we run would fault; that is the
-    // accepted price of not copying gigabytes at start-up.
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    if map.len() as u64 != len {
-        return Err(Error::checkpoint(
-            path,
-            "the file changed size while it was opened",
-        ));
-    }
-    Ok(slice_weights(&Arc::new(map), &header))
+    Ok(slice_weights(&files::map(&file, len, path)?, &header))
 }
 
 /// Validates and slices a checkpoint held in memory (tests and fuzzing):
@@ -49,16 +35,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelWeights> {
     let name = Path::new("<memory>");
     let header = check_header(bytes, bytes.len() as u64)
         .map_err(|reason| Error::checkpoint(name, reason))?;
-    let map = (|| {
-        let mut anon = MmapMut::map_anon(bytes.len())?;
-        anon.copy_from_slice(bytes);
-        anon.make_read_only()
-    })()
-    .map_err(|source| Error::Io {
-        path: name.to_owned(),
-        source,
-    })?;
-    Ok(slice_weights(&Arc::new(map), &header))
+    Ok(slice_weights(&files::map_copy(bytes, name)?, &header))
 }
 
 /// Parses the header at the start of `head` and checks that a body of the

@@ -24,6 +24,9 @@ use other as platform;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::{Mmap, MmapMut};
 
 use crate::error::{Error, Result};
 
@@ -82,6 +85,48 @@ pub fn read_bounded(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>> {
         return Err(too_big(bytes.len() as u64));
     }
     Ok(bytes)
+}
+
+/// Maps `file` (opened by `open_regular`, `len` bytes) read-only, checking
+/// that it still has that size. Weights are used from such maps in place.
+pub fn map(file: &File, len: u64, path: &Path) -> Result<Arc<Mmap>> {
+    if len > usize::MAX as u64 {
+        return Err(Error::File {
+            path: path.to_owned(),
+            reason: format!("{len} bytes do not fit in this machine's address space"),
+        });
+    }
+    // SAFETY: the map is read-only and nothing hands out references that
+    // outlive it (tensors hold an Arc of it). As with every mmap, another
+    // process truncating the file while we run would fault; that is the
+    // accepted price of not copying gigabytes at start-up.
+    let map = unsafe { Mmap::map(file) }.map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if map.len() as u64 != len {
+        return Err(Error::File {
+            path: path.to_owned(),
+            reason: "the file changed size while it was opened".into(),
+        });
+    }
+    Ok(Arc::new(map))
+}
+
+/// A private read-only copy of `bytes` in a map of the same type as a file's
+/// (for tests and fuzzing: every reader then runs its file code path).
+/// `bytes` must not be empty; `name` is what errors call it.
+pub fn map_copy(bytes: &[u8], name: &Path) -> Result<Arc<Mmap>> {
+    let map = (|| {
+        let mut anon = MmapMut::map_anon(bytes.len())?;
+        anon.copy_from_slice(bytes);
+        anon.make_read_only()
+    })()
+    .map_err(|source| Error::Io {
+        path: name.to_owned(),
+        source,
+    })?;
+    Ok(Arc::new(map))
 }
 
 /// Bytes of physical memory, if the platform says.
