@@ -172,3 +172,56 @@ fn synth_rejects_unknown_shapes_and_formats() {
     llama2(&["synth", "--shape", "stories260K", "--format", "v9", &out])
         .fails_with("unknown format");
 }
+
+#[test]
+fn perplexity_of_every_stories260k_copy_matches_transformers() {
+    // The reference text: its ids decoded with tok512, then scored by each
+    // copy of the model as `perplexity` encodes it.
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_path("reference/stories260K.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = r["text_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let tok = common::tok512();
+    let mut stream = llama2::tokenizer::Utf8Stream::new();
+    let mut text = Vec::new();
+    for pair in ids.windows(2) {
+        stream.push(tok.decode(pair[0], pair[1]), &mut text);
+    }
+    assert_eq!(
+        tok.encode(std::str::from_utf8(&text).unwrap(), true, false),
+        ids
+    );
+    let dir = TempDir::new("ppl-ref");
+    let file = dir.path("story.txt");
+    std::fs::write(&file, &text).unwrap();
+    let want = r["text_mean_nll"].as_f64().unwrap();
+    for (model, z) in [
+        ("stories260K.bin", Some("tok512.bin")),
+        ("hf/stories260K", None),
+        ("meta/stories260K", None),
+        ("gguf/stories260K-f32.gguf", None),
+    ] {
+        let mut args = vec![
+            "perplexity".to_string(),
+            arg(&model_path(model)),
+            "--text".into(),
+            arg(&file),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        if let Some(z) = z {
+            args.extend(["-z".to_string(), arg(&model_path(z))]);
+        }
+        let out = llama2(&args).ok().to_string();
+        let nll: f64 = out.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert!(
+            (nll - want).abs() <= 1e-4 * want,
+            "{model}: {nll} vs {want}"
+        );
+    }
+}

@@ -284,3 +284,39 @@ fn half_precision_safetensors_are_used_from_the_mapping() {
     }
     assert!(mapped(&w.token_embedding.data));
 }
+
+/// Mean negative log-likelihood of `ids[1..]` given the ids before each.
+fn mean_nll(m: &mut dyn LanguageModel, ids: &[u32], vocab: usize) -> f64 {
+    let logits = m.forward_all(&ids[..ids.len() - 1], 0).unwrap().to_vec();
+    let total: f64 = logits
+        .chunks(vocab)
+        .zip(&ids[1..])
+        .map(|(l, &t)| {
+            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = l.iter().map(|&x| (x as f64 - max).exp()).sum();
+            max + sum.ln() - l[t as usize] as f64
+        })
+        .sum();
+    total / (ids.len() - 1) as f64
+}
+
+#[test]
+fn mean_nll_of_the_reference_text_matches_transformers() {
+    for (dir, tolerance) in [
+        ("stories260K", 1e-4),
+        ("stories260K-theta1e6", 1e-4),
+        ("stories260K-bf16-sharded", 1e-3),
+        ("llama3-tiny-random", 1e-2),
+    ] {
+        let r = reference(dir);
+        let ids = ids(&r["text_ids"]);
+        let want = r["text_mean_nll"].as_f64().unwrap();
+        let w = checkpoint::open(&model_path(&format!("hf/{dir}")), None).unwrap();
+        let got = mean_nll(&mut model(&w, None), &ids, w.config.vocab_size);
+        let rel = (got - want).abs() / want;
+        assert!(
+            rel <= tolerance,
+            "{dir}: mean NLL {got} vs {want} (relative {rel:.1e})"
+        );
+    }
+}
