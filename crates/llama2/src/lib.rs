@@ -1,21 +1,23 @@
-//! llama2: inference for Llama-architecture models in llama2.c's file
-//! formats. This crate holds everything but the devices' own code:
+//! llama2: inference for Llama-architecture models, from llama2.c's files
+//! and from every format such models come in. This crate holds everything
+//! but the devices' own code:
 //!
-//! | file            | owns                                                      |
-//! |-----------------|-----------------------------------------------------------|
-//! | `config.rs`     | hyper-parameters, their validation, derived sizes          |
-//! | `checkpoint/`   | reading and writing version 0, 1 and 2 checkpoints         |
-//! | `files/`        | opening inputs: regular files only, sizes bounded          |
-//! | `tensor.rs`     | weight storage: f32, f16, bf16, Q8_0; mmap-backed          |
-//! | `quant.rs`      | Q8_0 quantization                                          |
-//! | `tokenizer.rs`  | BPE encode/decode, UTF-8-safe output streaming              |
-//! | `sentencepiece.rs` | SentencePiece `tokenizer.model`: reading, conversion to .bin |
-//! | `sampler.rs`    | xorshift RNG, argmax, multinomial, top-p                    |
-//! | `backend.rs`    | the `Backend` trait: the ops a forward pass needs           |
-//! | `model.rs`      | the forward pass, once, over a `Backend`                   |
-//! | `cpu/`          | the CPU backend: scalar reference ops and fast ops          |
-//! | `generate.rs`   | generation and chat loops                                  |
-//! | `synth.rs`      | random models of the standard shapes, for benchmarks       |
+//! | file               | owns                                                    |
+//! |--------------------|---------------------------------------------------------|
+//! | `config.rs`        | hyper-parameters, their validation, derived sizes       |
+//! | `checkpoint/`      | reading every model format; writing llama2.c, HF, GGUF  |
+//! | `files/`           | opening inputs: regular files only, sizes bounded, maps |
+//! | `tensor.rs`        | weight storage: f32, f16, bf16, Q8_0; mmap-backed       |
+//! | `quant.rs`         | Q8_0 quantization                                       |
+//! | `tokenizer.rs`     | BPE encode/decode, UTF-8-safe output, finding tokenizers|
+//! | `sentencepiece.rs` | `tokenizer.model`: reading, conversion to tokenizer.bin |
+//! | `hf_tokenizer.rs`  | `tokenizer.json` through Hugging Face's library          |
+//! | `sampler.rs`       | xorshift RNG, argmax, multinomial, top-p                |
+//! | `backend.rs`       | the `Backend` trait: the ops a forward pass needs       |
+//! | `model.rs`         | the forward pass, once, over a `Backend`                |
+//! | `cpu/`             | the CPU backend: scalar reference ops and fast ops      |
+//! | `generate.rs`      | generation and chat loops                               |
+//! | `synth.rs`         | random models of the standard shapes, for benchmarks    |
 //!
 //! It deliberately knows nothing of CUDA (crate `llama2-cuda`) or of command
 //! lines (crate `llama2-cli`).
