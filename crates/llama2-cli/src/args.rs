@@ -32,7 +32,7 @@ fn parse_threads(s: &str) -> Result<usize, String> {
 #[command(
     name = "llama2",
     version,
-    about = "Run Llama-architecture models from llama2.c checkpoints, on CPU or NVIDIA GPUs",
+    about = "Run Llama-architecture models (llama2.c, Hugging Face, Meta, GGUF) on CPU or NVIDIA GPUs",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     after_help = "Example: llama2 stories15M.bin -t 0.8 -n 256 -i \"One day, Lily met a Shoggoth\""
@@ -56,7 +56,7 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Compare a GPU's logits with the CPU's on the same tokens.
     Check(CheckArgs),
-    /// Convert a model (any form the top level accepts) to a llama2.c file.
+    /// Convert a model (any form the top level accepts) to llama2.c, Hugging Face or GGUF.
     Export(ExportArgs),
     /// Convert a SentencePiece tokenizer.model to llama2.c's tokenizer.bin.
     ExportTokenizer(ExportTokenizerArgs),
@@ -240,13 +240,15 @@ pub struct CheckArgs {
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  llama2 export out/ckpt.pt model.bin --version 2\n  \
-    llama2 export ./Llama-2-7b-hf llama2-7b-q8.bin --version 2 --group-size 64"
+    llama2 export ./Llama-2-7b-hf llama2-7b-q8.bin --version 2 --group-size 64\n  \
+    llama2 export stories15M.bin stories15M-hf --format hf -z tokenizer.bin\n  \
+    llama2 export ./Llama-2-7b-hf llama2-7b-q8_0.gguf --format gguf --dtype q8"
 )]
 pub struct ExportArgs {
     /// The model to convert: llama2.c file, Hugging Face or Meta directory,
     /// train.py ckpt.pt, or GGUF.
     pub input: PathBuf,
-    /// The file (llama2c) or directory (hf) to write.
+    /// The file (llama2c, gguf) or directory (hf) to write.
     pub output: PathBuf,
     /// Output format: llama2c (a .bin of --version), hf (a Hugging Face
     /// directory: model.safetensors, config.json and the tokenizer) or gguf
@@ -257,8 +259,8 @@ pub struct ExportArgs {
     /// (f32, f16 or q8 = Q8_0); default f32.
     #[arg(long)]
     pub dtype: Option<llama2::DType>,
-    /// The model's tokenizer, copied into an hf export (default: found as
-    /// for generation).
+    /// The model's tokenizer, for hf and gguf exports (default: found as for
+    /// generation).
     #[arg(short = 'z', long)]
     pub tokenizer: Option<PathBuf>,
     /// llama2.c format version: 0 (legacy fp32, llama2.c's run), 1 (fp32)
