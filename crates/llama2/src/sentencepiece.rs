@@ -154,15 +154,11 @@ impl SentencePieceModel {
             .collect();
         let length = |text: &str| i32::try_from(text.len()).expect("pieces are under 2 GiB");
         let longest = written.iter().map(|t| length(t)).max().unwrap_or(0);
-        let size = 4 + written.iter().map(|t| 8 + t.len()).sum::<usize>();
-        let mut out = Vec::with_capacity(size);
-        out.extend_from_slice(&longest.to_le_bytes());
-        for (piece, text) in self.pieces.iter().zip(&written) {
-            out.extend_from_slice(&piece.score.to_le_bytes());
-            out.extend_from_slice(&length(text).to_le_bytes());
-            out.extend_from_slice(text.as_bytes());
-        }
-        out
+        let entries = written
+            .iter()
+            .map(|t| t.as_bytes())
+            .zip(self.pieces.iter().map(|p| p.score));
+        crate::tokenizer::bin_bytes(longest as u32, entries)
     }
 }
 

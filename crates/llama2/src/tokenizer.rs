@@ -89,13 +89,11 @@ impl Tokenizer {
             })
             .collect();
         let longest = written.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let mut bytes = (longest as u32).to_le_bytes().to_vec();
-        for (p, score) in written.iter().zip(scores) {
-            bytes.extend(score.to_le_bytes());
-            bytes.extend((p.len() as i32).to_le_bytes());
-            bytes.extend_from_slice(p);
-        }
-        Self::parse(&bytes, pieces.len())
+        let entries = written
+            .iter()
+            .map(Vec::as_slice)
+            .zip(scores.iter().copied());
+        Self::parse(&bin_bytes(longest as u32, entries), pieces.len())
     }
 
     /// Parses tokenizer.bin bytes, however many entries they hold.
@@ -213,13 +211,12 @@ impl Tokenizer {
     /// This vocabulary as tokenizer.bin bytes (what `llama2 export` writes
     /// beside a model whose tokenizer has no other file form).
     pub fn to_bin_bytes(&self) -> Vec<u8> {
-        let mut bytes = self.max_token_length.max(1).to_le_bytes().to_vec();
-        for (piece, score) in self.vocab.iter().zip(&self.scores) {
-            bytes.extend(score.to_le_bytes());
-            bytes.extend((piece.len() as i32).to_le_bytes());
-            bytes.extend_from_slice(piece);
-        }
-        bytes
+        let entries = self
+            .vocab
+            .iter()
+            .map(Vec::as_slice)
+            .zip(self.scores.iter().copied());
+        bin_bytes(self.max_token_length.max(1), entries)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -617,6 +614,21 @@ fn count_entries(bytes: &[u8]) -> std::result::Result<usize, String> {
         return Err("the file ends inside an entry or holds fewer than 3 tokens".into());
     }
     Ok(count)
+}
+
+/// tokenizer.bin bytes: the header's longest-token length, then each entry
+/// as its score, its length and its bytes. The one writer of the format.
+pub fn bin_bytes<'a>(
+    max_token_length: u32,
+    entries: impl Iterator<Item = (&'a [u8], f32)>,
+) -> Vec<u8> {
+    let mut bytes = max_token_length.to_le_bytes().to_vec();
+    for (piece, score) in entries {
+        bytes.extend(score.to_le_bytes());
+        bytes.extend((piece.len() as i32).to_le_bytes());
+        bytes.extend_from_slice(piece);
+    }
+    bytes
 }
 
 /// `piece` with SentencePiece's "▁" (U+2581) turned into a space.
