@@ -1211,12 +1211,7 @@ impl<'a> Reader<'a> {
 
 /// Whether the file at `path` starts with GGUF's magic.
 pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let Ok((file, _)) = files::open_regular(path, "GGUF file") else {
-        return false;
-    };
-    let mut magic = [0u8; 4];
-    file.take(4).read_exact(&mut magic).is_ok() && magic == MAGIC
+    matches!(super::sniff(path), Ok(super::Kind::Gguf))
 }
 
 /// Loads the Llama model of the GGUF file at `path`.

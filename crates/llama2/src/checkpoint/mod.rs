@@ -72,12 +72,14 @@ pub fn open(path: &Path, context: Option<usize>) -> Result<ModelWeights> {
 }
 
 /// What a model file is, from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Gguf,
     Zip,
     Llama2c,
 }
 
+/// The kind of the model file at `path`, from its magic bytes.
 fn sniff(path: &Path) -> Result<Kind> {
     use std::io::Read;
     let (file, _) = crate::files::open_regular(path, "checkpoint")?;
