@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use llama2::cpu::kernels::Level;
 
 /// A float flag: any finite number (run.c's clamping then applies); NaN
 /// and infinity are refused, since no clamping rule gives them a meaning.
@@ -26,6 +27,15 @@ fn parse_threads(s: &str) -> Result<usize, String> {
         Ok(_) => Err(format!("expected at most {max} (0 means one per core)")),
         Err(e) => Err(format!("{e}")),
     }
+}
+
+/// `--isa`: a SIMD level by name; whether this CPU runs it is checked when
+/// the backend starts, with the levels it does run in the error.
+fn parse_isa(s: &str) -> Result<Level, String> {
+    Level::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Level::ALL.iter().map(|l| l.name()).collect();
+        format!("expected one of {}", names.join(", "))
+    })
 }
 
 #[derive(Parser, Debug)]
@@ -89,6 +99,17 @@ pub struct DeviceArgs {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
+    /// CPU kernels of one instruction-set level: scalar, avx2, avx512, amx
+    /// or neon (default: the widest this CPU runs, or $LLAMA2_ISA), to time
+    /// or test a narrower level on a wider CPU. Implies the CPU.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_isa)]
+    pub isa: Option<Level>,
+    /// llama2.c's arithmetic exactly: the CPU's scalar reference kernels,
+    /// which give run.c's (and for int8 files runq.c's) text bit for bit
+    /// for any seed, CPU and thread count, at a fraction of the speed.
+    /// Implies the CPU.
+    #[arg(long, conflicts_with = "isa")]
+    pub exact: bool,
     /// Context length in positions (default: the model's; 4096 for Meta
     /// directories, whose files do not say). At most the model's own.
     #[arg(long, value_name = "N")]

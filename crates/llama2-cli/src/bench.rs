@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use llama2::cpu::kernels::{self, Isa};
 use llama2::sampler::{argmax, Rng};
 use llama2::synth::{self, shape_config, shape_names};
-use llama2::{checkpoint, Config, CpuBackend, DType, HostMatrix, LanguageModel, Transformer};
+use llama2::{checkpoint, Config, DType, HostMatrix, LanguageModel, Transformer};
 use rayon::prelude::*;
 
 use crate::args::{BenchArgs, Device};
@@ -41,7 +41,7 @@ pub fn weight_bytes_per_token(c: &Config, dtype: DType) -> f64 {
 /// contiguous row ranges), so it reads memory the way the model does, minus
 /// everything else a forward step does; best of five passes after a
 /// warm-up pass.
-pub fn host_read_bandwidth_gbs(bytes: f64, threads: usize) -> Result<f64> {
+pub fn host_read_bandwidth_gbs(bytes: f64, threads: usize, isa: Isa) -> Result<f64> {
     const COLS: usize = 1024;
     let rows = (bytes.clamp(16e6, 2e9) / (4 * COLS) as f64) as usize;
     let matrix = HostMatrix::from_f32(rows, COLS, vec![1f32; rows * COLS]);
@@ -50,7 +50,6 @@ pub fn host_read_bandwidth_gbs(bytes: f64, threads: usize) -> Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let isa = Isa::best();
     // A few row ranges per thread even out threads that start late.
     let per_task = rows.div_ceil(4 * pool.current_num_threads());
     let mut best = 0f64;
@@ -92,7 +91,7 @@ fn build(args: &BenchArgs, device: Device) -> Result<(Box<dyn LanguageModel>, Co
     let model: Box<dyn LanguageModel> = match device {
         Device::Cuda => llama2_cuda::synthetic_model(&config, dtype, args.seed)?,
         _ => Box::new(Transformer::synthetic(
-            CpuBackend::with_dtype(args.device.threads, Some(dtype))?,
+            device::cpu_backend(&args.device, Some(dtype))?,
             &config,
             args.seed,
         )?),
@@ -154,7 +153,11 @@ fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
     let bytes_per_token = weight_bytes_per_token(&config, dtype);
     let peak_gbs = match device {
         Device::Cuda => llama2_cuda::copy_bandwidth_gbs()?,
-        _ => host_read_bandwidth_gbs(bytes_per_token, args.device.threads)?,
+        _ => host_read_bandwidth_gbs(
+            bytes_per_token,
+            args.device.threads,
+            device::cpu_isa(&args.device)?,
+        )?,
     };
     check_counts(args, &config)?;
     let (gen, prompt) = (args.gen_tokens, args.prompt_tokens);

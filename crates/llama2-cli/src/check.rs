@@ -1,9 +1,12 @@
 //! `llama2 check`: runs the same tokens through a device and through the
 //! CPU reference and compares logits step by step: the largest difference
 //! relative to the logits' scale, and whether the argmax agrees. This is how
-//! GPU correctness is verified, by users and by our own GPU script.
+//! GPU correctness is verified, by users and by our own GPU script; on the
+//! CPU (`--device cpu`, `--isa`) it compares a SIMD level with the scalar
+//! reference loops.
 
 use anyhow::{bail, Result};
+use llama2::cpu::kernels::Isa;
 use llama2::sampler::argmax;
 use llama2::synth::{self, shape_config, shape_names};
 use llama2::{checkpoint, CpuBackend, DType, LanguageModel, ModelWeights, Transformer};
@@ -49,12 +52,25 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         dtype: Some(dtype),
         ..args.device.clone()
     };
-    if device::resolve(&tested_args)? == Device::Cpu && args.device.device != Device::Cpu {
-        bail!("no GPU to check: `check` compares a GPU with the CPU");
+    let on_cpu = device::resolve(&tested_args)? == Device::Cpu;
+    let cpu_asked = args.device.device == Device::Cpu || args.device.isa.is_some();
+    if on_cpu && !cpu_asked {
+        bail!("no GPU to check: `check` compares a GPU with the CPU (or, with --device cpu or --isa, a CPU level with the scalar reference)");
     }
     let mut tested = device::load_model(&weights, &tested_args)?;
+    // A GPU is compared with the CPU's fastest kernels; CPU kernels with the
+    // scalar reference loops.
+    let reference_isa = if on_cpu {
+        Isa::scalar()
+    } else {
+        device::cpu_isa(&DeviceArgs {
+            isa: None,
+            exact: false,
+            ..args.device.clone()
+        })?
+    };
     let mut reference: Box<dyn LanguageModel> = Box::new(Transformer::new(
-        CpuBackend::with_dtype(args.device.threads, Some(dtype))?,
+        CpuBackend::with_isa(args.device.threads, Some(dtype), reference_isa)?,
         &weights,
     )?);
     let limit = tolerance(dtype);

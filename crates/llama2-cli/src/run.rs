@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use llama2::checkpoint;
 use llama2::generate::{self, ChatInput};
 use llama2::sampler::Sampler;
+use llama2::tokenizer::Printing;
 
 use crate::args::{Mode, RunArgs, TokenizeArgs};
 use crate::device;
@@ -64,6 +65,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut sampler = Sampler::new(s.temperature, s.topp, s.seed);
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
+    // --exact promises run.c's text, so byte pieces print as run.c prints them.
+    let printing = if args.device.exact {
+        Printing::Llama2c
+    } else {
+        Printing::Characters
+    };
     let stats = match args.mode {
         Mode::Generate => generate::generate(
             model.as_mut(),
@@ -71,7 +78,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             &mut sampler,
             args.prompt.as_deref().unwrap_or(""),
             s.steps,
-            &mut out,
+            (&mut out, printing),
         )?,
         Mode::Chat => {
             let stdin = io::stdin();
@@ -87,7 +94,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 &mut sampler,
                 input,
                 s.steps,
-                &mut out,
+                (&mut out, printing),
             )?
         }
     };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::model::LanguageModel;
 use crate::sampler::Sampler;
-use crate::tokenizer::{Tokenizer, Utf8Stream};
+use crate::tokenizer::{Printing, Tokenizer, Utf8Stream};
 
 /// Timings of one generation, for the report on stderr.
 #[derive(Clone, Debug, Default)]
@@ -75,7 +75,7 @@ pub fn generate(
     sampler: &mut Sampler,
     prompt: &str,
     steps: usize,
-    out: &mut dyn Write,
+    (out, printing): (&mut dyn Write, Printing),
 ) -> Result<Stats> {
     let seq_len = model.config().seq_len;
     let prompt_tokens = encode_prompt(tok, prompt, seq_len, seq_len)?;
@@ -85,7 +85,7 @@ pub fn generate(
         prompt_tokens: n_pre,
         ..Stats::default()
     };
-    let mut stream = Utf8Stream::new();
+    let mut stream = Utf8Stream::printing(printing);
 
     let started = Instant::now();
     let mut logits = model.forward(&prompt_tokens[..n_pre], 0)?.to_vec();
@@ -187,12 +187,12 @@ pub fn chat(
     sampler: &mut Sampler,
     input: ChatInput<'_>,
     steps: usize,
-    out: &mut dyn Write,
+    (out, printing): (&mut dyn Write, Printing),
 ) -> Result<Stats> {
     let seq_len = model.config().seq_len;
     let eos = model.config().eos;
     let mut stats = Stats::default();
-    let mut stream = Utf8Stream::new();
+    let mut stream = Utf8Stream::printing(printing);
     let mut system = input.system;
     let mut first_user = input.user;
     let mut pos = 0;

@@ -674,19 +674,33 @@ fn parse_byte_token(piece: &[u8]) -> Option<u8> {
     u8::from_str_radix(s, 16).ok()
 }
 
+/// What happens to single-byte pieces beyond ASCII (byte-fallback tokens
+/// such as `<0xE6>`) when they are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Printing {
+    /// Collected into whole UTF-8 characters, so a character the tokenizer
+    /// spells in bytes (emoji, rare CJK) is printed.
+    #[default]
+    Characters,
+    /// Dropped, as llama2.c's `safe_printf` drops every single byte that is
+    /// not printable ASCII or whitespace: run.c's text exactly.
+    Llama2c,
+}
+
 /// Turns decoded pieces into bytes safe to print, always valid UTF-8:
 /// single-byte pieces are printed when they are printable ASCII or
 /// whitespace (as llama2.c does), collected into whole UTF-8 characters when
-/// they are part of one, and dropped otherwise; longer pieces pass through
-/// when they are valid UTF-8, and otherwise go through the same collector
-/// byte by byte (a tokenizer may split a character across pieces, or hold
-/// bytes that are no UTF-8 at all), which drops whatever is not part of a
-/// whole character.
+/// they are part of one (unless `Printing::Llama2c`), and dropped otherwise;
+/// longer pieces pass through when they are valid UTF-8, and otherwise go
+/// through the same collector byte by byte (a tokenizer may split a
+/// character across pieces, or hold bytes that are no UTF-8 at all), which
+/// drops whatever is not part of a whole character.
 #[derive(Default, Debug)]
 pub struct Utf8Stream {
     pending: Vec<u8>,
     /// Bytes the pending character needs in all.
     need: usize,
+    printing: Printing,
 }
 
 impl Utf8Stream {
@@ -694,10 +708,24 @@ impl Utf8Stream {
         Self::default()
     }
 
+    /// A stream treating byte pieces as `printing` says.
+    pub fn printing(printing: Printing) -> Self {
+        Utf8Stream {
+            printing,
+            ..Self::default()
+        }
+    }
+
     /// Appends the printable form of `piece` to `out`.
     pub fn push(&mut self, piece: &[u8], out: &mut Vec<u8>) {
         match piece {
             [] => {}
+            [b] if self.printing == Printing::Llama2c => {
+                self.pending.clear();
+                if b.is_ascii_graphic() || is_c_space(*b) {
+                    out.push(*b);
+                }
+            }
             [b] => self.push_byte(*b, true, out),
             _ if self.pending.is_empty() && std::str::from_utf8(piece).is_ok() => {
                 out.extend_from_slice(piece)

@@ -1,7 +1,8 @@
 //! The CPU kernels against their scalar twins in `cpu::reference`, at every
 //! SIMD level this machine supports (scalar included): dot products,
 //! activation quantization, products for each weight type (Q8_0 with
-//! straddling group sizes too, and repacked for VNNI and AMX), the backend's rmsnorm, rope and attention,
+//! straddling group sizes too, and repacked for AVX2, VNNI and AMX), the
+//! backend's rmsnorm, rope and attention,
 //! and batched prefill against one token at a time. Shapes are random,
 //! seeded, and include sizes that are not multiples of the vector width or
 //! the group size. `scripts/test-aarch64.sh` runs them for NEON under qemu.
@@ -229,7 +230,7 @@ fn quantize_in_parts_matches_whole() {
 fn quantize_is_bit_identical_to_reference() {
     let mut rng = Rng::new(2);
     for isa in Isa::all() {
-        for &gs in &[3, 4, 5, 16, 32, 64] {
+        for &gs in &[3, 4, 5, 8, 16, 24, 32, 64] {
             for len in [1, 5, 31, 32, 64, 96, 100, 288] {
                 let mut x: Vec<f32> = random_vec(&mut rng, len).iter().map(|v| v * 3.0).collect();
                 // Exact ties (k + 0.5) * scale and an all-zero group.
@@ -415,6 +416,37 @@ fn packed_q8_products_match_reference() {
                 let out = packed_product_split(isa, p, &x, n, split);
                 assert_q8_reference(&format!("{what} split {split}"), &w, &x, n, &out);
             }
+        }
+    }
+}
+
+/// A weight of -128 (which Q8_0 quantizers never write, but a file may
+/// hold) has no negation in int8, which AVX2's sign trick needs: such a
+/// matrix stays unpacked there, and every level still gives the reference.
+#[test]
+fn q8_weight_minus_128_matches_reference() {
+    let mut rng = Rng::new(8);
+    let (rows, cols, gs) = (40, 64, 32);
+    let mut w = matrix(&mut rng, rows, cols, DType::Q8, gs);
+    let llama2::tensor::MatrixData::Q8(d) = &mut w.data else {
+        unreachable!("asked for Q8")
+    };
+    let mut q = d.q.to_vec();
+    q[5] = i8::MIN;
+    q[17 * cols + 3] = i8::MIN;
+    d.q = llama2::tensor::Storage::Owned(std::sync::Arc::new(q));
+    for isa in Isa::all() {
+        let m = CpuMatrix::new(isa, w.clone());
+        if isa.level() == Level::Avx2 {
+            assert!(matches!(m, CpuMatrix::Host(_)), "AVX2 packed a -128");
+        }
+        for n in [1, 5] {
+            let x = random_vec(&mut rng, n * cols);
+            let got = match &m {
+                CpuMatrix::PackedQ8(p) => packed_product_split(isa, p, &x, n, rows / 2),
+                CpuMatrix::Host(h) => product(isa, h, &x, n),
+            };
+            assert_q8_reference(&format!("-128 {isa:?} n {n}"), &w, &x, n, &got);
         }
     }
 }

@@ -155,8 +155,15 @@ fn steps_limit_and_context_errors() {
     let mut model = cpu_model(&w);
     let mut sampler = llama2::sampler::Sampler::new(0.0, 0.9, 1);
     let mut out = Vec::new();
-    let err = llama2::generate::generate(&mut model, &tok, &mut sampler, &long, 512, &mut out)
-        .expect_err("prompt longer than the context");
+    let err = llama2::generate::generate(
+        &mut model,
+        &tok,
+        &mut sampler,
+        &long,
+        512,
+        (&mut out, Default::default()),
+    )
+    .expect_err("prompt longer than the context");
     assert!(err.to_string().contains("context"), "{err}");
     // forward past the context or with an out-of-vocabulary token: errors.
     assert!(model.forward(&[1], 512).is_err());

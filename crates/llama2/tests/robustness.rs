@@ -35,8 +35,15 @@ fn corrupt_each_header_byte(model: &str, header_bytes: usize) {
                         let mut sampler = Sampler::new(1.0, 0.9, 5);
                         let mut out = Vec::new();
                         let mut m = cpu_model(&w);
-                        llama2::generate::generate(&mut m, &tok, &mut sampler, "Hi", 4, &mut out)
-                            .unwrap();
+                        llama2::generate::generate(
+                            &mut m,
+                            &tok,
+                            &mut sampler,
+                            "Hi",
+                            4,
+                            (&mut out, Default::default()),
+                        )
+                        .unwrap();
                     }
                 }
             }
@@ -80,8 +87,15 @@ fn non_finite_values_are_errors_not_text() {
         let mut model = cpu_model(&w);
         let mut sampler = Sampler::new(t, p, 9);
         let mut out = Vec::new();
-        let err = llama2::generate::generate(&mut model, &tok, &mut sampler, "Once", 20, &mut out)
-            .unwrap_err();
+        let err = llama2::generate::generate(
+            &mut model,
+            &tok,
+            &mut sampler,
+            "Once",
+            20,
+            (&mut out, Default::default()),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("non-finite logits at position 1"),
             "{err}"

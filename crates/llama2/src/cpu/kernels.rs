@@ -30,6 +30,20 @@ pub enum Level {
 }
 
 impl Level {
+    /// Every level, narrowest first.
+    pub const ALL: [Level; 5] = [
+        Level::Scalar,
+        Level::Avx2,
+        Level::Avx512,
+        Level::Amx,
+        Level::Neon,
+    ];
+
+    /// The level `name` names (as `name()` spells it).
+    pub fn from_name(name: &str) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Level::Scalar => "scalar",
@@ -40,6 +54,9 @@ impl Level {
         }
     }
 }
+
+/// The environment variable that forces a SIMD level (`Isa::configured`).
+pub const ISA_VAR: &str = "LLAMA2_ISA";
 
 /// A SIMD level this CPU supports: holding one is what makes calling its
 /// `unsafe` kernels sound, so it can only be made by checking.
@@ -69,16 +86,37 @@ impl Isa {
 
     /// Every supported level, narrowest first.
     pub fn all() -> Vec<Isa> {
-        [
-            Level::Scalar,
-            Level::Avx2,
-            Level::Avx512,
-            Level::Amx,
-            Level::Neon,
-        ]
-        .into_iter()
-        .filter_map(Isa::new)
-        .collect()
+        Level::ALL.into_iter().filter_map(Isa::new).collect()
+    }
+
+    /// `level`, or an error saying which levels this CPU does run.
+    pub fn require(level: Level) -> Result<Isa, String> {
+        Isa::new(level).ok_or_else(|| {
+            let have: Vec<_> = Isa::all().iter().map(|i| i.level().name()).collect();
+            format!(
+                "this CPU cannot run the {} kernels; it runs: {}",
+                level.name(),
+                have.join(", ")
+            )
+        })
+    }
+
+    /// The level the environment variable `ISA_VAR` forces, else the
+    /// widest: so a narrower level can be timed and tested on a wider CPU
+    /// by any command, test or benchmark without a flag of its own.
+    pub fn configured() -> Result<Isa, String> {
+        match std::env::var(ISA_VAR) {
+            Err(std::env::VarError::NotPresent) => Ok(Isa::best()),
+            Ok(name) if name.is_empty() => Ok(Isa::best()),
+            Ok(name) => {
+                let level = Level::from_name(&name).ok_or_else(|| {
+                    let names: Vec<_> = Level::ALL.iter().map(|l| l.name()).collect();
+                    format!("{ISA_VAR}={name}: expected one of {}", names.join(", "))
+                })?;
+                Isa::require(level).map_err(|e| format!("{ISA_VAR}={name}: {e}"))
+            }
+            Err(e) => Err(format!("{ISA_VAR}: {e}")),
+        }
     }
 
     pub fn level(self) -> Level {

@@ -81,9 +81,10 @@ impl CpuBackend {
         Self::with_dtype(threads, None)
     }
 
-    /// A backend that converts matrices to `dtype` as they are loaded.
+    /// A backend that converts matrices to `dtype` as they are loaded, on
+    /// the widest SIMD level (or the one `LLAMA2_ISA` forces).
     pub fn with_dtype(threads: usize, dtype: Option<DType>) -> Result<Self> {
-        Self::with_isa(threads, dtype, Isa::best())
+        Self::with_isa(threads, dtype, Isa::configured().map_err(Error::Invalid)?)
     }
 
     /// A backend using `isa`'s kernels rather than the widest detected

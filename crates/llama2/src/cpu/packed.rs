@@ -1,8 +1,9 @@
 //! The CPU backend's weight matrices: the checkpoint's `HostMatrix` as is,
-//! or Q8_0 weights repacked at upload for the VNNI product. The packed
+//! or Q8_0 weights repacked at upload for the vector products. The packed
 //! layout interleaves 16 rows four bytes at a time, so one 64-byte load
-//! feeds `vpdpbusd` with four columns of 16 rows and each lane accumulates
-//! one row's exact group dot: no horizontal add tree per group.
+//! feeds AVX-512's `vpdpbusd` with four columns of 16 rows (two 32-byte
+//! loads feed AVX2's `vpmaddubsw`) and each lane accumulates one row's
+//! exact group dot: no horizontal add tree per group.
 //!
 //! This file owns the layout (packing, reading rows back); the tiles that
 //! read it live in `simd/`.
@@ -28,10 +29,9 @@ pub enum CpuMatrix {
 impl CpuMatrix {
     /// `m` in the layout `isa`'s kernels read fastest.
     pub fn new(isa: Isa, m: HostMatrix) -> CpuMatrix {
-        match &m.data {
-            MatrixData::Q8(d) if simd::packs_q8(isa) => {
-                PackedQ8::new(d, m.rows, m.cols).map_or(CpuMatrix::Host(m), CpuMatrix::PackedQ8)
-            }
+        match (&m.data, simd::q8_bytes(isa)) {
+            (MatrixData::Q8(d), Some(bytes)) => PackedQ8::new(d, m.rows, m.cols, bytes)
+                .map_or(CpuMatrix::Host(m), CpuMatrix::PackedQ8),
             _ => CpuMatrix::Host(m),
         }
     }
@@ -71,6 +71,29 @@ impl CpuMatrix {
     }
 }
 
+/// How a packed byte holds its int8 weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q8Bytes {
+    /// The value plus 128: `vpdpbusd` multiplies unsigned bytes by signed
+    /// ones, so the weights go unsigned and the activations stay signed.
+    Offset,
+    /// The value itself: AVX2's `vpmaddubsw` takes `|x|` as the unsigned
+    /// side and the weight with `x`'s sign as the signed one. Negating
+    /// -128 overflows, so matrices holding -128 are not packed this way
+    /// (Q8_0 quantizers write -127..127).
+    Signed,
+}
+
+impl Q8Bytes {
+    /// What is XORed into a value's bits to store it.
+    fn mask(self) -> u8 {
+        match self {
+            Q8Bytes::Offset => 0x80,
+            Q8Bytes::Signed => 0,
+        }
+    }
+}
+
 /// Q8_0 weights in blocks of `BLOCK_ROWS` rows; the last block is padded
 /// with zero rows. Requires whole groups per row and groups of a multiple
 /// of 4 values.
@@ -79,8 +102,8 @@ pub struct PackedQ8 {
     pub rows: usize,
     pub cols: usize,
     pub gs: usize,
-    /// Values plus 128 (as `vpdpbusd` wants unsigned weights),
-    /// `[block][cols / 4][16 rows][4]`.
+    pub bytes: Q8Bytes,
+    /// Values encoded as `bytes` says, `[block][cols / 4][16 rows][4]`.
     pub q: Vec<u8>,
     /// Scales `[block][groups][16 rows]`.
     pub s: Vec<f32>,
@@ -88,15 +111,20 @@ pub struct PackedQ8 {
 
 impl PackedQ8 {
     /// Repacks `d` (a `[rows][cols]` matrix); `None` when groups straddle
-    /// rows or are not a multiple of 4 long.
-    pub fn new(d: &Q8Data, rows: usize, cols: usize) -> Option<PackedQ8> {
+    /// rows or are not a multiple of 4 long, or when `bytes` cannot hold a
+    /// value of `d`.
+    pub fn new(d: &Q8Data, rows: usize, cols: usize, bytes: Q8Bytes) -> Option<PackedQ8> {
         let gs = d.group_size;
         if gs == 0 || !gs.is_multiple_of(4) || !cols.is_multiple_of(gs) {
             return None;
         }
+        if bytes == Q8Bytes::Signed && d.q[..rows * cols].contains(&i8::MIN) {
+            return None;
+        }
+        let mask = bytes.mask();
         let groups = cols / gs;
         let blocks = rows.div_ceil(BLOCK_ROWS);
-        let mut q = vec![0x80u8; blocks * BLOCK_ROWS * cols];
+        let mut q = vec![mask; blocks * BLOCK_ROWS * cols];
         let mut s = vec![0f32; blocks * BLOCK_ROWS * groups];
         for row in 0..rows {
             let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
@@ -105,7 +133,7 @@ impl PackedQ8 {
             for (k4, v) in src.chunks_exact(4).enumerate() {
                 let at = (k4 * BLOCK_ROWS + r) * 4;
                 for (o, &x) in block[at..at + 4].iter_mut().zip(v) {
-                    *o = (x as u8) ^ 0x80;
+                    *o = (x as u8) ^ mask;
                 }
             }
             for g in 0..groups {
@@ -116,6 +144,7 @@ impl PackedQ8 {
             rows,
             cols,
             gs,
+            bytes,
             q,
             s,
         })
@@ -131,7 +160,7 @@ impl PackedQ8 {
         let block = &self.q[b * BLOCK_ROWS * self.cols..];
         (0..self.cols)
             .map(|k| {
-                let v = (block[((k / 4) * BLOCK_ROWS + r) * 4 + k % 4] ^ 0x80) as i8;
+                let v = (block[((k / 4) * BLOCK_ROWS + r) * 4 + k % 4] ^ self.bytes.mask()) as i8;
                 v as f32 * self.s[(b * self.groups() + k / self.gs) * BLOCK_ROWS + r]
             })
             .collect()

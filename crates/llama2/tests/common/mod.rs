@@ -69,7 +69,15 @@ pub fn generate_text(
     let mut model = cpu_model(weights);
     let mut sampler = Sampler::new(temperature, topp, seed);
     let mut out = Vec::new();
-    generate::generate(&mut model, tok, &mut sampler, prompt, steps, &mut out).expect("generate");
+    generate::generate(
+        &mut model,
+        tok,
+        &mut sampler,
+        prompt,
+        steps,
+        (&mut out, Default::default()),
+    )
+    .expect("generate");
     String::from_utf8(out).expect("generated text is UTF-8")
 }
 

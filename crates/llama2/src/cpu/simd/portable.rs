@@ -62,8 +62,8 @@ pub fn q8_rows(
     false
 }
 
-pub fn packs_q8(_: Isa) -> bool {
-    false
+pub fn q8_bytes(_: Isa) -> Option<super::super::packed::Q8Bytes> {
+    None
 }
 
 pub fn q8_packed_rows(

@@ -10,7 +10,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::avx512::Q8Tokens;
+use super::Q8Tokens;
 
 /// Tokens per A tile (its rows) and rows per block (the C tile's columns).
 pub const TILE_TOKENS: usize = 16;

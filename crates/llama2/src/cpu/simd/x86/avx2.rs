@@ -1,8 +1,10 @@
-//! AVX2 + FMA + F16C kernels: the f32/f16/bf16 product tile and the small
-//! vector helpers, for x86 CPUs without the AVX-512 set. Q8_0 products fall
-//! back to the scalar loops at this level. Every function requires those
-//! features; the dispatcher only calls them through an `Isa` that detected
-//! them at run time.
+//! AVX2 + FMA + F16C kernels, for x86 CPUs without the AVX-512 set (every
+//! AMD CPU before Zen 4, most Intel laptops and desktops): the f32/f16/bf16
+//! product tile, the packed Q8_0 product tile on `vpmaddubsw`, activation
+//! quantization, and the vector helpers attention and the FFN use. Every
+//! function requires those features; the dispatcher only calls them through
+//! an `Isa` that detected them at run time (or was forced to this level on
+//! a wider CPU, which also has them).
 
 // Tiles index register arrays by (row, token); iterator chains over
 // several such arrays at once would hide the tile's shape.
@@ -11,6 +13,9 @@
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
+
+use super::super::super::kernels::Rows;
+use super::Q8Tokens;
 
 /// A weight element type widened to f32 eight at a time.
 pub trait Wide: Copy {
@@ -127,7 +132,19 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     tile_f32::<f32, 1, 1>([a.as_ptr()], [b.as_ptr()], n)[0][0]
 }
 
-/// `y += a * x` for equal lengths.
+/// Lanes `0..left.min(8)` set, for masked loads and stores of a row's end.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lanes(left: usize) -> __m256i {
+    let n = left.min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// `y += a * x` for equal lengths, with fused multiply-adds in every lane
+/// (the end of a row too, masked), so `weighted_sum` equals one call per key.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available.
@@ -135,14 +152,323 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     let n = y.len().min(x.len());
     let av = _mm256_set1_ps(a);
+    let (yp, xp) = (y.as_mut_ptr(), x.as_ptr());
     let mut k = 0;
-    while k + 8 <= n {
-        let yv = _mm256_loadu_ps(y.as_ptr().add(k));
-        let xv = _mm256_loadu_ps(x.as_ptr().add(k));
-        _mm256_storeu_ps(y.as_mut_ptr().add(k), _mm256_fmadd_ps(av, xv, yv));
+    while k < n {
+        let m = lanes(n - k);
+        let yv = _mm256_maskload_ps(yp.add(k), m);
+        let xv = _mm256_maskload_ps(xp.add(k), m);
+        _mm256_maskstore_ps(yp.add(k), m, _mm256_fmadd_ps(av, xv, yv));
         k += 8;
     }
-    for i in k..n {
-        y[i] += a * x[i];
+}
+
+/// Attention scores of one head for `T` queries: `att[t * n + j] =
+/// (queries.row(t) · keys.row(j)) / scale` for the `n` keys, `R` keys per
+/// tile so each loaded key serves all `T` queries. Bit-identical to one
+/// `dot_f32` per (query, key): each pair has its own chain and reduction.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `queries` has `T` rows of the keys'
+/// length and `att` holds `T * n` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attention_scores<const R: usize, const T: usize>(
+    att: &mut [f32],
+    queries: Rows,
+    keys: Rows,
+    scale: f32,
+) {
+    let (hs, n) = (keys.width(), keys.count());
+    let q = std::array::from_fn(|t| queries.row(t).as_ptr());
+    let (kp, stride) = (keys.data().as_ptr(), keys.stride());
+    let mut j = 0;
+    while j + R <= n {
+        let v = tile_f32::<f32, R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
+        for r in 0..R {
+            for t in 0..T {
+                *att.get_unchecked_mut(t * n + j + r) = v[r][t] / scale;
+            }
+        }
+        j += R;
     }
+    while j < n {
+        let v = tile_f32::<f32, 1, T>([kp.add(j * stride)], q, hs);
+        for t in 0..T {
+            *att.get_unchecked_mut(t * n + j) = v[0][t] / scale;
+        }
+        j += 1;
+    }
+}
+
+/// For each of `T` queries: `out[t * hs..][..hs] = sum over j of
+/// att[t * n + j] * values.row(j)`, in `j` order with the sums held in
+/// registers 16 values at a time, each loaded value row serving all `T`
+/// queries. The same fused multiply-adds in the same order as one `axpy`
+/// per key on a zeroed output, so bit-identical to it.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `out` holds `T * hs` values and `att`
+/// `T * n`, for the `n` rows of `hs` values in `values`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_sum<const T: usize>(out: &mut [f32], att: &[f32], values: Rows) {
+    let (hs, n) = (values.width(), values.count());
+    let (vp, stride) = (values.data().as_ptr(), values.stride());
+    let mut k = 0;
+    while k < hs {
+        let m = [lanes(hs - k), lanes(hs.saturating_sub(k + 8))];
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        for j in 0..n {
+            // Masked-off lanes are never read; `wrapping_add` keeps the
+            // address arithmetic defined when they run past `values`.
+            let row = vp.wrapping_add(j * stride + k);
+            let v = [
+                _mm256_maskload_ps(row, m[0]),
+                _mm256_maskload_ps(row.wrapping_add(8), m[1]),
+            ];
+            for t in 0..T {
+                let a = _mm256_set1_ps(*att.get_unchecked(t * n + j));
+                for i in 0..2 {
+                    acc[t][i] = _mm256_fmadd_ps(a, v[i], acc[t][i]);
+                }
+            }
+        }
+        for t in 0..T {
+            let o = out.as_mut_ptr().add(t * hs + k);
+            _mm256_maskstore_ps(o, m[0], acc[t][0]);
+            _mm256_maskstore_ps(o.wrapping_add(8), m[1], acc[t][1]);
+        }
+        k += 16;
+    }
+}
+
+/// `e^x` lane by lane, within 2 ulp of `f32::exp` (NaN stays NaN): `x = n
+/// ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` from its Taylor series to `r^7`,
+/// times `2^n` as two powers of two that are each normal numbers, so that
+/// results below the normal range round once, to subnormals and zero, as
+/// `exp`'s do.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // Beyond ±104, e^x is 0 or infinite in f32; clamping keeps `n` within
+    // ±151, whose halves are normal exponents. `max`/`min` return their
+    // second operand, `x`, when it is NaN.
+    let x = _mm256_max_ps(_mm256_set1_ps(-104.0), x);
+    let x = _mm256_min_ps(_mm256_set1_ps(104.0), x);
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // ln 2 in two parts: `n * LN2_HI` is exact for the `n` that occur.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    const INV_FACT: [f32; 8] = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+    ];
+    let mut p = _mm256_set1_ps(INV_FACT[7]);
+    for &c in INV_FACT[..7].iter().rev() {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let n = _mm256_cvtps_epi32(n);
+    let (n1, bias) = (_mm256_srai_epi32::<1>(n), _mm256_set1_epi32(127));
+    let pow2 = |k: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(k, bias)));
+    // `p * 2^n1` is exact (a normal number); the second product rounds.
+    _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(_mm256_sub_epi32(n, n1)))
+}
+
+/// In-place softmax: maximum, `e^(x - max)` and their sum eight lanes at a
+/// time, then a true division by the sum as the reference does.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let chunks = (0..n).step_by(8).map(|k| (k, lanes(n - k)));
+    let low = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut max = low;
+    for (k, m) in chunks.clone() {
+        let v = _mm256_blendv_ps(low, _mm256_maskload_ps(p.add(k), m), _mm256_castsi256_ps(m));
+        max = _mm256_max_ps(max, v);
+    }
+    let max = _mm256_set1_ps(hmax(max));
+    let mut sum = _mm256_setzero_ps();
+    for (k, m) in chunks.clone() {
+        let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(k), m), max));
+        _mm256_maskstore_ps(p.add(k), m, e);
+        sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+    }
+    let sum = _mm256_set1_ps(hsum(sum));
+    for (k, m) in chunks {
+        let v = _mm256_div_ps(_mm256_maskload_ps(p.add(k), m), sum);
+        _mm256_maskstore_ps(p.add(k), m, v);
+    }
+}
+
+/// Largest of the 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hmax(v: __m256) -> f32 {
+    let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_max_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// `gate = gate * (1 / (1 + e^-gate)) * up`, the reference's operations in
+/// its order, eight lanes at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `up.len() >= gate.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let (n, g, u) = (gate.len(), gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    for k in (0..n).step_by(8) {
+        let m = lanes(n - k);
+        let x = _mm256_maskload_ps(g.add(k), m);
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        let sig = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        let v = _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_maskload_ps(u.add(k), m));
+        _mm256_maskstore_ps(g.add(k), m, v);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Q8_0
+
+/// Rounds half away from zero, as `f32::round`, lane by lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round_away(y: __m256) -> __m256 {
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+    let sign = _mm256_and_ps(y, _mm256_set1_ps(-0.0));
+    // `y - t` is exact: both have the same sign and exponent range.
+    let frac = _mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_sub_ps(y, t));
+    let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
+    let one = _mm256_or_ps(_mm256_set1_ps(1.0), sign);
+    _mm256_add_ps(t, _mm256_and_ps(up, one))
+}
+
+/// Quantizes one group whose length is a multiple of 8, exactly as
+/// `kernels::quantize_row` does; returns (scale, sum of the int8 values).
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `q.len() >= x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_group8(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let n = x.len() / 8 * 8;
+    let abs = |v: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+    let mut max = _mm256_setzero_ps();
+    for k in (0..n).step_by(8) {
+        max = _mm256_max_ps(max, abs(_mm256_loadu_ps(x.as_ptr().add(k))));
+    }
+    let max = hmax(max);
+    let scale = max / 127.0;
+    if max == 0.0 {
+        q[..n].fill(0);
+        return (scale, 0);
+    }
+    let sv = _mm256_set1_ps(scale);
+    // The low byte of each 32-bit lane, gathered into each 128-bit half's
+    // first four bytes.
+    let low_bytes = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    let mut sum = _mm256_setzero_si256();
+    for k in (0..n).step_by(8) {
+        // A true division, as the reference: an inverse would round differently.
+        let y = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(k)), sv);
+        let v = _mm256_cvttps_epi32(round_away(y));
+        sum = _mm256_add_epi32(sum, v);
+        let b = _mm256_shuffle_epi8(v, low_bytes);
+        let eight = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+        _mm_storel_epi64(q.as_mut_ptr().add(k) as *mut __m128i, eight);
+    }
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    (scale, _mm_cvtsi128_si32(s))
+}
+
+/// A tile over the packed Q8_0 layout with signed bytes (`Q8Bytes::Signed`):
+/// `B` consecutive blocks of 16 rows against tokens `t0..t0 + T`. Result
+/// `[b][t]` holds the 16 rows of block `b` for token `t0 + t`, bit-identical
+/// to `kernels::dot_q8`: `vpmaddubsw` multiplies `|x|` by the weight given
+/// `x`'s sign, and its pairs of products (at most 2 * 128 * 127) fit in
+/// 16 bits, so each lane's group dot is exact in int32; the f32 terms are
+/// formed and added in group order as the reference does.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `q` and `s` point at block `b0` of a
+/// packed matrix with `cols` columns in groups of `gs` (a multiple of 4
+/// dividing `cols`), whose bytes hold no -128, and `B` blocks from there
+/// exist; tokens `t0..t0 + T` are in range of `x`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
+    q: *const u8,
+    s: *const f32,
+    (cols, gs): (usize, usize),
+    x: &Q8Tokens,
+    t0: usize,
+) -> [[[f32; 16]; T]; B] {
+    let groups = cols / gs;
+    let xq = x.xq.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let mut f = [[[_mm256_setzero_ps(); 2]; T]; B];
+    for g in 0..groups {
+        let mut a = [[[_mm256_setzero_si256(); 2]; T]; B];
+        for k in (g * gs..(g + 1) * gs).step_by(4) {
+            let w: [[__m256i; 2]; B] = std::array::from_fn(|b| {
+                let p = q.add(b * cols * 16 + k * 16) as *const __m256i;
+                [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))]
+            });
+            for t in 0..T {
+                let at = xq.add((t0 + t) * cols + k) as *const i32;
+                let xv = _mm256_set1_epi32(std::ptr::read_unaligned(at));
+                let ax = _mm256_abs_epi8(xv);
+                for b in 0..B {
+                    for h in 0..2 {
+                        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[b][h], xv));
+                        a[b][t][h] = _mm256_add_epi32(a[b][t][h], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+        }
+        for t in 0..T {
+            let xs = _mm256_set1_ps(x.xs_t[g * x.tokens + t0 + t]);
+            for b in 0..B {
+                for h in 0..2 {
+                    let ws = _mm256_loadu_ps(s.add((b * groups + g) * 16 + 8 * h));
+                    let ints = _mm256_cvtepi32_ps(a[b][t][h]);
+                    let term = _mm256_mul_ps(_mm256_mul_ps(ints, ws), xs);
+                    f[b][t][h] = _mm256_add_ps(f[b][t][h], term);
+                }
+            }
+        }
+    }
+    let mut out = [[[0f32; 16]; T]; B];
+    for b in 0..B {
+        for t in 0..T {
+            _mm256_storeu_ps(out[b][t].as_mut_ptr(), f[b][t][0]);
+            _mm256_storeu_ps(out[b][t].as_mut_ptr().add(8), f[b][t][1]);
+        }
+    }
+    out
 }

@@ -19,6 +19,7 @@ use half::{bf16, f16};
 
 use super::super::super::kernels::Rows;
 use super::super::super::packed::BLOCK_ROWS;
+use super::Q8Tokens;
 
 /// A weight element type widened to f32 sixteen at a time.
 pub trait Wide: Copy {
@@ -370,18 +371,6 @@ pub unsafe fn quantize_group16(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         );
     }
     (scale, _mm512_reduce_add_epi32(sum))
-}
-
-/// Quantized activations as the Q8 tile reads them.
-pub struct Q8Tokens<'a> {
-    /// Values `[tokens][cols]`.
-    pub xq: &'a [i8],
-    /// Scales `[groups][tokens]`, token-minor so a tile loads them together.
-    pub xs_t: &'a [f32],
-    /// `128 * sum(group)` `[groups][tokens]`: what the unsigned weights add.
-    pub xc_t: &'a [i32],
-    /// Token count of the transposed arrays (a multiple of 4).
-    pub tokens: usize,
 }
 
 /// A tile over the packed Q8_0 layout (`cpu::packed`): `B` consecutive

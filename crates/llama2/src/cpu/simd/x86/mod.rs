@@ -2,7 +2,9 @@
 //! run time. This file maps an `Isa` and a weight type to the right tile and
 //! sweeps the tile over a range of weight rows; the tiles themselves live in
 //! `amx.rs`, `avx512.rs` and `avx2.rs`. The AMX level is the AVX-512 level
-//! with batched packed Q8_0 products on the tile unit.
+//! with batched packed Q8_0 products on the tile unit. Every op has a
+//! kernel at each level, so forcing a narrower level times that level's
+//! whole forward pass.
 
 mod amx;
 mod avx2;
@@ -14,7 +16,20 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, WeightRows};
-use super::super::packed::{PackedQ8, BLOCK_ROWS};
+use super::super::packed::{PackedQ8, Q8Bytes, BLOCK_ROWS};
+
+/// Quantized activations as the Q8 tiles read them.
+pub struct Q8Tokens<'a> {
+    /// Values `[tokens][cols]`.
+    pub xq: &'a [i8],
+    /// Scales `[groups][tokens]`, token-minor so a tile loads them together.
+    pub xs_t: &'a [f32],
+    /// `128 * sum(group)` `[groups][tokens]`: what AVX-512's unsigned
+    /// weights add.
+    pub xc_t: &'a [i32],
+    /// Token count of the transposed arrays (a multiple of 4).
+    pub tokens: usize,
+}
 
 /// Whether this CPU runs `level`'s kernels. AVX-512 here means F, BW, VL and
 /// VNNI together (Ice Lake and later, Zen 4); older AVX-512 parts use AVX2.
@@ -69,21 +84,36 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
 /// Attention scores of one head for a block of up to four queries into
 /// `att` `[queries][keys]`.
 pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) -> bool {
-    if !wide(isa) {
+    if isa.level() == Level::Scalar {
         return false;
     }
     assert_eq!(att.len(), queries.count() * keys.count());
     assert_eq!(queries.width(), keys.width());
-    // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its rows
-    // are in bounds and `att` was sized above. The widest tile that stays
-    // in registers: 8 keys for up to 3 queries, 4 keys for 4.
-    unsafe {
-        match queries.count() {
-            1 => avx512::attention_scores::<8, 1>(att, queries, keys, scale),
-            2 => avx512::attention_scores::<8, 2>(att, queries, keys, scale),
-            3 => avx512::attention_scores::<8, 3>(att, queries, keys, scale),
-            4 => avx512::attention_scores::<4, 4>(att, queries, keys, scale),
-            _ => return false,
+    let args = (att, queries, keys, scale);
+    if wide(isa) {
+        // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its
+        // rows are in bounds and `att` was sized above. The widest tile
+        // that stays in 32 registers: 8 keys for up to 3 queries, 4 for 4.
+        unsafe {
+            match queries.count() {
+                1 => avx512::attention_scores::<8, 1>(args.0, args.1, args.2, args.3),
+                2 => avx512::attention_scores::<8, 2>(args.0, args.1, args.2, args.3),
+                3 => avx512::attention_scores::<8, 3>(args.0, args.1, args.2, args.3),
+                4 => avx512::attention_scores::<4, 4>(args.0, args.1, args.2, args.3),
+                _ => return false,
+            }
+        }
+    } else {
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); as above. The
+        // widest tiles for 16 registers.
+        unsafe {
+            match queries.count() {
+                1 => avx2::attention_scores::<8, 1>(args.0, args.1, args.2, args.3),
+                2 => avx2::attention_scores::<4, 2>(args.0, args.1, args.2, args.3),
+                3 => avx2::attention_scores::<3, 3>(args.0, args.1, args.2, args.3),
+                4 => avx2::attention_scores::<2, 4>(args.0, args.1, args.2, args.3),
+                _ => return false,
+            }
         }
     }
     true
@@ -92,19 +122,25 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
 /// Weighted sums of value rows for a block of up to four queries: `out`
 /// `[queries][hs]` from `att` `[queries][keys]`.
 pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> bool {
-    if !wide(isa) || values.width() == 0 {
+    if isa.level() == Level::Scalar || values.width() == 0 {
         return false;
     }
     let queries = out.len() / values.width();
     assert!(out.len() == queries * values.width() && att.len() == queries * values.count());
-    // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its rows
-    // are in bounds and `out` and `att` were sized above.
+    let wide = wide(isa);
+    // SAFETY: the level was confirmed (the `Isa`: AVX-512 when `wide`, AVX2
+    // otherwise); `Rows` guarantees its rows are in bounds and `out` and
+    // `att` were sized above.
     unsafe {
-        match queries {
-            1 => avx512::weighted_sum::<1>(out, att, values),
-            2 => avx512::weighted_sum::<2>(out, att, values),
-            3 => avx512::weighted_sum::<3>(out, att, values),
-            4 => avx512::weighted_sum::<4>(out, att, values),
+        match (queries, wide) {
+            (1, true) => avx512::weighted_sum::<1>(out, att, values),
+            (2, true) => avx512::weighted_sum::<2>(out, att, values),
+            (3, true) => avx512::weighted_sum::<3>(out, att, values),
+            (4, true) => avx512::weighted_sum::<4>(out, att, values),
+            (1, false) => avx2::weighted_sum::<1>(out, att, values),
+            (2, false) => avx2::weighted_sum::<2>(out, att, values),
+            (3, false) => avx2::weighted_sum::<3>(out, att, values),
+            (4, false) => avx2::weighted_sum::<4>(out, att, values),
             _ => return false,
         }
     }
@@ -113,33 +149,50 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> boo
 
 /// In-place softmax with vector exponentials.
 pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
-    if !wide(isa) || x.is_empty() {
+    if x.is_empty() {
         return false;
     }
-    // SAFETY: AVX-512 was confirmed (the `Isa`).
-    unsafe { avx512::softmax(x) };
+    match isa.level() {
+        // SAFETY: AVX-512 was confirmed (the `Isa`; `Amx` includes it).
+        Level::Avx512 | Level::Amx => unsafe { avx512::softmax(x) },
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`).
+        Level::Avx2 => unsafe { avx2::softmax(x) },
+        _ => return false,
+    }
     true
 }
 
 /// `gate = silu(gate) * up` with vector exponentials (equal lengths).
 pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) -> bool {
-    if !wide(isa) {
-        return false;
-    }
     assert!(up.len() >= gate.len());
-    // SAFETY: AVX-512 was confirmed (the `Isa`); `up` is long enough.
-    unsafe { avx512::silu_mul(gate, up) };
+    match isa.level() {
+        // SAFETY: AVX-512 was confirmed (the `Isa`); `up` is long enough.
+        Level::Avx512 | Level::Amx => unsafe { avx512::silu_mul(gate, up) },
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); as above.
+        Level::Avx2 => unsafe { avx2::silu_mul(gate, up) },
+        _ => return false,
+    }
     true
 }
 
-/// Quantizes a group whose length is a multiple of 16; `None` when this
-/// level has no vector version.
+/// Quantizes a group whose length is a multiple of the level's vector
+/// (16 values, or 8 for AVX2); `None` when this level has no vector
+/// version for it.
 pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
-    if !wide(isa) || !x.len().is_multiple_of(16) || q.len() < x.len() {
+    if q.len() < x.len() {
         return None;
     }
-    // SAFETY: the level was confirmed by `supported`; `q` is long enough.
-    Some(unsafe { avx512::quantize_group16(x, q) })
+    match isa.level() {
+        // SAFETY: the level was confirmed by `supported`; `q` is long enough.
+        Level::Avx512 | Level::Amx if x.len().is_multiple_of(16) => {
+            Some(unsafe { avx512::quantize_group16(x, q) })
+        }
+        // SAFETY: as above.
+        Level::Avx2 | Level::Avx512 | Level::Amx if x.len().is_multiple_of(8) => {
+            Some(unsafe { avx2::quantize_group8(x, q) })
+        }
+        _ => None,
+    }
 }
 
 /// `out[t * ld + j - rows.start] = w[j] · x[t]` for `j` in `rows`.
@@ -279,9 +332,14 @@ pub fn q8_rows(
     false
 }
 
-/// Whether `isa` has a kernel for `PackedQ8` matrices (so uploads pack).
-pub fn packs_q8(isa: Isa) -> bool {
-    wide(isa)
+/// How `isa`'s kernel for `PackedQ8` matrices wants the bytes, if it has
+/// one (so uploads pack).
+pub fn q8_bytes(isa: Isa) -> Option<Q8Bytes> {
+    match isa.level() {
+        Level::Avx512 | Level::Amx => Some(Q8Bytes::Offset),
+        Level::Avx2 => Some(Q8Bytes::Signed),
+        _ => None,
+    }
 }
 
 /// The product over rows `rows` of a packed Q8_0 matrix: whole blocks are
@@ -296,7 +354,7 @@ pub fn q8_packed_rows(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    if !packs_q8(isa) {
+    if q8_bytes(isa) != Some(w.bytes) {
         return false;
     }
     let (cols, gs, n) = (w.cols, w.gs, acts.n);
@@ -304,7 +362,7 @@ pub fn q8_packed_rows(
         acts.tokens.is_multiple_of(4) && acts.tokens >= n && acts.xq.len() >= acts.tokens * cols
     );
     assert!(w.q.len() >= w.rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * cols);
-    let x = avx512::Q8Tokens {
+    let x = Q8Tokens {
         xq: &acts.xq,
         xs_t: &acts.xs_t,
         xc_t: &acts.xc_t,
@@ -312,6 +370,10 @@ pub fn q8_packed_rows(
     };
     let blocks = rows.start / BLOCK_ROWS..rows.end.div_ceil(BLOCK_ROWS);
     assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
+    if isa.level() == Level::Avx2 {
+        q8_packed_rows256(w, &x, (rows, n), out, ld);
+        return true;
+    }
     let out_p = out.as_mut_ptr();
     let store = |b0: usize, t0: usize, v: &[__m512], t_step: usize| {
         let tile = avx512::BlockTile { b0, t0, t_step };
@@ -398,4 +460,78 @@ pub fn q8_packed_rows(
         }
     }
     true
+}
+
+/// The AVX2 part of `q8_packed_rows` (signed bytes, checked by the
+/// caller): decoding runs two blocks (32 rows) per tile, batches one block
+/// by four tokens, as many as 16 registers hold.
+fn q8_packed_rows256(
+    w: &PackedQ8,
+    x: &Q8Tokens,
+    (rows, n): (Range<usize>, usize),
+    out: &mut [f32],
+    ld: usize,
+) {
+    let dims = (w.cols, w.gs);
+    let blocks = rows.start / BLOCK_ROWS..rows.end.div_ceil(BLOCK_ROWS);
+    let block = |b: usize| {
+        // SAFETY: `b` is below the matrix's block count (the caller checked
+        // `w.q` holds them all), so these offsets stay inside `w.q`, `w.s`.
+        unsafe {
+            (
+                w.q.as_ptr().add(b * BLOCK_ROWS * w.cols),
+                w.s.as_ptr().add(b * BLOCK_ROWS * w.groups()),
+            )
+        }
+    };
+    let mut store = |b0: usize, t0: usize, v: &[[f32; BLOCK_ROWS]], t_step: usize| {
+        store_block_rows(out, ld, (rows.clone(), n), (b0, t0, t_step), v)
+    };
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let (q, s) = block(b);
+        if n == 1 && b + 2 <= blocks.end {
+            // SAFETY: AVX2 was confirmed (caller's `Isa`) and the bytes are
+            // signed without -128 (`Q8Bytes::Signed`); blocks `b..b + 2`
+            // exist; token 0 exists.
+            let v = unsafe { avx2::tile_q8_packed::<2, 1>(q, s, dims, x, 0) };
+            store(b, 0, v.as_flattened(), 1);
+            b += 2;
+        } else if n == 1 {
+            // SAFETY: as above, for block `b`.
+            let v = unsafe { avx2::tile_q8_packed::<1, 1>(q, s, dims, x, 0) };
+            store(b, 0, v.as_flattened(), 1);
+            b += 1;
+        } else {
+            for t0 in (0..n).step_by(4) {
+                // SAFETY: as above; tokens `t0..t0 + 4` exist since
+                // `x.tokens` is a multiple of 4 at least `n`.
+                let v = unsafe { avx2::tile_q8_packed::<1, 4>(q, s, dims, x, t0) };
+                store(b, t0, v.as_flattened(), 4);
+            }
+            b += 1;
+        }
+    }
+}
+
+/// Stores a tile's results: `v[i]` holds the 16 rows of block `b0 + i /
+/// t_step` for token `t0 + i % t_step`, written to `out[t * ld + j -
+/// rows.start]` for the rows `j` in `rows` and tokens `t < n` (the rest of
+/// the tile is dropped).
+fn store_block_rows(
+    out: &mut [f32],
+    ld: usize,
+    (rows, n): (Range<usize>, usize),
+    (b0, t0, t_step): (usize, usize, usize),
+    v: &[[f32; BLOCK_ROWS]],
+) {
+    for (i, v) in v.iter().enumerate() {
+        let (b, t) = (b0 + i / t_step, t0 + i % t_step);
+        let first = (b * BLOCK_ROWS).max(rows.start);
+        let last = ((b + 1) * BLOCK_ROWS).min(rows.end);
+        if t < n && first < last {
+            let dst = &mut out[t * ld + first - rows.start..][..last - first];
+            dst.copy_from_slice(&v[first - b * BLOCK_ROWS..last - b * BLOCK_ROWS]);
+        }
+    }
 }
