@@ -15,6 +15,15 @@ Engines you do not point it at are left out:
                    reference numbers) into the work folder
   --llama-cpp DIR  a folder with llama.cpp's llama-bench, llama-quantize and
                    llama-convert-llama2c-to-ggml binaries
+  --llama-cpp-src DIR
+                   a llama.cpp source tree, built here with CMake (Release,
+                   CPU only) for the --isa level: GGML_NATIVE, or for avx2
+                   AVX2/FMA/F16C without AVX-512, AVX-VNNI or AMX
+
+--isa avx2 times every engine at the AVX2 level on any x86 machine: our
+`bench --isa avx2`, llama2.c and the wall compiled with -mno-avx512f, and
+llama.cpp built without AVX-512. That is how the AVX2 numbers of an
+AVX-512 machine are made; say so when you quote them.
 
 It also times the fp32 "wall" unless --no-wall: scripts/products-only.c,
 compiled with gcc -O3 -march=native -fopenmp, which does nothing per token
@@ -55,10 +64,11 @@ def run(cmd, env=None):
     return p.stdout + p.stderr
 
 
-def ours(binary, model, threads, gen, prompt):
+def ours(binary, model, threads, gen, prompt, isa):
     """Our decode (and prefill) tok/s on a checkpoint file."""
+    level = ["--isa", isa] if isa else []
     out = run([binary, "bench", "--device", "cpu", "--model", model, "--threads", threads,
-               "--prompt-tokens", prompt, "--gen-tokens", gen, "--runs", 1, "--json"])
+               "--prompt-tokens", prompt, "--gen-tokens", gen, "--runs", 1, "--json"] + level)
     line = json.loads(out.strip().splitlines()[-1])
     return line["decode_tok_s"], line["prefill_tok_s"]
 
@@ -83,12 +93,14 @@ def products_only(binary, model, threads, gen):
     return float(m.group(1))
 
 
-def llama_bench(tools, gguf, threads, gen):
-    """llama.cpp's text-generation tok/s from one llama-bench repetition."""
-    out = run([tools / "llama-bench", "-m", gguf, "-t", threads, "-p", 0, "-n", gen,
+def llama_bench(tools, gguf, threads, gen, prompt):
+    """llama.cpp's text-generation (and prompt-processing) tok/s from one
+    llama-bench repetition of each."""
+    out = run([tools / "llama-bench", "-m", gguf, "-t", threads, "-p", prompt, "-n", gen,
                "-r", 1, "-o", "json"])
     results = json.loads(out[out.index("["):out.rindex("]") + 1])
-    return results[0]["avg_ts"]
+    speed = {"tg" if r["n_gen"] else "pp": r["avg_ts"] for r in results}
+    return speed["tg"], speed.get("pp")
 
 
 def prepare(shape, work, args):
@@ -100,8 +112,8 @@ def prepare(shape, work, args):
             run([args.ours, "synth", "--shape", shape, "--format", fmt, path])
     t, gen, tok = args.threads, args.gen_tokens, args.tokenizer
     timers = {
-        "ours f32": lambda: ours(args.ours, v0, t, gen, args.prompt_tokens),
-        "ours q8": lambda: ours(args.ours, v2, t, gen, args.prompt_tokens),
+        "ours f32": lambda: ours(args.ours, v0, t, gen, args.prompt_tokens, args.isa),
+        "ours q8": lambda: ours(args.ours, v2, t, gen, args.prompt_tokens, args.isa),
     }
     if args.wall:
         timers["products only"] = lambda: (products_only(work / "products-only", v0, t, gen), None)
@@ -116,20 +128,45 @@ def prepare(shape, work, args):
                  "--llama2c-model", v0, "--llama2c-output-model", f32])
         if not q8.exists():
             run([tools / "llama-quantize", f32, q8, "Q8_0", t])
-        timers["llama.cpp F32"] = lambda: (llama_bench(tools, f32, t, gen), None)
-        timers["llama.cpp Q8_0"] = lambda: (llama_bench(tools, q8, t, gen), None)
+        timers["llama.cpp F32"] = lambda: llama_bench(tools, f32, t, gen, args.prompt_tokens)
+        timers["llama.cpp Q8_0"] = lambda: llama_bench(tools, q8, t, gen, args.prompt_tokens)
     return timers
 
 
-def compile_llama2c(src, work):
+def march(isa):
+    """gcc flags for the --isa level: the machine's own, or without AVX-512."""
+    return ["-march=native"] + (["-mno-avx512f"] if isa in ("avx2", "scalar") else [])
+
+
+def compile_llama2c(src, work, isa):
     for name in ["run", "runq"]:
-        run(["gcc", "-Ofast", "-fopenmp", "-march=native", src / f"{name}.c", "-lm",
+        run(["gcc", "-Ofast", "-fopenmp", *march(isa), src / f"{name}.c", "-lm",
              "-o", work / name])
 
 
-def compile_wall(work):
-    run(["gcc", "-O3", "-march=native", "-fopenmp", ROOT / "scripts" / "products-only.c",
+def compile_wall(work, isa):
+    run(["gcc", "-O3", *march(isa), "-fopenmp", ROOT / "scripts" / "products-only.c",
          "-o", work / "products-only"])
+
+
+def build_llama_cpp(src, work, isa):
+    """Builds llama.cpp's CPU tools from `src` for the --isa level; returns
+    the folder of its binaries."""
+    build = work / f"llama.cpp-{isa or 'native'}"
+    flags = ["-DGGML_NATIVE=ON"]
+    if isa == "avx2":
+        flags = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+                 "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF",
+                 "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF",
+                 "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    elif isa:
+        sys.exit(f"--llama-cpp-src builds for the native level or avx2, not {isa}")
+    if not (build / "bin" / "llama-bench").exists():
+        run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+             "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DGGML_CUDA=OFF", *flags])
+        run(["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target",
+             "llama-bench", "llama-quantize", "llama-convert-llama2c-to-ggml"])
+    return build / "bin"
 
 
 def table(samples, prefill):
@@ -138,20 +175,25 @@ def table(samples, prefill):
     range), which cancels most of a shared machine's drift."""
     pairs = [("f32", "ours f32", ["llama2.c run", "llama.cpp F32", "products only"]),
              ("q8", "ours q8", ["llama2.c runq", "llama.cpp Q8_0", None])]
-    lines = ["| shape | dtype | ours prefill tok/s | ours decode tok/s | llama2.c | llama.cpp "
-             "| products only | ours / llama2.c | ours / llama.cpp | ours / products only |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | dtype | ours decode tok/s | llama2.c | llama.cpp | products only "
+             "| ours / llama2.c | ours / llama.cpp | ours / products only "
+             "| ours prefill tok/s | llama.cpp prefill | prefill ours / llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     med = statistics.median
+
+    def ratio(mine, theirs):
+        ratios = [a / b for a, b in zip(mine, theirs)]
+        return f"{med(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
     for shape, m in samples.items():
         for dtype, mine, refs in pairs:
-            cells = [shape, dtype, f"{med(prefill[shape][mine]):,.0f}", f"{med(m[mine]):,.1f}"]
+            cells = [shape, dtype, f"{med(m[mine]):,.1f}"]
             cells += [f"{med(m[r]):,.1f}" if r in m else "" for r in refs]
-            for r in refs:
-                if r not in m:
-                    cells.append("")
-                    continue
-                ratios = [a / b for a, b in zip(m[mine], m[r])]
-                cells.append(f"{med(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+            cells += [ratio(m[mine], m[r]) if r in m else "" for r in refs]
+            cpp = prefill[shape].get(refs[1], [])
+            cells.append(f"{med(prefill[shape][mine]):,.0f}")
+            cells.append(f"{med(cpp):,.0f}" if cpp else "")
+            cells.append(ratio(prefill[shape][mine], cpp) if cpp else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -160,6 +202,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama2c", type=Path, help="llama2.c checkout (run.c, runq.c)")
     ap.add_argument("--llama-cpp", type=Path, help="folder of llama.cpp binaries")
+    ap.add_argument("--llama-cpp-src", type=Path,
+                    help="llama.cpp source tree to build for the --isa level")
+    ap.add_argument("--isa", help="instruction-set level for every engine (e.g. avx2)")
     ap.add_argument("--no-wall", dest="wall", action="store_false",
                     help="leave out the products-only fp32 wall")
     ap.add_argument("--shapes", nargs="+", default=["stories15M", "stories42M", "stories110M"])
@@ -177,15 +222,17 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.ours.exists():
         sys.exit(f"{args.ours} is missing: run `cargo build --release` first")
+    if args.llama_cpp_src:
+        args.llama_cpp = build_llama_cpp(args.llama_cpp_src.resolve(), args.work, args.isa)
     if (args.llama2c or args.llama_cpp) and not args.tokenizer.exists():
         sys.exit(f"{args.tokenizer} is missing: pass --tokenizer (the Llama 2 tokenizer.bin)")
     if args.llama2c:
-        compile_llama2c(args.llama2c, args.work)
+        compile_llama2c(args.llama2c, args.work, args.isa)
     if args.wall:
-        compile_wall(args.work)
+        compile_wall(args.work, args.isa)
     timers = {s: prepare(s, args.work, args) for s in args.shapes}
     samples = {s: {e: [] for e in t} for s, t in timers.items()}
-    prefill = {s: {"ours f32": [], "ours q8": []} for s in args.shapes}
+    prefill = {s: {e: [] for e in t} for s, t in timers.items()}
     with open(args.work / "results.jsonl", "a") as log:
         for r in range(args.rounds):
             for shape, engines in timers.items():
@@ -197,8 +244,10 @@ def main():
                     print(f"round {r + 1} {shape} {engine}: {got:.1f} tok/s", file=sys.stderr)
                     log.write(json.dumps({"round": r, "shape": shape, "engine": engine,
                                           "decode_tok_s": got, "prefill_tok_s": pre}) + "\n")
-    print(f"{args.threads} threads, {args.gen_tokens} greedy tokens, median of {args.rounds} "
-          "rounds; ratios: median (range) of the per-round ratios\n")
+    level = f", --isa {args.isa}" if args.isa else ""
+    print(f"{args.threads} threads{level}, {args.gen_tokens} greedy tokens, prefill of "
+          f"{args.prompt_tokens}, median of {args.rounds} rounds; ratios: median (range) of "
+          "the per-round ratios\n")
     print(table(samples, prefill))
 
 

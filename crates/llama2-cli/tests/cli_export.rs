@@ -185,9 +185,16 @@ fn hugging_face_export_matches_transformers_files_and_round_trips() {
         "meta/stories260K",
         "gguf/stories260K-f32.gguf",
         "hf/stories260K",
+        "stories260K-ckpt.pt",
     ] {
         let out = dir.path(&input.replace('/', "-"));
-        export(input, &out, &["--format", "hf", "--ctx-size", "512"]);
+        // A train.py checkpoint has no tokenizer of its own beside it.
+        let tok = arg(&model_path("tok512.bin"));
+        let mut args = vec!["--format", "hf", "--ctx-size", "512"];
+        if input.ends_with(".pt") {
+            args.extend(["-z", tok.as_str()]);
+        }
+        export(input, &out, &args);
         let r = llama2(&[
             arg(&out),
             "-t".into(),
@@ -273,6 +280,49 @@ fn gguf_export_writes_llama_cpp_converter_data() {
             .to_string()
         };
         assert_eq!(text.ok().trim_end(), want.trim_end(), "{dtype}");
+    }
+    // Every input format through GGUF and back (f32 and f16 keep the text).
+    for input in [
+        "stories260K.bin",
+        "meta/stories260K",
+        "stories260K-ckpt.pt",
+        "hf/stories260K-bf16-sharded",
+    ] {
+        for dtype in ["f32", "f16"] {
+            let out = dir.path(&format!("{}-{dtype}.gguf", input.replace('/', "-")));
+            let args = ["--format", "gguf", "--dtype", dtype, "--ctx-size", "512"];
+            let mut args = args.to_vec();
+            let tok = arg(&model_path("tok512.bin"));
+            if !input.starts_with("hf/") {
+                args.extend(["-z", tok.as_str()]);
+            }
+            export(input, &out, &args);
+            let text = llama2(&[
+                arg(&out),
+                "-t".into(),
+                "0".into(),
+                "-n".into(),
+                "200".into(),
+            ]);
+            let want = if input.contains("bf16") {
+                llama2(&[
+                    arg(&model_path(input)),
+                    "-t".into(),
+                    "0".into(),
+                    "-n".into(),
+                    "200".into(),
+                ])
+                .ok()
+                .to_string()
+            } else {
+                GOLDEN_FP32.to_string()
+            };
+            assert_eq!(
+                text.ok().trim_end(),
+                want.trim_end(),
+                "{input} -> gguf {dtype}"
+            );
+        }
     }
     // What GGUF export cannot write yet is refused by name.
     let r = llama2(&[
