@@ -13,6 +13,9 @@ if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
 fi
 eval "$(bash crates/llama2-cuda/nvrtc-env.sh .nvrtc)"
 cargo test --workspace "$@"
+# The golden texts again with the AVX2 kernels forced (AVX-512 machines
+# would otherwise never run them end to end).
+LLAMA2_ISA=avx2 cargo test -p llama2 --test golden
 bash scripts/test-aarch64.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

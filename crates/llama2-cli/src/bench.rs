@@ -61,7 +61,7 @@ pub fn host_read_bandwidth_gbs(bytes: f64, threads: usize, isa: Isa) -> Result<f
                 .for_each(|(k, out)| {
                     let first = k * per_task;
                     let range = first..first + out.len();
-                    kernels::product(isa, &matrix, &x, 1, None, range, out, rows)
+                    kernels::product(isa, &matrix, &x, 1, Default::default(), range, out, rows)
                 })
         });
         let secs = start.elapsed().as_secs_f64();

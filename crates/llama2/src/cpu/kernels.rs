@@ -422,6 +422,82 @@ impl Q8Acts {
 }
 
 // ----------------------------------------------------------------------------
+// Activations in blocks of tokens
+
+/// Tokens side by side in a block of `TokenBlocks`.
+pub const TOKEN_BLOCK: usize = 16;
+
+/// A batch of activation rows laid out for outer-product float tiles:
+/// blocks of `TOKEN_BLOCK` tokens, each `[cols][TOKEN_BLOCK]` (one column
+/// of a block is contiguous), tokens past `n` zero. Made once per product,
+/// so that its tasks share it. Buffers are reused.
+#[derive(Default)]
+pub struct TokenBlocks {
+    pub n: usize,
+    pub cols: usize,
+    /// `[n.div_ceil(TOKEN_BLOCK)][cols][TOKEN_BLOCK]`.
+    pub data: Vec<f32>,
+}
+
+impl TokenBlocks {
+    /// Lays out `n` rows of `x` `[n][cols]`, the blocks in parts that `run`
+    /// hands to `f` (block index, its values) in any order and on any thread.
+    pub fn pack_split(
+        &mut self,
+        x: &[f32],
+        (n, cols): (usize, usize),
+        run: impl FnOnce(&mut [f32], usize, &(dyn Fn(usize, &mut [f32]) + Sync)),
+    ) {
+        (self.n, self.cols) = (n, cols);
+        let len = n.div_ceil(TOKEN_BLOCK) * cols * TOKEN_BLOCK;
+        self.data.resize(len, 0.0);
+        let fill = |b: usize, block: &mut [f32]| {
+            let t0 = b * TOKEN_BLOCK;
+            let tokens = (n - t0).min(TOKEN_BLOCK);
+            for (k, column) in block.chunks_exact_mut(TOKEN_BLOCK).enumerate() {
+                for (t, v) in column.iter_mut().enumerate() {
+                    *v = if t < tokens {
+                        x[(t0 + t) * cols + k]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        };
+        run(&mut self.data[..len], cols * TOKEN_BLOCK, &fill);
+    }
+
+    /// `pack_split` on this thread.
+    pub fn pack(&mut self, x: &[f32], n: usize, cols: usize) {
+        self.pack_split(x, (n, cols), |data, per, f| {
+            for (b, block) in data.chunks_exact_mut(per).enumerate() {
+                f(b, block)
+            }
+        })
+    }
+
+    /// Block `b`.
+    pub fn block(&self, b: usize) -> &[f32] {
+        &self.data[b * self.cols * TOKEN_BLOCK..][..self.cols * TOKEN_BLOCK]
+    }
+}
+
+/// Whether `isa` multiplies `n`-token float batches from `TokenBlocks`.
+pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
+    simd::takes_token_blocks(isa, n)
+}
+
+/// The forms of a product's activations prepared once for all its tasks.
+#[derive(Clone, Copy, Default)]
+pub struct Prepared<'a> {
+    /// Quantized with the matrix's group size (Q8 matrices need it).
+    pub q8: Option<&'a Q8Acts>,
+    /// In token blocks, for levels that take them (`takes_token_blocks`);
+    /// without them such a level lays the batch out itself, per call.
+    pub blocks: Option<&'a TokenBlocks>,
+}
+
+// ----------------------------------------------------------------------------
 // Products
 
 /// The element storage of a float weight matrix, for the vector kernels.
@@ -459,15 +535,16 @@ impl WeightRows<'_> {
 /// `out[t * ld + j - rows.start] = w[j] · x[t]` for weight rows `rows` and
 /// `n` activation rows `x` `[n][w.cols]`: one task's share of a product, in
 /// the `[tokens][rows]` layout of the op's output (`ld` apart per token), so
-/// a block of rows for one token is one contiguous store. `acts` holds `x`
-/// quantized with `w`'s group size when `w` is Q8_0.
+/// a block of rows for one token is one contiguous store. `prepared`
+/// holds `x` quantized with `w`'s group size when `w` is Q8_0, and may
+/// hold it in token blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn product(
     isa: Isa,
     w: &HostMatrix,
     x: &[f32],
     n: usize,
-    acts: Option<&Q8Acts>,
+    prepared: Prepared,
     rows: Range<usize>,
     out: &mut [f32],
     ld: usize,
@@ -479,7 +556,7 @@ pub fn product(
         MatrixData::F16(d) => WeightRows::F16(d),
         MatrixData::BF16(d) => WeightRows::BF16(d),
         MatrixData::Q8(d) => {
-            let acts = acts.expect("Q8 products need quantized activations");
+            let acts = prepared.q8.expect("Q8 products need quantized activations");
             assert!(acts.gs == d.group_size && acts.cols == cols && acts.n == n);
             if !simd::q8_rows(isa, &d.q, &d.scales, acts, rows.clone(), out, ld) {
                 q8_rows_scalar(&d.q, &d.scales, acts, rows, out, ld);
@@ -487,7 +564,9 @@ pub fn product(
             return;
         }
     };
-    if !simd::f32_rows(isa, floats, cols, x, n, rows.clone(), out, ld) {
+    let blocks = prepared.blocks;
+    assert!(blocks.is_none_or(|b| b.n == n && b.cols == cols));
+    if !simd::f32_rows(isa, floats, (x, blocks), (cols, n), rows.clone(), out, ld) {
         let mut row = Vec::with_capacity(cols);
         for (i, j) in rows.enumerate() {
             floats.row_into(j, cols, &mut row);

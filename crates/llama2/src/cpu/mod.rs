@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix};
-use kernels::{Isa, Q8Acts, Rows};
+use kernels::{Isa, Prepared, Q8Acts, Rows, TokenBlocks};
 use packed::CpuMatrix;
 use team::Team;
 
@@ -58,6 +58,9 @@ pub struct CpuBackend {
     /// The input of the current product quantized for each Q8 group size in
     /// use (usually one), reused between calls.
     acts: Vec<Q8Acts>,
+    /// The input of the current batched product in token blocks, when the
+    /// level's float tiles take them (`kernels::takes_token_blocks`).
+    blocks: TokenBlocks,
     /// Product outputs of all matrices of one `matmul`, task by task: each
     /// task's rows as `[tokens][its rows]`, a contiguous slice it owns.
     scratch: Vec<f32>,
@@ -107,6 +110,7 @@ impl CpuBackend {
             isa,
             dtype,
             acts: Vec::new(),
+            blocks: TokenBlocks::default(),
             scratch: Vec::new(),
             att: Vec::new(),
             rope_table: Vec::new(),
@@ -166,6 +170,23 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// Lays `x` out in token blocks, in parallel, when a float matrix among
+    /// `outs` will read them; returns whether it did.
+    fn block_inputs(&mut self, x: &[f32], n: usize, outs: &[(&CpuMatrix, &mut Vec<f32>)]) -> bool {
+        let floats = outs.iter().any(|(w, _)| w.q8_group_size().is_none());
+        if !floats || !kernels::takes_token_blocks(self.isa, n) {
+            return false;
+        }
+        let team = &self.team;
+        self.blocks
+            .pack_split(x, (n, outs[0].0.cols()), |data, per, f| {
+                team.for_each_chunk(data, per, f)
+            });
+        true
+    }
+}
+
 /// The quantized input matching `w`'s group size, if `w` is Q8.
 fn acts_for<'a>(acts: &'a [Q8Acts], w: &CpuMatrix) -> Option<&'a Q8Acts> {
     let gs = w.q8_group_size()?;
@@ -177,7 +198,7 @@ fn acts_for<'a>(acts: &'a [Q8Acts], w: &CpuMatrix) -> Option<&'a Q8Acts> {
 fn product_range(
     isa: Isa,
     ws: &[(&CpuMatrix, &mut Vec<f32>)],
-    acts: &[Q8Acts],
+    (acts, blocks): (&[Q8Acts], Option<&TokenBlocks>),
     x: &[f32],
     n: usize,
     g0: usize,
@@ -192,7 +213,10 @@ fn product_range(
             let out = &mut out[lo - g0..];
             let (rows, a) = (lo - offset..hi - offset, acts_for(acts, w));
             match w {
-                CpuMatrix::Host(m) => kernels::product(isa, m, x, n, a, rows, out, ld),
+                CpuMatrix::Host(m) => {
+                    let prepared = Prepared { q8: a, blocks };
+                    kernels::product(isa, m, x, n, prepared, rows, out, ld)
+                }
                 CpuMatrix::PackedQ8(p) => {
                     let a = a.expect("Q8 products need quantized activations");
                     packed::product_packed(isa, p, a, rows, out, ld)
@@ -358,6 +382,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let n = rows;
         let used = self.quantize_inputs(x, n, outs);
+        let blocked = self.block_inputs(x, n, outs);
         let total: usize = outs.iter().map(|(w, _)| w.rows()).sum();
         let work = total * outs.first().map_or(0, |(w, _)| w.cols()) * n;
         // One token through one matrix (the classifier, when decoding): each
@@ -370,17 +395,18 @@ impl Backend for CpuBackend {
         };
         let scratch = grow_to(&mut buffer, total * n);
         let ws = &*outs;
-        let (isa, acts, x) = (self.isa, &self.acts[..used], &x[..]);
+        let (isa, x) = (self.isa, &x[..]);
+        let inputs = (&self.acts[..used], blocked.then_some(&self.blocks));
         // Each task's share is `[n][its rows]`, contiguous in `scratch`.
         let chunk = if work >= PARALLEL_WORK && self.threads > 1 {
             let tasks = self.threads * TASKS_PER_THREAD;
             let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
             self.team.for_each_chunk(scratch, chunk * n, |k, out| {
-                product_range(isa, ws, acts, x, n, k * chunk, out)
+                product_range(isa, ws, inputs, x, n, k * chunk, out)
             });
             chunk
         } else {
-            product_range(isa, ws, acts, x, n, 0, scratch);
+            product_range(isa, ws, inputs, x, n, 0, scratch);
             total
         };
         if direct {

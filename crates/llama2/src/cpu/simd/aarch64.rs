@@ -8,7 +8,7 @@
 use std::arch::aarch64::*;
 use std::ops::Range;
 
-use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, WeightRows};
+use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, TokenBlocks, WeightRows};
 
 pub fn supported(level: Level) -> bool {
     match level {
@@ -136,9 +136,8 @@ pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
 pub fn f32_rows(
     isa: Isa,
     w: WeightRows,
-    cols: usize,
-    x: &[f32],
-    n: usize,
+    (x, _): (&[f32], Option<&TokenBlocks>),
+    (cols, n): (usize, usize),
     rows: Range<usize>,
     out: &mut [f32],
     ld: usize,
@@ -231,6 +230,10 @@ pub fn q8_rows(
         unsafe { tile_q8(w, s, x, groups, gs) }.map(|v| [v])
     });
     true
+}
+
+pub fn takes_token_blocks(_: Isa, _: usize) -> bool {
+    false
 }
 
 pub fn q8_bytes(_: Isa) -> Option<super::super::packed::Q8Bytes> {

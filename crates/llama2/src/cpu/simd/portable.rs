@@ -1,7 +1,7 @@
 //! Targets without SIMD kernels: only the scalar level exists, and every
 //! function declines so the scalar loops in `kernels.rs` run.
 
-use super::super::kernels::{Isa, Level, Q8Acts, Rows, WeightRows};
+use super::super::kernels::{Isa, Level, Q8Acts, Rows, TokenBlocks, WeightRows};
 use std::ops::Range;
 
 pub fn supported(level: Level) -> bool {
@@ -40,13 +40,16 @@ pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
 pub fn f32_rows(
     _: Isa,
     _: WeightRows,
-    _: usize,
-    _: &[f32],
-    _: usize,
+    _: (&[f32], Option<&TokenBlocks>),
+    _: (usize, usize),
     _: Range<usize>,
     _: &mut [f32],
     _: usize,
 ) -> bool {
+    false
+}
+
+pub fn takes_token_blocks(_: Isa, _: usize) -> bool {
     false
 }
 

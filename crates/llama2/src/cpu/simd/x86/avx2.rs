@@ -19,6 +19,8 @@ use super::Q8Tokens;
 
 /// A weight element type widened to f32 eight at a time.
 pub trait Wide: Copy {
+    /// Whether the elements are f32 already (rows can be read in place).
+    const IS_F32: bool;
     /// Loads 8 elements at `p` as f32.
     ///
     /// # Safety
@@ -32,6 +34,7 @@ pub trait Wide: Copy {
 }
 
 impl Wide for f32 {
+    const IS_F32: bool = true;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f32) -> __m256 {
@@ -44,6 +47,7 @@ impl Wide for f32 {
 }
 
 impl Wide for f16 {
+    const IS_F32: bool = false;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f16) -> __m256 {
@@ -56,6 +60,7 @@ impl Wide for f16 {
 }
 
 impl Wide for bf16 {
+    const IS_F32: bool = false;
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const bf16) -> __m256 {
@@ -120,6 +125,63 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
         }
     }
     out
+}
+
+/// The batched f32 product tile: `R` weight rows against one block of 16
+/// tokens of `TokenBlocks`' layout, as outer products: per column, each
+/// row's weight is broadcast once and multiplied into both token vectors,
+/// so the tile needs no horizontal sums and loads `R + 2` values per `2R`
+/// multiply-adds (6 rows: 12 accumulators of the 16 registers). Result
+/// `[r][h]`: row `r` for tokens `8h..8h + 8` of the block.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; each `w[r]` has `cols` readable
+/// values and `xt` `cols * 16`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_f32_batch<const R: usize>(
+    w: [*const f32; R],
+    xt: *const f32,
+    cols: usize,
+) -> [[__m256; 2]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for k in 0..cols {
+        let x0 = _mm256_loadu_ps(xt.add(k * 16));
+        let x1 = _mm256_loadu_ps(xt.add(k * 16 + 8));
+        for r in 0..R {
+            let b = _mm256_broadcast_ss(&*w[r].add(k));
+            acc[r][0] = _mm256_fmadd_ps(b, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
+        }
+    }
+    acc
+}
+
+/// The 16 lanes of `v` into `out`.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn store16(out: &mut [f32; 16], v: &[__m256; 2]) {
+    _mm256_storeu_ps(out.as_mut_ptr(), v[0]);
+    _mm256_storeu_ps(out.as_mut_ptr().add(8), v[1]);
+}
+
+/// Row `p[..cols]` widened to f32 into `out`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `p` has `cols` readable elements.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn widen_row<W: Wide>(p: *const W, cols: usize, out: &mut [f32]) {
+    let mut k = 0;
+    while k + 8 <= cols {
+        _mm256_storeu_ps(out.as_mut_ptr().add(k), W::load8(p.add(k)));
+        k += 8;
+    }
+    for i in k..cols {
+        out[i] = W::get(p, i);
+    }
 }
 
 /// `a · b` for equal lengths.

@@ -15,7 +15,9 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
-use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, WeightRows};
+use super::super::kernels::{
+    sweep, Isa, Level, Q8Acts, Rows, TokenBlocks, WeightRows, TOKEN_BLOCK,
+};
 use super::super::packed::{PackedQ8, Q8Bytes, BLOCK_ROWS};
 
 /// Quantized activations as the Q8 tiles read them.
@@ -200,9 +202,8 @@ pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
 pub fn f32_rows(
     isa: Isa,
     w: WeightRows,
-    cols: usize,
-    x: &[f32],
-    n: usize,
+    (x, blocks): (&[f32], Option<&TokenBlocks>),
+    (cols, n): (usize, usize),
     rows: Range<usize>,
     out: &mut [f32],
     ld: usize,
@@ -217,9 +218,15 @@ pub fn f32_rows(
         (Level::Avx512, WeightRows::F32(d)) => rows512::<f32>(d, cols, x, n, rows, (out, ld)),
         (Level::Avx512, WeightRows::F16(d)) => rows512::<f16>(d, cols, x, n, rows, (out, ld)),
         (Level::Avx512, WeightRows::BF16(d)) => rows512::<bf16>(d, cols, x, n, rows, (out, ld)),
-        (Level::Avx2, WeightRows::F32(d)) => rows256::<f32>(d, cols, x, n, rows, (out, ld)),
-        (Level::Avx2, WeightRows::F16(d)) => rows256::<f16>(d, cols, x, n, rows, (out, ld)),
-        (Level::Avx2, WeightRows::BF16(d)) => rows256::<bf16>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx2, WeightRows::F32(d)) => {
+            rows256::<f32>(d, cols, (x, blocks), n, rows, (out, ld))
+        }
+        (Level::Avx2, WeightRows::F16(d)) => {
+            rows256::<f16>(d, cols, (x, blocks), n, rows, (out, ld))
+        }
+        (Level::Avx2, WeightRows::BF16(d)) => {
+            rows256::<bf16>(d, cols, (x, blocks), n, rows, (out, ld))
+        }
         _ => return false,
     }
     true
@@ -281,17 +288,42 @@ unsafe fn tile512<W: avx512::Wide, const R: usize, const T: usize>(
     )
 }
 
+/// Tokens from which an AVX2 batch takes the outer-product tile: below,
+/// padding the block of 16 costs more than the tile saves.
+const OUTER_TOKENS: usize = 8;
+/// Weight rows of one outer-product tile (12 accumulators).
+const OUTER_ROWS: usize = 6;
+
+/// Whether `isa` multiplies `n`-token float batches from `TokenBlocks`.
+pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
+    isa.level() == Level::Avx2 && n >= OUTER_TOKENS
+}
+
+thread_local! {
+    /// Per worker: a batch laid out in token blocks when the caller did not
+    /// (tests, one-off products), and a tile's weight rows widened to f32.
+    static BATCH_SCRATCH: std::cell::RefCell<(TokenBlocks, Vec<f32>)> = Default::default();
+}
+
 /// The AVX2 version of `rows512`, with tiles sized for 16 registers.
 fn rows256<W: avx2::Wide>(
     w: &[W],
     cols: usize,
-    x: &[f32],
+    (x, blocks): (&[f32], Option<&TokenBlocks>),
     n: usize,
     rows: Range<usize>,
     (out, ld): (&mut [f32], usize),
 ) {
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    if n == 1 {
+    if n >= OUTER_TOKENS {
+        BATCH_SCRATCH.with_borrow_mut(|(own, wide)| {
+            let blocks = blocks.unwrap_or_else(|| {
+                own.pack(x, n, cols);
+                own
+            });
+            rows256_outer(w, blocks, rows, (out, ld), wide)
+        });
+    } else if n == 1 {
         sweep::<8, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); rows and
             // tokens are in range as checked by `f32_rows`.
@@ -314,6 +346,52 @@ fn rows256<W: avx2::Wide>(
                 )
             }
         })
+    }
+}
+
+/// Batches of AVX2 products as outer-product tiles (`avx2::tile_f32_batch`)
+/// over the token blocks of the batch: each tile of 6 weight rows (widened
+/// to f32 into `wide` first when stored as f16 or bf16) sweeps every block
+/// while its rows stay in L1.
+fn rows256_outer<W: avx2::Wide>(
+    w: &[W],
+    x: &TokenBlocks,
+    rows: Range<usize>,
+    (out, ld): (&mut [f32], usize),
+    wide: &mut Vec<f32>,
+) {
+    let (cols, n) = (x.cols, x.n);
+    if !W::IS_F32 {
+        wide.resize(OUTER_ROWS * cols, 0.0);
+    }
+    for j0 in rows.clone().step_by(OUTER_ROWS) {
+        let js: [usize; OUTER_ROWS] = std::array::from_fn(|r| (j0 + r).min(rows.end - 1));
+        let ptrs: [*const f32; OUTER_ROWS] = if W::IS_F32 {
+            // `W` is f32 (`IS_F32`), so this is the same pointer type.
+            js.map(|j| w[j * cols..].as_ptr() as *const f32)
+        } else {
+            for (r, &j) in js.iter().enumerate() {
+                // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); row
+                // `j` is below `rows.end`, inside `w` (checked by `f32_rows`),
+                // and `wide` holds `OUTER_ROWS` rows.
+                unsafe { avx2::widen_row(w[j * cols..].as_ptr(), cols, &mut wide[r * cols..]) }
+            }
+            std::array::from_fn(|r| wide[r * cols..].as_ptr())
+        };
+        for b in 0..n.div_ceil(TOKEN_BLOCK) {
+            // SAFETY: as above; every pointer has `cols` values and the
+            // block `cols * TOKEN_BLOCK`.
+            let v = unsafe { avx2::tile_f32_batch(ptrs, x.block(b).as_ptr(), cols) };
+            let t0 = b * TOKEN_BLOCK;
+            for (r, acc) in v.iter().enumerate().take(rows.end - j0) {
+                let mut lanes = [0f32; TOKEN_BLOCK];
+                // SAFETY: AVX2 as above.
+                unsafe { avx2::store16(&mut lanes, acc) };
+                for (t, &value) in lanes.iter().enumerate().take(n - t0) {
+                    out[(t0 + t) * ld + j0 + r - rows.start] = value;
+                }
+            }
+        }
     }
 }
 
