@@ -99,7 +99,7 @@ pub struct DeviceArgs {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
-    /// CPU kernels of one instruction-set level: scalar, avx2, avx512, amx
+    /// CPU kernels of one instruction-set level: scalar, avx2, avxvnni, avx512, amx
     /// or neon (default: the widest this CPU runs, or $LLAMA2_ISA), to time
     /// or test a narrower level on a wider CPU. Implies the CPU.
     #[arg(long, value_name = "LEVEL", value_parser = parse_isa)]

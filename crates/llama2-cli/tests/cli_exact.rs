@@ -125,7 +125,7 @@ fn exact_and_isa_choose_the_cpu() {
     for (extra, needle) in [
         (
             &["--isa", "avx9"][..],
-            "expected one of scalar, avx2, avx512, amx, neon",
+            "expected one of scalar, avx2, avxvnni, avx512, amx, neon",
         ),
         (&["--exact", "--isa", "avx2"], "cannot be used with"),
     ] {

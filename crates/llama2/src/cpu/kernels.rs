@@ -20,6 +20,9 @@ pub enum Level {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// `Avx2` plus AVX-VNNI (`vpdpbusd` on 256-bit registers: Alder Lake
+    /// and later, Zen 5): int8 products on VNNI, everything else as `Avx2`.
+    AvxVnni,
     /// x86-64 AVX-512 F/BW/VL with VNNI.
     Avx512,
     /// `Avx512` plus AMX-TILE/INT8 granted by the OS: batched Q8_0
@@ -31,9 +34,10 @@ pub enum Level {
 
 impl Level {
     /// Every level, narrowest first.
-    pub const ALL: [Level; 5] = [
+    pub const ALL: [Level; 6] = [
         Level::Scalar,
         Level::Avx2,
+        Level::AvxVnni,
         Level::Avx512,
         Level::Amx,
         Level::Neon,
@@ -48,6 +52,7 @@ impl Level {
         match self {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2",
+            Level::AvxVnni => "avxvnni",
             Level::Avx512 => "avx512",
             Level::Amx => "amx",
             Level::Neon => "neon",

@@ -1,6 +1,7 @@
 //! AVX2 + FMA + F16C kernels, for x86 CPUs without the AVX-512 set (every
 //! AMD CPU before Zen 4, most Intel laptops and desktops): the f32/f16/bf16
-//! product tile, the packed Q8_0 product tile on `vpmaddubsw`, activation
+//! product tiles, the packed Q8_0 product tile on `vpmaddubsw` (and on
+//! AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it), activation
 //! quantization, and the vector helpers attention and the FFN use. Every
 //! function requires those features; the dispatcher only calls them through
 //! an `Isa` that detected them at run time (or was forced to this level on
@@ -468,22 +469,90 @@ pub unsafe fn quantize_group8(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (scale, _mm_cvtsi128_si32(s))
 }
 
+/// How a 256-bit Q8 tile forms the four-byte dots of each 32-bit lane.
+trait Dot4 {
+    /// Whether the weight bytes carry +128 (`Q8Bytes::Offset`), whose
+    /// `128 * sum(x)` the group's sum must lose.
+    const OFFSET: bool;
+    /// `acc` plus, per 32-bit lane, the dot of the four weight bytes of `w`
+    /// with the four activation bytes of `x` (`ax` is `|x|`).
+    ///
+    /// # Safety
+    /// The tile's features (and the impl's) are available.
+    unsafe fn dot4(acc: __m256i, w: __m256i, x: __m256i, ax: __m256i) -> __m256i;
+}
+
+/// AVX2: `vpmaddubsw` multiplies `|x|` by the weight given `x`'s sign; its
+/// pairs of products (at most 2 * 128 * 127) fit in 16 bits, so the dot is
+/// exact in int32.
+struct SignTrick;
+
+impl Dot4 for SignTrick {
+    const OFFSET: bool = false;
+    #[inline(always)]
+    unsafe fn dot4(acc: __m256i, w: __m256i, x: __m256i, ax: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
+/// AVX-VNNI: `vpdpbusd` on unsigned (offset) weights and signed activations.
+struct Vnni;
+
+impl Dot4 for Vnni {
+    const OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn dot4(acc: __m256i, w: __m256i, x: __m256i, _: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, w, x)
+    }
+}
+
 /// A tile over the packed Q8_0 layout with signed bytes (`Q8Bytes::Signed`):
 /// `B` consecutive blocks of 16 rows against tokens `t0..t0 + T`. Result
 /// `[b][t]` holds the 16 rows of block `b` for token `t0 + t`, bit-identical
-/// to `kernels::dot_q8`: `vpmaddubsw` multiplies `|x|` by the weight given
-/// `x`'s sign, and its pairs of products (at most 2 * 128 * 127) fit in
-/// 16 bits, so each lane's group dot is exact in int32; the f32 terms are
-/// formed and added in group order as the reference does.
+/// to `kernels::dot_q8`: each lane's group dot is exact in int32 (see
+/// `SignTrick`), and the f32 terms are formed and added in group order as
+/// the reference does.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; `q` and `s` point at block `b0` of a
 /// packed matrix with `cols` columns in groups of `gs` (a multiple of 4
 /// dividing `cols`), whose bytes hold no -128, and `B` blocks from there
 /// exist; tokens `t0..t0 + T` are in range of `x`.
-#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
+    q: *const u8,
+    s: *const f32,
+    dims: (usize, usize),
+    x: &Q8Tokens,
+    t0: usize,
+) -> [[[f32; 16]; T]; B] {
+    tile_q8::<SignTrick, B, T>(q, s, dims, x, t0)
+}
+
+/// `tile_q8_packed` on AVX-VNNI, for offset bytes (`Q8Bytes::Offset`).
+///
+/// # Safety
+/// As `tile_q8_packed`, with AVX-VNNI available too and the bytes offset
+/// (any value allowed).
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn tile_q8_vnni<const B: usize, const T: usize>(
+    q: *const u8,
+    s: *const f32,
+    dims: (usize, usize),
+    x: &Q8Tokens,
+    t0: usize,
+) -> [[[f32; 16]; T]; B] {
+    tile_q8::<Vnni, B, T>(q, s, dims, x, t0)
+}
+
+/// The body of both tiles, inlined into each so that it is compiled with
+/// that tile's features.
+///
+/// # Safety
+/// As the tile that calls it.
+#[inline(always)]
+unsafe fn tile_q8<D: Dot4, const B: usize, const T: usize>(
     q: *const u8,
     s: *const f32,
     (cols, gs): (usize, usize),
@@ -492,7 +561,6 @@ pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
 ) -> [[[f32; 16]; T]; B] {
     let groups = cols / gs;
     let xq = x.xq.as_ptr();
-    let ones = _mm256_set1_epi16(1);
     let mut f = [[[_mm256_setzero_ps(); 2]; T]; B];
     for g in 0..groups {
         let mut a = [[[_mm256_setzero_si256(); 2]; T]; B];
@@ -507,18 +575,19 @@ pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
                 let ax = _mm256_abs_epi8(xv);
                 for b in 0..B {
                     for h in 0..2 {
-                        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[b][h], xv));
-                        a[b][t][h] = _mm256_add_epi32(a[b][t][h], _mm256_madd_epi16(pairs, ones));
+                        a[b][t][h] = D::dot4(a[b][t][h], w[b][h], xv, ax);
                     }
                 }
             }
         }
         for t in 0..T {
-            let xs = _mm256_set1_ps(x.xs_t[g * x.tokens + t0 + t]);
+            let at = g * x.tokens + t0 + t;
+            let xs = _mm256_set1_ps(x.xs_t[at]);
+            let xc = _mm256_set1_epi32(if D::OFFSET { x.xc_t[at] } else { 0 });
             for b in 0..B {
                 for h in 0..2 {
                     let ws = _mm256_loadu_ps(s.add((b * groups + g) * 16 + 8 * h));
-                    let ints = _mm256_cvtepi32_ps(a[b][t][h]);
+                    let ints = _mm256_cvtepi32_ps(_mm256_sub_epi32(a[b][t][h], xc));
                     let term = _mm256_mul_ps(_mm256_mul_ps(ints, ws), xs);
                     f[b][t][h] = _mm256_add_ps(f[b][t][h], term);
                 }

@@ -43,6 +43,7 @@ pub fn supported(level: Level) -> bool {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
         }
+        Level::AvxVnni => supported(Level::Avx2) && is_x86_feature_detected!("avxvnni"),
         Level::Avx512 => {
             supported(Level::Avx2)
                 && is_x86_feature_detected!("avx512f")
@@ -60,11 +61,21 @@ fn wide(isa: Isa) -> bool {
     matches!(isa.level(), Level::Avx512 | Level::Amx)
 }
 
-pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> Option<f32> {
+/// The level whose float kernels `isa` runs: AMX runs AVX-512's, AVX-VNNI
+/// AVX2's (the two add int8 products only).
+fn float_level(isa: Isa) -> Level {
     match isa.level() {
-        // SAFETY: an `Isa` only holds a level `supported` confirmed, and
-        // `Amx` includes `Avx512`.
-        Level::Avx512 | Level::Amx => Some(unsafe { avx512::dot_f32(a, b) }),
+        Level::Amx => Level::Avx512,
+        Level::AvxVnni => Level::Avx2,
+        level => level,
+    }
+}
+
+pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> Option<f32> {
+    match float_level(isa) {
+        // SAFETY: an `Isa` only holds a level `supported` confirmed; `Amx`
+        // includes `Avx512` and `AvxVnni` includes `Avx2`.
+        Level::Avx512 => Some(unsafe { avx512::dot_f32(a, b) }),
         // SAFETY: as above.
         Level::Avx2 => Some(unsafe { avx2::dot_f32(a, b) }),
         _ => None,
@@ -72,10 +83,10 @@ pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> Option<f32> {
 }
 
 pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
-    match isa.level() {
-        // SAFETY: an `Isa` only holds a level `supported` confirmed, and
-        // `Amx` includes `Avx512`.
-        Level::Avx512 | Level::Amx => unsafe { avx512::axpy(y, a, x) },
+    match float_level(isa) {
+        // SAFETY: an `Isa` only holds a level `supported` confirmed; `Amx`
+        // includes `Avx512` and `AvxVnni` includes `Avx2`.
+        Level::Avx512 => unsafe { avx512::axpy(y, a, x) },
         // SAFETY: as above.
         Level::Avx2 => unsafe { avx2::axpy(y, a, x) },
         _ => return false,
@@ -154,9 +165,9 @@ pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
     if x.is_empty() {
         return false;
     }
-    match isa.level() {
+    match float_level(isa) {
         // SAFETY: AVX-512 was confirmed (the `Isa`; `Amx` includes it).
-        Level::Avx512 | Level::Amx => unsafe { avx512::softmax(x) },
+        Level::Avx512 => unsafe { avx512::softmax(x) },
         // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`).
         Level::Avx2 => unsafe { avx2::softmax(x) },
         _ => return false,
@@ -167,9 +178,9 @@ pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
 /// `gate = silu(gate) * up` with vector exponentials (equal lengths).
 pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) -> bool {
     assert!(up.len() >= gate.len());
-    match isa.level() {
+    match float_level(isa) {
         // SAFETY: AVX-512 was confirmed (the `Isa`); `up` is long enough.
-        Level::Avx512 | Level::Amx => unsafe { avx512::silu_mul(gate, up) },
+        Level::Avx512 => unsafe { avx512::silu_mul(gate, up) },
         // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); as above.
         Level::Avx2 => unsafe { avx2::silu_mul(gate, up) },
         _ => return false,
@@ -184,13 +195,13 @@ pub fn quantize_group(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
     if q.len() < x.len() {
         return None;
     }
-    match isa.level() {
+    match float_level(isa) {
         // SAFETY: the level was confirmed by `supported`; `q` is long enough.
-        Level::Avx512 | Level::Amx if x.len().is_multiple_of(16) => {
+        Level::Avx512 if x.len().is_multiple_of(16) => {
             Some(unsafe { avx512::quantize_group16(x, q) })
         }
         // SAFETY: as above.
-        Level::Avx2 | Level::Avx512 | Level::Amx if x.len().is_multiple_of(8) => {
+        Level::Avx2 | Level::Avx512 if x.len().is_multiple_of(8) => {
             Some(unsafe { avx2::quantize_group8(x, q) })
         }
         _ => None,
@@ -209,12 +220,7 @@ pub fn f32_rows(
     ld: usize,
 ) -> bool {
     assert!(w.len() >= rows.end * cols && x.len() >= n * cols);
-    let level = if wide(isa) {
-        Level::Avx512
-    } else {
-        isa.level()
-    };
-    match (level, w) {
+    match (float_level(isa), w) {
         (Level::Avx512, WeightRows::F32(d)) => rows512::<f32>(d, cols, x, n, rows, (out, ld)),
         (Level::Avx512, WeightRows::F16(d)) => rows512::<f16>(d, cols, x, n, rows, (out, ld)),
         (Level::Avx512, WeightRows::BF16(d)) => rows512::<bf16>(d, cols, x, n, rows, (out, ld)),
@@ -296,7 +302,7 @@ const OUTER_ROWS: usize = 6;
 
 /// Whether `isa` multiplies `n`-token float batches from `TokenBlocks`.
 pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
-    isa.level() == Level::Avx2 && n >= OUTER_TOKENS
+    float_level(isa) == Level::Avx2 && n >= OUTER_TOKENS
 }
 
 thread_local! {
@@ -416,6 +422,7 @@ pub fn q8_bytes(isa: Isa) -> Option<Q8Bytes> {
     match isa.level() {
         Level::Avx512 | Level::Amx => Some(Q8Bytes::Offset),
         Level::Avx2 => Some(Q8Bytes::Signed),
+        Level::AvxVnni => Some(Q8Bytes::Offset),
         _ => None,
     }
 }
@@ -448,8 +455,9 @@ pub fn q8_packed_rows(
     };
     let blocks = rows.start / BLOCK_ROWS..rows.end.div_ceil(BLOCK_ROWS);
     assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
-    if isa.level() == Level::Avx2 {
-        q8_packed_rows256(w, &x, (rows, n), out, ld);
+    if float_level(isa) == Level::Avx2 {
+        let vnni = isa.level() == Level::AvxVnni;
+        q8_packed_rows256(w, &x, (rows, n, vnni), out, ld);
         return true;
     }
     let out_p = out.as_mut_ptr();
@@ -547,7 +555,7 @@ pub fn q8_packed_rows(
 fn q8_packed_rows256(
     w: &PackedQ8,
     x: &Q8Tokens,
-    (rows, n): (Range<usize>, usize),
+    (rows, n, vnni): (Range<usize>, usize, bool),
     out: &mut [f32],
     ld: usize,
 ) {
@@ -570,26 +578,47 @@ fn q8_packed_rows256(
     while b < blocks.end {
         let (q, s) = block(b);
         if n == 1 && b + 4 <= blocks.end {
-            // SAFETY: AVX2 was confirmed (caller's `Isa`) and the bytes are
-            // signed without -128 (`Q8Bytes::Signed`); blocks `b..b + 4`
-            // exist; token 0 exists.
-            let v = unsafe { avx2::tile_q8_packed::<4, 1>(q, s, dims, x, 0) };
+            // SAFETY: AVX2 was confirmed (caller's `Isa`), and AVX-VNNI
+            // when `vnni`; the bytes are as that tile wants them (the `Isa`
+            // packed them); blocks `b..b + 4` exist; token 0 exists.
+            let v = unsafe { tile256::<4, 1>(vnni, q, s, dims, x, 0) };
             store(b, 0, v.as_flattened(), 1);
             b += 4;
         } else if n == 1 {
             // SAFETY: as above, for block `b`.
-            let v = unsafe { avx2::tile_q8_packed::<1, 1>(q, s, dims, x, 0) };
+            let v = unsafe { tile256::<1, 1>(vnni, q, s, dims, x, 0) };
             store(b, 0, v.as_flattened(), 1);
             b += 1;
         } else {
             for t0 in (0..n).step_by(4) {
                 // SAFETY: as above; tokens `t0..t0 + 4` exist since
                 // `x.tokens` is a multiple of 4 at least `n`.
-                let v = unsafe { avx2::tile_q8_packed::<1, 4>(q, s, dims, x, t0) };
+                let v = unsafe { tile256::<1, 4>(vnni, q, s, dims, x, t0) };
                 store(b, t0, v.as_flattened(), 4);
             }
             b += 1;
         }
+    }
+}
+
+/// The 256-bit packed Q8 tile for the level: AVX-VNNI's on offset bytes
+/// (`vnni`) or the AVX2 sign trick's on signed ones.
+///
+/// # Safety
+/// As `avx2::tile_q8_packed`, with AVX-VNNI available and offset bytes
+/// when `vnni`.
+unsafe fn tile256<const B: usize, const T: usize>(
+    vnni: bool,
+    q: *const u8,
+    s: *const f32,
+    dims: (usize, usize),
+    x: &Q8Tokens,
+    t0: usize,
+) -> [[[f32; BLOCK_ROWS]; T]; B] {
+    if vnni {
+        avx2::tile_q8_vnni::<B, T>(q, s, dims, x, t0)
+    } else {
+        avx2::tile_q8_packed::<B, T>(q, s, dims, x, t0)
     }
 }
 
