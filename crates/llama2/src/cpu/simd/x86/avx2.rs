@@ -241,25 +241,20 @@ pub unsafe fn attention_scores<const R: usize, const T: usize>(
     keys: Rows,
     scale: f32,
 ) {
-    let (hs, n) = (keys.width(), keys.count());
-    let q = std::array::from_fn(|t| queries.row(t).as_ptr());
-    let (kp, stride) = (keys.data().as_ptr(), keys.stride());
-    let mut j = 0;
-    while j + R <= n {
-        let v = tile_f32::<f32, R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
-        for r in 0..R {
-            for t in 0..T {
-                *att.get_unchecked_mut(t * n + j + r) = v[r][t] / scale;
-            }
-        }
-        j += R;
-    }
-    while j < n {
-        let v = tile_f32::<f32, 1, T>([kp.add(j * stride)], q, hs);
-        for t in 0..T {
-            *att.get_unchecked_mut(t * n + j) = v[0][t] / scale;
-        }
-        j += 1;
+    super::scores_by_tiles::<Tiles256, R, T>(att, queries, keys, scale)
+}
+
+/// This level's f32 tile, for `scores_by_tiles`.
+struct Tiles256;
+
+impl super::F32Tiles for Tiles256 {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: [*const f32; R],
+        x: [*const f32; T],
+        cols: usize,
+    ) -> [[f32; T]; R] {
+        tile_f32::<f32, R, T>(w, x, cols)
     }
 }
 

@@ -94,6 +94,60 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
+/// A level's f32 product tile (`R` rows against `T` tokens), so that the
+/// loops around it are written once. Implementations are `inline(always)`
+/// wrappers of the level's `#[target_feature]` tile, called only from
+/// functions compiled with those features, into which they inline.
+trait F32Tiles {
+    /// `out[r][t] = w[r] · x[t]` over `cols` values.
+    ///
+    /// # Safety
+    /// The level's features are available; every pointer has `cols`
+    /// readable values.
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: [*const f32; R],
+        x: [*const f32; T],
+        cols: usize,
+    ) -> [[f32; T]; R];
+}
+
+/// Attention scores of one head for `T` queries: `att[t * n + j] =
+/// (queries.row(t) · keys.row(j)) / scale` for the `n` keys, `R` keys per
+/// tile so each loaded key serves all `T` queries. Bit-identical to one
+/// `dot_f32` per (query, key): each pair has its own chain and reduction.
+///
+/// # Safety
+/// `L`'s features are available; `queries` has `T` rows of the keys'
+/// length and `att` holds `T * n` values.
+#[inline(always)]
+unsafe fn scores_by_tiles<L: F32Tiles, const R: usize, const T: usize>(
+    att: &mut [f32],
+    queries: Rows,
+    keys: Rows,
+    scale: f32,
+) {
+    let (hs, n) = (keys.width(), keys.count());
+    let q = std::array::from_fn(|t| queries.row(t).as_ptr());
+    let (kp, stride) = (keys.data().as_ptr(), keys.stride());
+    let mut j = 0;
+    while j + R <= n {
+        let v = L::tile::<R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
+        for (r, row) in v.iter().enumerate() {
+            for (t, &s) in row.iter().enumerate() {
+                *att.get_unchecked_mut(t * n + j + r) = s / scale;
+            }
+        }
+        j += R;
+    }
+    while j < n {
+        let v = L::tile::<1, T>([kp.add(j * stride)], q, hs);
+        for (t, &s) in v[0].iter().enumerate() {
+            *att.get_unchecked_mut(t * n + j) = s / scale;
+        }
+        j += 1;
+    }
+}
+
 /// Attention scores of one head for a block of up to four queries into
 /// `att` `[queries][keys]`.
 pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) -> bool {
