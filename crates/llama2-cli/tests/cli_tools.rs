@@ -130,6 +130,35 @@ fn check_on_the_cpu_compares_like_with_like_and_passes() {
     assert!(out.contains("check passed"), "{out}");
 }
 
+/// `check --isa LEVEL` compares that level's kernels with the scalar
+/// reference loops, for every level this CPU runs.
+#[test]
+fn check_compares_each_cpu_level_with_the_scalar_reference() {
+    for isa in llama2::cpu::kernels::Isa::all() {
+        for dtype in ["f32", "q8"] {
+            let run = llama2(&[
+                "check",
+                &arg(&model_path("stories260K.bin")),
+                "--isa",
+                isa.level().name(),
+                "--dtype",
+                dtype,
+                "--prompt-tokens",
+                "4",
+                "--steps",
+                "4",
+            ]);
+            let out = run.ok();
+            assert!(
+                out.contains(&format!("{}, {dtype} weights", isa.level().name())),
+                "{out}"
+            );
+            assert!(out.contains("scalar"), "{out}");
+            assert!(out.contains("check passed"), "{out}");
+        }
+    }
+}
+
 #[test]
 fn asking_for_a_gpu_without_one_is_a_clear_error() {
     if llama2_cuda::unavailable_reason().is_none() {
