@@ -133,18 +133,18 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
 /// row's weight is broadcast once and multiplied into both token vectors,
 /// so the tile needs no horizontal sums and loads `R + 2` values per `2R`
 /// multiply-adds (6 rows: 12 accumulators of the 16 registers). Result
-/// `[r][h]`: row `r` for tokens `8h..8h + 8` of the block.
+/// `[r][0][t]`: row `r` for token `t` of the block.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; each `w[r]` has `cols` readable
-/// values and `xt` `cols * 16`.
-#[inline]
+/// values and `xt[0]` `cols * 16`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile_f32_batch<const R: usize>(
     w: [*const f32; R],
-    xt: *const f32,
+    xt: [*const f32; 1],
     cols: usize,
-) -> [[__m256; 2]; R] {
+) -> [[[f32; 16]; 1]; R] {
+    let xt = xt[0];
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for k in 0..cols {
         let x0 = _mm256_loadu_ps(xt.add(k * 16));
@@ -155,18 +155,12 @@ pub unsafe fn tile_f32_batch<const R: usize>(
             acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
         }
     }
-    acc
-}
-
-/// The 16 lanes of `v` into `out`.
-///
-/// # Safety
-/// AVX2 is available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn store16(out: &mut [f32; 16], v: &[__m256; 2]) {
-    _mm256_storeu_ps(out.as_mut_ptr(), v[0]);
-    _mm256_storeu_ps(out.as_mut_ptr().add(8), v[1]);
+    let mut out = [[[0f32; 16]; 1]; R];
+    for r in 0..R {
+        _mm256_storeu_ps(out[r][0].as_mut_ptr(), acc[r][0]);
+        _mm256_storeu_ps(out[r][0].as_mut_ptr().add(8), acc[r][1]);
+    }
+    out
 }
 
 /// Row `p[..cols]` widened to f32 into `out`.

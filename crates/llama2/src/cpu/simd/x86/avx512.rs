@@ -128,6 +128,41 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
     out
 }
 
+/// The batched f32 product tile: `R` weight rows against `B` blocks of 16
+/// tokens of `TokenBlocks`' layout (one vector each), as outer products:
+/// per column, each row's weight is broadcast once and multiplied into
+/// every block's token vector, so no horizontal sums; 12 rows by 2 blocks
+/// keep 24 accumulators and load 14 values per 24 multiply-adds. Result
+/// `[r][b][t]`: row `r` for token `t` of block `b`.
+///
+/// # Safety
+/// AVX-512F is available; each `w[r]` has `cols` readable values and each
+/// `xt[b]` `cols * 16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn tile_f32_batch<const R: usize, const B: usize>(
+    w: [*const f32; R],
+    xt: [*const f32; B],
+    cols: usize,
+) -> [[[f32; 16]; B]; R] {
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    for k in 0..cols {
+        let x: [__m512; B] = std::array::from_fn(|b| _mm512_loadu_ps(xt[b].add(k * 16)));
+        for r in 0..R {
+            let v = _mm512_set1_ps(*w[r].add(k));
+            for b in 0..B {
+                acc[r][b] = _mm512_fmadd_ps(v, x[b], acc[r][b]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 16]; B]; R];
+    for r in 0..R {
+        for b in 0..B {
+            _mm512_storeu_ps(out[r][b].as_mut_ptr(), acc[r][b]);
+        }
+    }
+    out
+}
+
 /// `a · b` for equal lengths.
 ///
 /// # Safety

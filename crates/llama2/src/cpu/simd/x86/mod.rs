@@ -275,9 +275,15 @@ pub fn f32_rows(
 ) -> bool {
     assert!(w.len() >= rows.end * cols && x.len() >= n * cols);
     match (float_level(isa), w) {
-        (Level::Avx512, WeightRows::F32(d)) => rows512::<f32>(d, cols, x, n, rows, (out, ld)),
-        (Level::Avx512, WeightRows::F16(d)) => rows512::<f16>(d, cols, x, n, rows, (out, ld)),
-        (Level::Avx512, WeightRows::BF16(d)) => rows512::<bf16>(d, cols, x, n, rows, (out, ld)),
+        (Level::Avx512, WeightRows::F32(d)) => {
+            rows512::<f32>(d, cols, (x, blocks), n, rows, (out, ld))
+        }
+        (Level::Avx512, WeightRows::F16(d)) => {
+            rows512::<f16>(d, cols, (x, blocks), n, rows, (out, ld))
+        }
+        (Level::Avx512, WeightRows::BF16(d)) => {
+            rows512::<bf16>(d, cols, (x, blocks), n, rows, (out, ld))
+        }
         (Level::Avx2, WeightRows::F32(d)) => {
             rows256::<f32>(d, cols, (x, blocks), n, rows, (out, ld))
         }
@@ -301,10 +307,10 @@ const SHORT_ROW: usize = 512;
 /// up with the loads (stories42M f32 decode: faster in 8 of 9 alternating
 /// runs; no gain for 768-value rows). Batches use 4x4 tiles: each loaded
 /// weight vector serves four tokens.
-fn rows512<W: avx512::Wide>(
+fn rows512<W: avx512::Wide + avx2::Wide>(
     w: &[W],
     cols: usize,
-    x: &[f32],
+    (x, blocks): (&[f32], Option<&TokenBlocks>),
     n: usize,
     rows: Range<usize>,
     (out, ld): (&mut [f32], usize),
@@ -313,7 +319,12 @@ fn rows512<W: avx512::Wide>(
     // SAFETY (each tile below): AVX-512 was confirmed (caller's `Isa`);
     // `sweep` gives rows below `rows.end` and tokens below `n`, which
     // `f32_rows` checked lie inside `w` and `x`.
-    if n == 1 && cols <= SHORT_ROW {
+    if n >= OUTER_TOKENS {
+        // SAFETY: AVX-512 was confirmed (caller's `Isa`); `rows_outer`
+        // passes pointers with `cols` values and blocks of `cols * 16`.
+        let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<12, 2>(w, xt, cols) };
+        rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), tile);
+    } else if n == 1 && cols <= SHORT_ROW {
         sweep::<16, 1>(rows, n, out, ld, |j, t| unsafe {
             tile512(wp, xp, cols, j, t)
         })
@@ -348,15 +359,13 @@ unsafe fn tile512<W: avx512::Wide, const R: usize, const T: usize>(
     )
 }
 
-/// Tokens from which an AVX2 batch takes the outer-product tile: below,
-/// padding the block of 16 costs more than the tile saves.
+/// Tokens from which a batch takes the outer-product tiles: below, padding
+/// the block of 16 costs more than the tiles save.
 const OUTER_TOKENS: usize = 8;
-/// Weight rows of one outer-product tile (12 accumulators).
-const OUTER_ROWS: usize = 6;
 
 /// Whether `isa` multiplies `n`-token float batches from `TokenBlocks`.
 pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
-    float_level(isa) == Level::Avx2 && n >= OUTER_TOKENS
+    matches!(float_level(isa), Level::Avx2 | Level::Avx512) && n >= OUTER_TOKENS
 }
 
 thread_local! {
@@ -376,13 +385,11 @@ fn rows256<W: avx2::Wide>(
 ) {
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     if n >= OUTER_TOKENS {
-        BATCH_SCRATCH.with_borrow_mut(|(own, wide)| {
-            let blocks = blocks.unwrap_or_else(|| {
-                own.pack(x, n, cols);
-                own
-            });
-            rows256_outer(w, blocks, rows, (out, ld), wide)
-        });
+        // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`);
+        // `rows_outer` passes pointers with `cols` values and blocks of
+        // `cols * 16`.
+        let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<6>(w, xt, cols) };
+        rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), tile);
     } else if n == 1 {
         sweep::<8, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); rows and
@@ -409,50 +416,57 @@ fn rows256<W: avx2::Wide>(
     }
 }
 
-/// Batches of AVX2 products as outer-product tiles (`avx2::tile_f32_batch`)
-/// over the token blocks of the batch: each tile of 6 weight rows (widened
-/// to f32 into `wide` first when stored as f16 or bf16) sweeps every block
-/// while its rows stay in L1.
-fn rows256_outer<W: avx2::Wide>(
+/// A batch of float products as outer-product tiles (`tile_f32_batch` of
+/// the level: `R` weight rows by `B` token blocks) over the batch in token
+/// blocks (`blocks`, or laid out here when the caller did not): each tile
+/// of rows (widened to f32 first when stored as f16 or bf16) sweeps every
+/// block while its rows stay in L1. Partial tiles repeat their last row or
+/// block, whose results are dropped.
+fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
     w: &[W],
-    x: &TokenBlocks,
+    (x, blocks): (&[f32], Option<&TokenBlocks>),
+    (cols, n): (usize, usize),
     rows: Range<usize>,
     (out, ld): (&mut [f32], usize),
-    wide: &mut Vec<f32>,
+    tile: impl Fn([*const f32; R], [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
 ) {
-    let (cols, n) = (x.cols, x.n);
-    if !W::IS_F32 {
-        wide.resize(OUTER_ROWS * cols, 0.0);
-    }
-    for j0 in rows.clone().step_by(OUTER_ROWS) {
-        let js: [usize; OUTER_ROWS] = std::array::from_fn(|r| (j0 + r).min(rows.end - 1));
-        let ptrs: [*const f32; OUTER_ROWS] = if W::IS_F32 {
-            // `W` is f32 (`IS_F32`), so this is the same pointer type.
-            js.map(|j| w[j * cols..].as_ptr() as *const f32)
-        } else {
-            for (r, &j) in js.iter().enumerate() {
-                // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); row
-                // `j` is below `rows.end`, inside `w` (checked by `f32_rows`),
-                // and `wide` holds `OUTER_ROWS` rows.
-                unsafe { avx2::widen_row(w[j * cols..].as_ptr(), cols, &mut wide[r * cols..]) }
-            }
-            std::array::from_fn(|r| wide[r * cols..].as_ptr())
-        };
-        for b in 0..n.div_ceil(TOKEN_BLOCK) {
-            // SAFETY: as above; every pointer has `cols` values and the
-            // block `cols * TOKEN_BLOCK`.
-            let v = unsafe { avx2::tile_f32_batch(ptrs, x.block(b).as_ptr(), cols) };
-            let t0 = b * TOKEN_BLOCK;
-            for (r, acc) in v.iter().enumerate().take(rows.end - j0) {
-                let mut lanes = [0f32; TOKEN_BLOCK];
-                // SAFETY: AVX2 as above.
-                unsafe { avx2::store16(&mut lanes, acc) };
-                for (t, &value) in lanes.iter().enumerate().take(n - t0) {
-                    out[(t0 + t) * ld + j0 + r - rows.start] = value;
+    BATCH_SCRATCH.with_borrow_mut(|(own, wide)| {
+        let x = blocks.unwrap_or_else(|| {
+            own.pack(x, n, cols);
+            own
+        });
+        let nb = n.div_ceil(TOKEN_BLOCK);
+        if !W::IS_F32 {
+            wide.resize(R * cols, 0.0);
+        }
+        for j0 in rows.clone().step_by(R) {
+            let js: [usize; R] = std::array::from_fn(|r| (j0 + r).min(rows.end - 1));
+            let ptrs: [*const f32; R] = if W::IS_F32 {
+                // `W` is f32 (`IS_F32`), so this is the same pointer type.
+                js.map(|j| w[j * cols..].as_ptr() as *const f32)
+            } else {
+                for (r, &j) in js.iter().enumerate() {
+                    // SAFETY: the caller's level includes AVX2/FMA/F16C; row
+                    // `j` is below `rows.end`, inside `w` (checked by
+                    // `f32_rows`), and `wide` holds `R` rows.
+                    unsafe { avx2::widen_row(w[j * cols..].as_ptr(), cols, &mut wide[r * cols..]) }
+                }
+                std::array::from_fn(|r| wide[r * cols..].as_ptr())
+            };
+            for b0 in (0..nb).step_by(B) {
+                let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
+                let v = tile(ptrs, xt, cols);
+                for (r, row) in v.iter().enumerate().take(rows.end - j0) {
+                    for (i, lanes) in row.iter().enumerate().take(nb - b0) {
+                        let t0 = (b0 + i) * TOKEN_BLOCK;
+                        for (t, &value) in lanes.iter().enumerate().take(n - t0) {
+                            out[(t0 + t) * ld + j0 + r - rows.start] = value;
+                        }
+                    }
                 }
             }
         }
-    }
+    })
 }
 
 /// Unpacked Q8_0 products run the scalar loop: at the AVX-512 level the
