@@ -32,6 +32,20 @@ fn export(input: &str, output: &std::path::Path, extra: &[&str]) {
     assert!(r.stderr.contains("wrote"), "{}", r.stderr);
 }
 
+/// `llama2 MODEL -t 0 -n 200 EXTRA...`: the greedy text, trailing newline
+/// dropped.
+fn greedy(model: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        arg(model),
+        "-t".into(),
+        "0".into(),
+        "-n".into(),
+        "200".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    llama2(&args).ok().trim_end().to_string()
+}
+
 #[test]
 fn train_checkpoint_exports_byte_identical_to_export_py() {
     let dir = TempDir::new("export");
@@ -92,20 +106,8 @@ fn sentencepiece_models_export_to_the_shared_tokenizer_bins() {
 #[test]
 fn every_format_round_trips_through_every_version_to_the_same_text() {
     let dir = TempDir::new("roundtrip");
-    let greedy = |model: &std::path::Path| {
-        let args = [
-            arg(model),
-            "-z".into(),
-            arg(&model_path("tok512.bin")),
-            "-t".into(),
-            "0".into(),
-            "-n".into(),
-            "200".into(),
-            "--device".into(),
-            "cpu".into(),
-        ];
-        llama2(&args).ok().trim_end().to_string()
-    };
+    let tok = arg(&model_path("tok512.bin"));
+    let greedy = |model: &std::path::Path| greedy(model, &["-z", &tok, "--device", "cpu"]);
     for input in [
         "stories260K.bin",
         "hf/stories260K",
@@ -172,14 +174,7 @@ fn hugging_face_export_matches_transformers_files_and_round_trips() {
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(model_path("hf/stories260K/model.safetensors")).unwrap()
     );
-    let text = llama2(&[
-        arg(&out),
-        "-t".into(),
-        "0".into(),
-        "-n".into(),
-        "200".into(),
-    ]);
-    assert_eq!(text.ok().trim_end(), GOLDEN_FP32);
+    assert_eq!(greedy(&out, &[]), GOLDEN_FP32);
     // Every other format through a Hugging Face directory and back.
     for input in [
         "meta/stories260K",
@@ -195,14 +190,7 @@ fn hugging_face_export_matches_transformers_files_and_round_trips() {
             args.extend(["-z", tok.as_str()]);
         }
         export(input, &out, &args);
-        let r = llama2(&[
-            arg(&out),
-            "-t".into(),
-            "0".into(),
-            "-n".into(),
-            "200".into(),
-        ]);
-        assert_eq!(r.ok().trim_end(), GOLDEN_FP32, "{input} -> hf");
+        assert_eq!(greedy(&out, &[]), GOLDEN_FP32, "{input} -> hf");
     }
     // Llama 3 in bf16 keeps its config and its tokenizer.json.
     let out = dir.path("llama3");
@@ -259,27 +247,12 @@ fn gguf_export_writes_llama_cpp_converter_data() {
             ours.vocabulary().unwrap().pieces,
             theirs.vocabulary().unwrap().pieces
         );
-        let text = llama2(&[
-            arg(&out),
-            "-t".into(),
-            "0".into(),
-            "-n".into(),
-            "200".into(),
-        ]);
         let want = if dtype == "f32" {
             GOLDEN_FP32.to_string()
         } else {
-            llama2(&[
-                arg(&model_path(&format!("gguf/{fixture}"))),
-                "-t".into(),
-                "0".into(),
-                "-n".into(),
-                "200".into(),
-            ])
-            .ok()
-            .to_string()
+            greedy(&model_path(&format!("gguf/{fixture}")), &[])
         };
-        assert_eq!(text.ok().trim_end(), want.trim_end(), "{dtype}");
+        assert_eq!(greedy(&out, &[]), want, "{dtype}");
     }
     // Every input format through GGUF and back (f32 and f16 keep the text).
     for input in [
@@ -297,31 +270,12 @@ fn gguf_export_writes_llama_cpp_converter_data() {
                 args.extend(["-z", tok.as_str()]);
             }
             export(input, &out, &args);
-            let text = llama2(&[
-                arg(&out),
-                "-t".into(),
-                "0".into(),
-                "-n".into(),
-                "200".into(),
-            ]);
             let want = if input.contains("bf16") {
-                llama2(&[
-                    arg(&model_path(input)),
-                    "-t".into(),
-                    "0".into(),
-                    "-n".into(),
-                    "200".into(),
-                ])
-                .ok()
-                .to_string()
+                greedy(&model_path(input), &[])
             } else {
                 GOLDEN_FP32.to_string()
             };
-            assert_eq!(
-                text.ok().trim_end(),
-                want.trim_end(),
-                "{input} -> gguf {dtype}"
-            );
+            assert_eq!(greedy(&out, &[]), want, "{input} -> gguf {dtype}");
         }
     }
     // What GGUF export cannot write yet is refused by name.
