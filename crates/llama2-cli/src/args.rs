@@ -32,10 +32,7 @@ fn parse_threads(s: &str) -> Result<usize, String> {
 /// `--isa`: a SIMD level by name; whether this CPU runs it is checked when
 /// the backend starts, with the levels it does run in the error.
 fn parse_isa(s: &str) -> Result<Level, String> {
-    Level::from_name(s).ok_or_else(|| {
-        let names: Vec<_> = Level::ALL.iter().map(|l| l.name()).collect();
-        format!("expected one of {}", names.join(", "))
-    })
+    Level::from_name(s).ok_or_else(|| format!("expected {}", Level::choices()))
 }
 
 #[derive(Parser, Debug)]

@@ -63,11 +63,7 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     let reference_isa = if on_cpu {
         Isa::scalar()
     } else {
-        device::cpu_isa(&DeviceArgs {
-            isa: None,
-            exact: false,
-            ..args.device.clone()
-        })?
+        Isa::configured().map_err(anyhow::Error::msg)?
     };
     let mut reference: Box<dyn LanguageModel> = Box::new(Transformer::new(
         CpuBackend::with_isa(args.device.threads, Some(dtype), reference_isa)?,

@@ -48,6 +48,12 @@ impl Level {
         Level::ALL.into_iter().find(|l| l.name() == name)
     }
 
+    /// What `from_name` accepts, for errors: "one of scalar, avx2, ...".
+    pub fn choices() -> String {
+        let names: Vec<_> = Level::ALL.iter().map(|l| l.name()).collect();
+        format!("one of {}", names.join(", "))
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Level::Scalar => "scalar",
@@ -114,10 +120,8 @@ impl Isa {
             Err(std::env::VarError::NotPresent) => Ok(Isa::best()),
             Ok(name) if name.is_empty() => Ok(Isa::best()),
             Ok(name) => {
-                let level = Level::from_name(&name).ok_or_else(|| {
-                    let names: Vec<_> = Level::ALL.iter().map(|l| l.name()).collect();
-                    format!("{ISA_VAR}={name}: expected one of {}", names.join(", "))
-                })?;
+                let level = Level::from_name(&name)
+                    .ok_or_else(|| format!("{ISA_VAR}={name}: expected {}", Level::choices()))?;
                 Isa::require(level).map_err(|e| format!("{ISA_VAR}={name}: {e}"))
             }
             Err(e) => Err(format!("{ISA_VAR}: {e}")),

@@ -168,9 +168,7 @@ impl CpuBackend {
         }
         used
     }
-}
 
-impl CpuBackend {
     /// Lays `x` out in token blocks, in parallel, when a float matrix among
     /// `outs` will read them; returns whether it did.
     fn block_inputs(&mut self, x: &[f32], n: usize, outs: &[(&CpuMatrix, &mut Vec<f32>)]) -> bool {

@@ -154,6 +154,15 @@ impl PackedQ8 {
         self.cols / self.gs
     }
 
+    /// Where block `b`'s values and scales start, for the tiles that read
+    /// from there (panics past the last block).
+    pub fn block(&self, b: usize) -> (*const u8, *const f32) {
+        (
+            self.q[b * BLOCK_ROWS * self.cols..].as_ptr(),
+            self.s[b * BLOCK_ROWS * self.groups()..].as_ptr(),
+        )
+    }
+
     /// Row `r` dequantized: value times its group's scale.
     pub fn row_f32(&self, row: usize) -> Vec<f32> {
         let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);

@@ -156,17 +156,16 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
     }
     assert_eq!(att.len(), queries.count() * keys.count());
     assert_eq!(queries.width(), keys.width());
-    let args = (att, queries, keys, scale);
     if wide(isa) {
         // SAFETY: AVX-512 was confirmed (the `Isa`); `Rows` guarantees its
         // rows are in bounds and `att` was sized above. The widest tile
         // that stays in 32 registers: 8 keys for up to 3 queries, 4 for 4.
         unsafe {
             match queries.count() {
-                1 => avx512::attention_scores::<8, 1>(args.0, args.1, args.2, args.3),
-                2 => avx512::attention_scores::<8, 2>(args.0, args.1, args.2, args.3),
-                3 => avx512::attention_scores::<8, 3>(args.0, args.1, args.2, args.3),
-                4 => avx512::attention_scores::<4, 4>(args.0, args.1, args.2, args.3),
+                1 => avx512::attention_scores::<8, 1>(att, queries, keys, scale),
+                2 => avx512::attention_scores::<8, 2>(att, queries, keys, scale),
+                3 => avx512::attention_scores::<8, 3>(att, queries, keys, scale),
+                4 => avx512::attention_scores::<4, 4>(att, queries, keys, scale),
                 _ => return false,
             }
         }
@@ -175,10 +174,10 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
         // widest tiles for 16 registers.
         unsafe {
             match queries.count() {
-                1 => avx2::attention_scores::<8, 1>(args.0, args.1, args.2, args.3),
-                2 => avx2::attention_scores::<4, 2>(args.0, args.1, args.2, args.3),
-                3 => avx2::attention_scores::<3, 3>(args.0, args.1, args.2, args.3),
-                4 => avx2::attention_scores::<2, 4>(args.0, args.1, args.2, args.3),
+                1 => avx2::attention_scores::<8, 1>(att, queries, keys, scale),
+                2 => avx2::attention_scores::<4, 2>(att, queries, keys, scale),
+                3 => avx2::attention_scores::<3, 3>(att, queries, keys, scale),
+                4 => avx2::attention_scores::<2, 4>(att, queries, keys, scale),
                 _ => return false,
             }
         }
@@ -305,7 +304,8 @@ const SHORT_ROW: usize = 512;
 /// eight FMA chains busy, and sixteen when rows are short (512 values or
 /// fewer), where eight rows are too few memory streams in flight to keep
 /// up with the loads (stories42M f32 decode: faster in 8 of 9 alternating
-/// runs; no gain for 768-value rows). Batches use 4x4 tiles: each loaded
+/// runs; no gain for 768-value rows). Batches of `OUTER_TOKENS` or more run
+/// as outer products (`rows_outer`), smaller ones in 4x4 tiles: each loaded
 /// weight vector serves four tokens.
 fn rows512<W: avx512::Wide + avx2::Wide>(
     w: &[W],
@@ -488,9 +488,8 @@ pub fn q8_rows(
 /// one (so uploads pack).
 pub fn q8_bytes(isa: Isa) -> Option<Q8Bytes> {
     match isa.level() {
-        Level::Avx512 | Level::Amx => Some(Q8Bytes::Offset),
+        Level::Avx512 | Level::Amx | Level::AvxVnni => Some(Q8Bytes::Offset),
         Level::Avx2 => Some(Q8Bytes::Signed),
-        Level::AvxVnni => Some(Q8Bytes::Offset),
         _ => None,
     }
 }
@@ -536,16 +535,6 @@ pub fn q8_packed_rows(
         // `t < n`, inside `out` as asserted above.
         unsafe { avx512::store_blocks(out_p, ld, (rows.clone(), n), tile, v) }
     };
-    let block = |b: usize| {
-        // SAFETY: `b` is below the matrix's block count (asserted above),
-        // so these offsets stay inside `w.q` and `w.s`.
-        unsafe {
-            (
-                w.q.as_ptr().add(b * BLOCK_ROWS * cols),
-                w.s.as_ptr().add(b * BLOCK_ROWS * (cols / gs)),
-            )
-        }
-    };
     let mut b = blocks.start;
     let amx_step = amx::k_step(gs).filter(|_| isa.level() == Level::Amx && n > 1);
     if let Some(kk) = amx_step {
@@ -555,7 +544,7 @@ pub fn q8_packed_rows(
         unsafe { amx::configure(kk) };
         let mut ints: amx::TileInts = [[[[0; 16 * amx::TILE_TOKENS]; 2]; 2]; amx::GROUP_CHUNK];
         while b < blocks.end {
-            let (q, s) = block(b);
+            let (q, s) = w.block(b);
             let two = b + 2 <= blocks.end;
             for t0 in (0..n).step_by(2 * amx::TILE_TOKENS) {
                 let t2 = t0 + amx::TILE_TOKENS < n;
@@ -580,7 +569,7 @@ pub fn q8_packed_rows(
         unsafe { amx::release() };
     } else if n == 1 {
         while b < blocks.end {
-            let (q, s) = block(b);
+            let (q, s) = w.block(b);
             if b + 4 <= blocks.end {
                 // SAFETY: AVX-512 with VNNI was confirmed (caller's `Isa`);
                 // blocks `b..b + 4` exist; token 0 exists.
@@ -596,7 +585,7 @@ pub fn q8_packed_rows(
         }
     } else {
         while b < blocks.end {
-            let (q, s) = block(b);
+            let (q, s) = w.block(b);
             let two = b + 2 <= blocks.end;
             for t0 in (0..n).step_by(4) {
                 // SAFETY: AVX-512 with VNNI was confirmed; blocks `b..b + 2`
@@ -616,10 +605,11 @@ pub fn q8_packed_rows(
     true
 }
 
-/// The AVX2 part of `q8_packed_rows` (signed bytes, checked by the
-/// caller): decoding runs four blocks (64 rows, four weight streams in
-/// flight: 6% faster than two on stories110M) per tile, batches one block
-/// by four tokens, as many as 16 registers hold.
+/// The 256-bit part of `q8_packed_rows` (AVX2 on signed bytes, AVX-VNNI on
+/// offset ones when `vnni`; the caller checked the bytes match the level):
+/// decoding runs four blocks (64 rows, four weight streams in flight: 6%
+/// faster than two on stories110M) per tile, batches one block by four
+/// tokens, as many as 16 registers hold.
 fn q8_packed_rows256(
     w: &PackedQ8,
     x: &Q8Tokens,
@@ -629,22 +619,12 @@ fn q8_packed_rows256(
 ) {
     let dims = (w.cols, w.gs);
     let blocks = rows.start / BLOCK_ROWS..rows.end.div_ceil(BLOCK_ROWS);
-    let block = |b: usize| {
-        // SAFETY: `b` is below the matrix's block count (the caller checked
-        // `w.q` holds them all), so these offsets stay inside `w.q`, `w.s`.
-        unsafe {
-            (
-                w.q.as_ptr().add(b * BLOCK_ROWS * w.cols),
-                w.s.as_ptr().add(b * BLOCK_ROWS * w.groups()),
-            )
-        }
-    };
     let mut store = |b0: usize, t0: usize, v: &[[f32; BLOCK_ROWS]], t_step: usize| {
         store_block_rows(out, ld, (rows.clone(), n), (b0, t0, t_step), v)
     };
     let mut b = blocks.start;
     while b < blocks.end {
-        let (q, s) = block(b);
+        let (q, s) = w.block(b);
         if n == 1 && b + 4 <= blocks.end {
             // SAFETY: AVX2 was confirmed (caller's `Isa`), and AVX-VNNI
             // when `vnni`; the bytes are as that tile wants them (the `Isa`
