@@ -181,7 +181,17 @@ impl Tokenizer {
     /// (a tokenizer may have fewer: vocabularies are often padded) whose
     /// BOS and EOS are `bos` and `eos`.
     pub fn load_json(path: &Path, vocab_size: usize, bos: u32, eos: u32) -> Result<Self> {
-        let v = crate::hf_tokenizer::load(path)?;
+        Self::from_json_vocabulary(path, crate::hf_tokenizer::load(path)?, vocab_size, bos, eos)
+    }
+
+    /// `load_json` for the tokenizer.json at `path` already read as `v`.
+    fn from_json_vocabulary(
+        path: &Path,
+        v: crate::hf_tokenizer::HfVocabulary,
+        vocab_size: usize,
+        bos: u32,
+        eos: u32,
+    ) -> Result<Self> {
         if v.pieces.len() > vocab_size {
             return Err(Error::tokenizer(
                 path,
@@ -477,7 +487,8 @@ pub fn open(path: &Path, vocab_size: Option<usize>) -> Result<Tokenizer> {
         ("json", _) => {
             let v = crate::hf_tokenizer::load(path)?;
             let (bos, eos) = crate::hf_tokenizer::special_ids(path, &v.encoder);
-            Tokenizer::load_json(path, vocab_size.unwrap_or(v.pieces.len()), bos, eos)
+            let vocab_size = vocab_size.unwrap_or(v.pieces.len());
+            Tokenizer::from_json_vocabulary(path, v, vocab_size, bos, eos)
         }
         ("model" | "gguf", _) => {
             let mut config = Config::llama2c(0, 0, 0, 0, 0, 0, 0, true);
