@@ -11,8 +11,7 @@ use std::io::{self, Write};
 use half::f16;
 
 use super::assemble::Naming;
-use super::read::Tensor;
-use super::ModelWeights;
+use super::{ModelWeights, Weight};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix};
@@ -102,38 +101,26 @@ pub fn write(
 /// The tensors in llama.cpp's names and order (embedding, each block, the
 /// final norm, the classifier when it is not shared).
 fn entries<'a>(w: &'a ModelWeights, matrix_type: impl Fn(usize) -> GgmlType) -> Vec<Entry<'a>> {
-    let n = |t: Tensor, l: usize| Naming::Gguf.name(t, l);
-    fn vector(name: String, v: &[f32]) -> Entry<'_> {
-        Entry {
-            name,
-            rows: 1,
-            cols: v.len(),
-            ty: GgmlType::F32,
-            values: Values::Vector(v),
-        }
-    }
-    let matrix = |name: String, m: &'a HostMatrix| -> Entry<'a> {
-        Entry {
+    let entry = |(name, _, weight)| match weight {
+        Weight::Matrix(m) => Entry {
             name,
             rows: m.rows,
             cols: m.cols,
             ty: matrix_type(m.cols),
             values: Values::Matrix(m),
-        }
+        },
+        Weight::Vector(v) => Entry {
+            name,
+            rows: 1,
+            cols: v.len(),
+            ty: GgmlType::F32,
+            values: Values::Vector(v),
+        },
     };
-    let mut out = vec![matrix(n(Tensor::Embedding, 0), &w.token_embedding)];
-    for (l, layer) in w.layers.iter().enumerate() {
-        out.push(vector(n(Tensor::RmsAtt, l), &layer.rms_att));
-        out.push(vector(n(Tensor::RmsFfn, l), &layer.rms_ffn));
-        for (_, m, t) in layer.matrices() {
-            out.push(matrix(n(t, l), m));
-        }
-    }
-    out.push(vector(n(Tensor::RmsFinal, 0), &w.rms_final));
-    if let Some(cls) = &w.classifier {
-        out.push(matrix(n(Tensor::Classifier, 0), cls));
-    }
-    out
+    w.tensors_named(Naming::Gguf)
+        .into_iter()
+        .map(entry)
+        .collect()
 }
 
 /// A metadata value.

@@ -383,43 +383,32 @@ pub fn write_dir(weights: &ModelWeights, dir: &Path, dtype: crate::tensor::DType
             crate::tensor::check_representable(&m.to_f32(), m.cols, DType::F16)?;
         }
     }
-    let mut views = Vec::new();
-    let matrix = |name: String, m: &HostMatrix, heads: Option<usize>| OutTensor {
-        name,
-        shape: vec![m.rows, m.cols],
-        dtype: st_dtype,
-        source: Values::Matrix(m.clone(), heads),
+    let out_tensor = |(name, t, w): (String, Tensor, super::Weight)| {
+        let (shape, source) = match w {
+            super::Weight::Matrix(m) => {
+                // q and k go back to the rotate-half row order.
+                let heads = match t {
+                    Tensor::Wq => Some(c.n_heads),
+                    Tensor::Wk => Some(c.n_kv_heads),
+                    _ => None,
+                };
+                (vec![m.rows, m.cols], Values::Matrix(m.clone(), heads))
+            }
+            super::Weight::Vector(v) => (vec![v.len()], Values::Vector(v.clone())),
+        };
+        let tensor = OutTensor {
+            shape,
+            dtype: st_dtype,
+            source,
+        };
+        (name, tensor)
     };
-    let vector = |name: String, v: &crate::tensor::Storage<f32>| OutTensor {
-        name,
-        shape: vec![v.len()],
-        dtype: st_dtype,
-        source: Values::Vector(v.clone()),
-    };
-    let n = |t: Tensor, l: usize| Naming::HuggingFace.name(t, l);
-    views.push(matrix(
-        n(Tensor::Embedding, 0),
-        &weights.token_embedding,
-        None,
-    ));
-    for (l, layer) in weights.layers.iter().enumerate() {
-        views.push(vector(n(Tensor::RmsAtt, l), &layer.rms_att));
-        views.push(vector(n(Tensor::RmsFfn, l), &layer.rms_ffn));
-        for (_, m, t) in layer.matrices() {
-            let heads = match t {
-                Tensor::Wq => Some(c.n_heads),
-                Tensor::Wk => Some(c.n_kv_heads),
-                _ => None,
-            };
-            views.push(matrix(n(t, l), m, heads));
-        }
-    }
-    views.push(vector(n(Tensor::RmsFinal, 0), &weights.rms_final));
-    if let Some(cls) = &weights.classifier {
-        views.push(matrix(n(Tensor::Classifier, 0), cls, None));
-    }
     let path = dir.join("model.safetensors");
-    let named: Vec<(String, OutTensor)> = views.into_iter().map(|v| (v.name.clone(), v)).collect();
+    let named: Vec<(String, OutTensor)> = weights
+        .tensors_named(Naming::HuggingFace)
+        .into_iter()
+        .map(out_tensor)
+        .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::tensor::serialize_to_file(named, Some(metadata), &path)
         .map_err(|e| Error::checkpoint(&path, format!("cannot write: {e}")))?;
@@ -475,7 +464,6 @@ pub fn config_json(c: &Config, dtype: crate::tensor::DType) -> Value {
 
 /// One tensor to write, converted when safetensors asks for its bytes.
 struct OutTensor {
-    name: String,
     shape: Vec<usize>,
     dtype: Dtype,
     source: Values,

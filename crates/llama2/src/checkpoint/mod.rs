@@ -131,6 +131,51 @@ pub struct LayerWeights {
     pub w3: HostMatrix,
 }
 
+/// One tensor of a model, borrowed, as the exporters take it.
+enum Weight<'a> {
+    Matrix(&'a HostMatrix),
+    Vector(&'a Storage<f32>),
+}
+
+impl ModelWeights {
+    /// Every tensor with its name under `naming` and its kind, in the
+    /// order Hugging Face's and llama.cpp's converters write them: the
+    /// embedding, each block (its two norms, then its matrices), the final
+    /// norm, and the classifier when it is not shared.
+    fn tensors_named(&self, naming: assemble::Naming) -> Vec<(String, read::Tensor, Weight<'_>)> {
+        use read::Tensor::*;
+        let mut out = vec![(
+            naming.name(Embedding, 0),
+            Embedding,
+            Weight::Matrix(&self.token_embedding),
+        )];
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.push((
+                naming.name(RmsAtt, l),
+                RmsAtt,
+                Weight::Vector(&layer.rms_att),
+            ));
+            out.push((
+                naming.name(RmsFfn, l),
+                RmsFfn,
+                Weight::Vector(&layer.rms_ffn),
+            ));
+            for (_, m, t) in layer.matrices() {
+                out.push((naming.name(t, l), t, Weight::Matrix(m)));
+            }
+        }
+        out.push((
+            naming.name(RmsFinal, 0),
+            RmsFinal,
+            Weight::Vector(&self.rms_final),
+        ));
+        if let Some(cls) = &self.classifier {
+            out.push((naming.name(Classifier, 0), Classifier, Weight::Matrix(cls)));
+        }
+        out
+    }
+}
+
 impl LayerWeights {
     /// The block's matrices with their names and tensor kinds, in file order.
     fn matrices(&self) -> [(&'static str, &HostMatrix, read::Tensor); 7] {
