@@ -210,29 +210,30 @@ fn permuted<T: Pod>(raw: &RawTensor, rows: usize, cols: usize, heads: usize) -> 
 
 /// `permuted` on a plain slice `[rows][cols]`.
 pub fn permute_rotate_half<T: Copy>(w: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
-    let per_head = rows / heads;
-    let half = per_head / 2;
-    let mut out = Vec::with_capacity(w.len());
-    for h in 0..heads {
-        for r in 0..per_head {
-            let (j, t) = (r / 2, r % 2);
-            let src = h * per_head + t * half + j;
-            out.extend_from_slice(&w[src * cols..(src + 1) * cols]);
-        }
-    }
-    out
+    // Row `2j + t` comes from row `t * half + j`.
+    gather_head_rows(w, (rows, cols, heads), |r, half| (r % 2) * half + r / 2)
 }
 
 /// The inverse of `permute_rotate_half`: interleaved rows back to
 /// Hugging Face's rotate-half order (for writing Hugging Face files).
 pub fn permute_to_rotate_half<T: Copy>(w: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
+    // Row `t * half + j` comes from row `2j + t`.
+    gather_head_rows(w, (rows, cols, heads), |r, half| 2 * (r % half) + r / half)
+}
+
+/// The rows of `w` reordered within each head: row `r` of a head is the
+/// head's row `source(r, half)`, with `half` half the head's rows.
+fn gather_head_rows<T: Copy>(
+    w: &[T],
+    (rows, cols, heads): (usize, usize, usize),
+    source: impl Fn(usize, usize) -> usize,
+) -> Vec<T> {
     let per_head = rows / heads;
     let half = per_head / 2;
     let mut out = Vec::with_capacity(w.len());
     for h in 0..heads {
         for r in 0..per_head {
-            let (t, j) = (r / half, r % half);
-            let src = h * per_head + 2 * j + t;
+            let src = h * per_head + source(r, half);
             out.extend_from_slice(&w[src * cols..(src + 1) * cols]);
         }
     }
