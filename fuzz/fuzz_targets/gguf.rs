@@ -10,6 +10,10 @@
 //! valid, and weights that assemble have its shapes.
 #![no_main]
 
+mod common {
+    pub mod raw_tensors;
+}
+
 use std::collections::HashSet;
 
 use libfuzzer_sys::fuzz_target;
@@ -82,20 +86,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(g.get_str(key).ok().flatten(), value.as_str());
     }
 
-    let mut names = HashSet::new();
+    let mut names = common::raw_tensors::check(g.tensors(), data);
     for t in g.tensors() {
-        assert!(names.insert(t.name.as_str()), "tensor {} twice", t.name);
-        assert_eq!(t.bytes().len(), t.len, "{t:?}");
-        assert!(t.offset + t.len <= data.len(), "{t:?}");
         assert_eq!(t.offset as u64 % alignment, 0, "{t:?} is not aligned");
-        let numel = t
-            .shape
-            .iter()
-            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
-            .expect("the shape's size fits 64 bits");
-        assert_eq!(t.numel() as u64, numel, "{t:?}");
-        assert_eq!(t.dtype.bytes_for(numel), Some(t.len as u64), "{t:?}");
-        assert_eq!(t.bytes(), &data[t.offset..t.offset + t.len]);
         let found = g
             .tensor(&t.name)
             .expect("a supported tensor")
