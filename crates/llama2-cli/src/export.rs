@@ -66,14 +66,19 @@ pub fn export(args: &ExportArgs) -> Result<()> {
             .with_context(|| format!("cannot export {}", args.input.display()))
     })?;
     bar.finish_and_clear();
+    report_written(args, &weights, &format.describe());
+    Ok(())
+}
+
+/// The line an export ends with: what it wrote (`what`: the output's form)
+/// from what.
+fn report_written(args: &ExportArgs, weights: &llama2::ModelWeights, what: &str) {
     eprintln!(
-        "wrote {} ({}) from {} ({})",
+        "wrote {} ({what}) from {} ({})",
         args.output.display(),
-        format.describe(),
         args.input.display(),
         weights.format.describe()
     );
-    Ok(())
 }
 
 /// `llama2 export --format hf`: a Hugging Face directory, built under a
@@ -111,13 +116,7 @@ fn export_hf(args: &ExportArgs, weights: &llama2::ModelWeights) -> Result<()> {
     }
     std::fs::rename(&tmp, out)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
-    eprintln!(
-        "wrote {} (Hugging Face, {}) from {} ({})",
-        out.display(),
-        dtype.name(),
-        args.input.display(),
-        weights.format.describe()
-    );
+    report_written(args, weights, &format!("Hugging Face, {}", dtype.name()));
     Ok(())
 }
 
@@ -133,13 +132,7 @@ fn export_gguf(args: &ExportArgs, weights: &llama2::ModelWeights) -> Result<()> 
         llama2::checkpoint::gguf_write::write(weights, &tokenizer, dtype, out)
             .with_context(|| format!("cannot export {}", args.input.display()))
     })?;
-    eprintln!(
-        "wrote {} (GGUF, {}) from {} ({})",
-        args.output.display(),
-        dtype.name(),
-        args.input.display(),
-        weights.format.describe()
-    );
+    report_written(args, weights, &format!("GGUF, {}", dtype.name()));
     Ok(())
 }
 
