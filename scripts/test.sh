@@ -3,7 +3,8 @@
 # from PyPI into .nvrtc/ (once) so the kernel compile test runs without a GPU
 # or a CUDA toolkit, then runs every crate's tests, the core library's tests
 # for aarch64 under qemu (NEON kernels; see scripts/test-aarch64.sh), a
-# smoke run of the reference benchmark script (our engine only, tiny shape)
+# smoke run of the reference benchmark script (our engine only, tiny shape,
+# at the widest level and forced to scalar)
 # and every fuzz target for FUZZ_SECONDS each (default 30; 0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,9 @@ bash scripts/test-aarch64.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 scripts/bench-reference.py --ours target/debug/llama2 --work "$work" \
+    --shapes stories260K --rounds 1 --gen-tokens 4 --prompt-tokens 4 >/dev/null
+# Again with a forced level: `bench --isa` and the wall built without AVX-512.
+python3 scripts/bench-reference.py --ours target/debug/llama2 --work "$work" --isa scalar \
     --shapes stories260K --rounds 1 --gen-tokens 4 --prompt-tokens 4 >/dev/null
 if [ "${FUZZ_SECONDS:-30}" != 0 ]; then
     bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
