@@ -33,7 +33,7 @@ mod quantize;
 mod weights;
 
 use cudarc::driver::{result as driver, sys, CudaGraph, CudaSlice};
-use llama2::{Backend, Config, DType, Error, HostMatrix, Result};
+use llama2::{Backend, Config, DType, Error, HostMatrix, Result, Segment};
 
 use crate::device::{cuda_err, int, Arg, Device, Pinned};
 use crate::gemm::Gemm;
@@ -273,16 +273,29 @@ impl Backend for CudaBackend {
         self.dev.zeros(len)
     }
 
-    fn kv_cache(&mut self, c: &Config) -> Result<CudaKvCache> {
+    /// The whole context, whatever `positions` says: device caches do not
+    /// grow.
+    fn kv_cache(&mut self, c: &Config, _positions: usize) -> Result<CudaKvCache> {
         self.new_kv_cache(c)
     }
 
     fn step(
         &mut self,
         tokens: &[u32],
-        pos0: usize,
+        segments: &[Segment],
         ops: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<()> {
+        // Kernels read one position and one cache per step (`max_sequences`
+        // is 1), so a step is one segment from row 0.
+        let pos0 = match segments {
+            [s] if s.rows == (0..tokens.len()) => s.pos0,
+            _ => {
+                return Err(Error::Backend(format!(
+                    "the CUDA backend runs one sequence per step, not {}",
+                    segments.len()
+                )))
+            }
+        };
         self.upload_step(Some(tokens), pos0)?;
         self.in_step = true;
         let result = self.run_step(tokens.len() == 1, ops);
@@ -391,13 +404,12 @@ impl Backend for CudaBackend {
 
     fn copy_row(
         &mut self,
-        dst: &mut CudaSlice<f32>,
-        src: &CudaSlice<f32>,
-        row: usize,
+        (dst, to): (&mut CudaSlice<f32>, usize),
+        (src, from): (&CudaSlice<f32>, usize),
         width: usize,
     ) -> Result<()> {
-        let from = src.slice(row * width..(row + 1) * width);
-        let mut to = dst.slice_mut(..width);
+        let from = src.slice(from * width..(from + 1) * width);
+        let mut to = dst.slice_mut(to * width..(to + 1) * width);
         self.dev
             .stream
             .memcpy_dtod(&from, &mut to)

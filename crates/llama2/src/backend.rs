@@ -2,10 +2,13 @@
 //! `model.rs` writes the transformer once over these ops; the CPU backend
 //! (`cpu/`) and the CUDA backend (crate `llama2-cuda`) implement them.
 //!
-//! Every op works on a batch of `rows` tokens at consecutive positions
-//! `pos0..pos0 + rows`: decoding is a batch of one, prompt prefill a batch of
-//! many (weights are then read once for the whole batch). Activation buffers
-//! are row-major `[rows][width]` in the backend's own memory.
+//! Every op works on a batch of `rows` tokens. Most ops do not care where
+//! a row comes from; rotary embedding and attention do, and take the batch
+//! as `Segment`s: consecutive rows of one sequence at consecutive positions.
+//! Decoding one sequence is a batch of one row, prompt prefill one segment
+//! of many rows, and a server's step one segment per running sequence
+//! (weights are read once for all of them). Activation buffers are
+//! row-major `[rows][width]` in the backend's own memory.
 //!
 //! The trait has two layers. The primitive ops (rmsnorm, matmul, rope,
 //! attention, silu_mul, add, ...) are what every backend implements. The
@@ -14,9 +17,30 @@
 //! a backend overrides them where one kernel can do the work of several
 //! (saving launches and memory passes) without the forward pass changing.
 
+use std::ops::Range;
+
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::HostMatrix;
+
+/// The rows of a batched step that belong to one sequence: rows `rows` of
+/// every activation buffer, at positions `pos0..pos0 + rows.len()` of that
+/// sequence, attending over its own KV cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub rows: Range<usize>,
+    pub pos0: usize,
+}
+
+impl Segment {
+    /// The whole batch of `rows` rows as one sequence at `pos0..`.
+    pub fn single(rows: usize, pos0: usize) -> Self {
+        Segment {
+            rows: 0..rows,
+            pos0,
+        }
+    }
+}
 
 /// A compute device able to run the transformer's ops.
 pub trait Backend {
@@ -26,7 +50,7 @@ pub trait Backend {
     type Vector;
     /// An activation buffer of f32 values, `[rows][width]`.
     type Buffer;
-    /// The key and value caches of all layers, `[L][S][KV]` each.
+    /// One sequence's key and value caches, all layers, `[L][S][KV]` each.
     type KvCache;
 
     /// A one-line description, e.g. "cpu (2 threads, avx2)".
@@ -35,6 +59,13 @@ pub trait Backend {
     /// The largest batch the ops accept at once; longer prompts are fed in
     /// chunks of this many tokens.
     fn max_batch(&self) -> usize;
+
+    /// The most sequences (segments) one step may hold. Backends whose
+    /// attention reads one cache per step keep the default, 1, and a
+    /// scheduler then runs their sequences one after the other.
+    fn max_sequences(&self) -> usize {
+        1
+    }
 
     /// Takes the model-wide numbers the ops use, before anything else: the
     /// norm epsilon and the rotary frequencies (`Config::rope_frequencies`).
@@ -54,20 +85,24 @@ pub trait Backend {
     fn upload_vector(&mut self, v: &[f32]) -> Result<Self::Vector>;
     /// A zeroed activation buffer of `len` f32 values.
     fn buffer(&mut self, len: usize) -> Result<Self::Buffer>;
-    /// Zeroed key/value caches for `config`.
-    fn kv_cache(&mut self, config: &Config) -> Result<Self::KvCache>;
+    /// Zeroed key/value caches of one sequence for `config`, with room for
+    /// `positions` positions. A backend whose caches can grow (the CPU's)
+    /// grows them as attention writes further; one whose cannot allocates
+    /// the whole context whatever `positions` says.
+    fn kv_cache(&mut self, config: &Config, positions: usize) -> Result<Self::KvCache>;
 
-    /// Runs one forward step over `tokens` at `pos0..`. `ops` issues the
-    /// step's ops; a backend may record them once and replay the recording
-    /// for later steps of the same batch size (CUDA graphs), taking the
-    /// tokens and position from here, so `ops` must do nothing but call ops.
+    /// Runs one forward step over `tokens`, whose rows form `segments`.
+    /// `ops` issues the step's ops; a backend may record them once and
+    /// replay the recording for later steps of the same shape (CUDA graphs),
+    /// taking the tokens and positions from here, so `ops` must do nothing
+    /// but call ops.
     fn step(
         &mut self,
         tokens: &[u32],
-        pos0: usize,
+        segments: &[Segment],
         ops: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<()> {
-        let _ = (tokens, pos0);
+        let _ = (tokens, segments);
         ops(self)
     }
 
@@ -129,12 +164,11 @@ pub trait Backend {
     /// `x[i] += y[i]` for the first `len` values: the residual connection.
     fn add(&mut self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize) -> Result<()>;
 
-    /// Copies row `row` of `src` (rows of `width`) into row 0 of `dst`.
+    /// Copies row `from` of `src` into row `to` of `dst` (rows of `width`).
     fn copy_row(
         &mut self,
-        dst: &mut Self::Buffer,
-        src: &Self::Buffer,
-        row: usize,
+        dst: (&mut Self::Buffer, usize),
+        src: (&Self::Buffer, usize),
         width: usize,
     ) -> Result<()>;
 
@@ -176,6 +210,34 @@ pub trait Backend {
     ) -> Result<()> {
         self.rope(q, k, rows, pos0, config)?;
         self.attention(out, q, k, v, cache, layer, rows, pos0, config)
+    }
+
+    /// `rope_attention` for a batch of several sequences: the rows of
+    /// `segments[i]` attend over `caches[i]`. The default takes one segment
+    /// starting at row 0, for backends whose `max_sequences` is 1.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_segments(
+        &mut self,
+        out: &mut Self::Buffer,
+        q: &mut Self::Buffer,
+        k: &mut Self::Buffer,
+        v: &Self::Buffer,
+        caches: &mut [&mut Self::KvCache],
+        layer: usize,
+        segments: &[Segment],
+        config: &Config,
+    ) -> Result<()> {
+        match (segments, caches) {
+            ([s], [cache]) if s.rows.start == 0 => {
+                let rows = s.rows.len();
+                self.rope_attention(out, q, k, v, cache, layer, rows, s.pos0, config)
+            }
+            _ => Err(Error::Backend(format!(
+                "{} runs one sequence per step, not {}",
+                self.describe(),
+                segments.len()
+            ))),
+        }
     }
 
     /// The residual connection of a projection: `residual[r] += w · x[r]`,

@@ -38,11 +38,11 @@ pub mod synth;
 pub mod tensor;
 pub mod tokenizer;
 
-pub use backend::Backend;
+pub use backend::{Backend, Segment};
 pub use checkpoint::{FileFormat, ModelWeights};
 pub use config::Config;
 pub use cpu::CpuBackend;
 pub use error::{Error, Result};
-pub use model::{LanguageModel, Logits, Transformer};
+pub use model::{Chunk, LanguageModel, Logits, SequenceId, Transformer};
 pub use tensor::{DType, HostMatrix};
 pub use tokenizer::Tokenizer;

@@ -1,8 +1,9 @@
 //! The transformer, written once over the `Backend` ops, in dataflow order.
 //! There is no device-specific code here: the CPU and CUDA backends run this
-//! same function, for one decoded token or a whole batch of prompt tokens.
+//! same function, for one decoded token, a whole batch of prompt tokens, or
+//! the rows of many sequences at once (a server's step).
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Segment};
 use crate::checkpoint::ModelWeights;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -108,8 +109,7 @@ impl<B: Backend> Weights<B> {
 // ----------------------------------------------------------------------------
 // Activations
 
-/// Activation buffers for a batch of up to `B` = `max_batch` tokens, and the
-/// KV cache.
+/// Activation buffers for a batch of up to `B` = `max_batch` tokens.
 struct State<B: Backend> {
     x: B::Buffer,      // [B][D] residual stream
     xb: B::Buffer,     // [B][D] normalized input of a sub-layer
@@ -120,9 +120,8 @@ struct State<B: Backend> {
     proj: B::Buffer,   // [B][D] output of wo or w2, added to x
     gate: B::Buffer,   // [B][H] w1 output, then silu(w1) * w3
     up: B::Buffer,     // [B][H] w3 output
-    last: B::Buffer,   // [1][D] final-normed last row, for decode logits
+    last: B::Buffer,   // [B][D] each segment's last row, for its logits
     logits: B::Buffer, // [B][V]
-    cache: B::KvCache, // [L][S][KV] keys and values
 }
 
 impl<B: Backend> State<B> {
@@ -138,9 +137,8 @@ impl<B: Backend> State<B> {
             proj: b.buffer(batch * d)?,
             gate: b.buffer(batch * h)?,
             up: b.buffer(batch * h)?,
-            last: b.buffer(d)?,
+            last: b.buffer(batch * d)?,
             logits: b.buffer(batch * v)?,
-            cache: b.kv_cache(c)?,
         })
     }
 }
@@ -148,7 +146,7 @@ impl<B: Backend> State<B> {
 /// Which logits a forward step computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
-    /// Only the last token's (generation).
+    /// Only the last token's of each segment (generation).
     Last,
     /// Every token's (perplexity, chat parity, checks).
     All,
@@ -157,15 +155,18 @@ pub enum Logits {
 // ----------------------------------------------------------------------------
 // The forward pass
 
-/// One forward step of `tokens` at positions `pos0..`, leaving the requested
-/// logits in `s.logits`.
+/// One forward step of `tokens`, whose rows form `segments` (one per
+/// sequence, `caches[i]` holding segment `i`'s keys and values), leaving the
+/// requested logits in `s.logits`: `[segments][V]` for `Logits::Last`.
+#[allow(clippy::too_many_arguments)]
 fn forward<B: Backend>(
     b: &mut B,
     c: &Config,
     w: &Weights<B>,
     s: &mut State<B>,
+    caches: &mut [&mut B::KvCache],
     tokens: &[u32],
-    pos0: usize,
+    segments: &[Segment],
     want: Logits,
 ) -> Result<()> {
     let n = tokens.len();
@@ -184,17 +185,7 @@ fn forward<B: Backend>(
                 (&layer.wv, &mut s.v),
             ],
         )?;
-        b.rope_attention(
-            &mut s.att,
-            &mut s.q,
-            &mut s.k,
-            &s.v,
-            &mut s.cache,
-            l,
-            n,
-            pos0,
-            c,
-        )?;
+        b.rope_attention_segments(&mut s.att, &mut s.q, &mut s.k, &s.v, caches, l, segments, c)?;
         b.matmul_add(&s.att, n, &layer.wo, &mut s.proj, &mut s.x, c)?;
 
         // Feed-forward block: x += w2 · (silu(w1·xb) * (w3·xb)), xb = rmsnorm(x).
@@ -215,8 +206,11 @@ fn forward<B: Backend>(
     match want {
         Logits::All => b.norm_matmul(&s.x, &w.rms_final, n, &mut s.xb, classifier),
         Logits::Last => {
-            b.copy_row(&mut s.last, &s.x, n - 1, c.dim)?;
-            b.norm_matmul(&s.last, &w.rms_final, 1, &mut s.xb, classifier)
+            for (i, seg) in segments.iter().enumerate() {
+                b.copy_row((&mut s.last, i), (&s.x, seg.rows.end - 1), c.dim)?;
+            }
+            let rows = segments.len();
+            b.norm_matmul(&s.last, &w.rms_final, rows, &mut s.xb, classifier)
         }
     }
 }
@@ -224,8 +218,23 @@ fn forward<B: Backend>(
 // ----------------------------------------------------------------------------
 // The model as the rest of the program sees it
 
+/// A sequence whose keys and values a model holds between steps: the
+/// handle `forward_batch` takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SequenceId(usize);
+
+/// One sequence's rows in a `forward_batch` step: `tokens` at positions
+/// `pos0..` of `sequence`.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk<'a> {
+    pub sequence: SequenceId,
+    pub tokens: &'a [u32],
+    pub pos0: usize,
+}
+
 /// A loaded model that turns tokens into logits, whatever the backend.
-/// Generation, chat, perplexity and checks are written against this.
+/// Generation, chat, perplexity, checks and the server are written against
+/// this.
 pub trait LanguageModel {
     fn config(&self) -> &Config;
     /// A description of the backend running it.
@@ -236,6 +245,23 @@ pub trait LanguageModel {
     /// Runs `tokens` at positions `pos0..` and returns every token's logits
     /// `[tokens.len()][V]`.
     fn forward_all(&mut self, tokens: &[u32], pos0: usize) -> Result<&[f32]>;
+
+    /// The most tokens, of all chunks together, one `forward_batch` takes.
+    fn max_batch(&self) -> usize;
+    /// The most chunks (sequences) one `forward_batch` takes.
+    fn max_sequences(&self) -> usize;
+    /// Starts a sequence with an empty KV cache, separate from the one
+    /// `forward` and `forward_all` use. Its memory grows with its length
+    /// (on backends whose caches can grow) and is returned by
+    /// `free_sequence`.
+    fn new_sequence(&mut self) -> Result<SequenceId>;
+    /// Forgets a sequence and frees its KV cache.
+    fn free_sequence(&mut self, id: SequenceId);
+    /// One forward step over the chunks of several sequences, weights read
+    /// once for all of them; returns each chunk's last-token logits
+    /// `[chunks.len()][V]`. A chunk may start at most at its sequence's
+    /// length (positions not yet written would be read as zeros).
+    fn forward_batch(&mut self, chunks: &[Chunk<'_>]) -> Result<&[f32]>;
 }
 
 /// The transformer on backend `B`.
@@ -245,6 +271,11 @@ pub struct Transformer<B: Backend> {
     weights: Weights<B>,
     state: State<B>,
     batch: usize,
+    /// KV caches by sequence id; slot 0 is `forward`'s, made at first use
+    /// with room for the whole context (a server never needs it).
+    caches: Vec<Option<B::KvCache>>,
+    /// Positions written so far in each slot of `caches`.
+    lengths: Vec<usize>,
     /// Host copy of logits, `[n][V]`.
     logits: Vec<f32>,
 }
@@ -257,17 +288,8 @@ impl<B: Backend> Transformer<B> {
         weights.check_shapes()?;
         weights.check_values()?;
         backend.prepare(&config)?;
-        let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::upload(&mut backend, weights)?;
-        let state = State::new(&mut backend, &config, batch)?;
-        Ok(Transformer {
-            config,
-            backend,
-            weights: w,
-            state,
-            batch,
-            logits: Vec::new(),
-        })
+        Self::with_weights(backend, config, w)
     }
 
     /// A model of `config`'s shape with random weights built on the backend
@@ -275,15 +297,21 @@ impl<B: Backend> Transformer<B> {
     pub fn synthetic(mut backend: B, config: &Config, seed: u64) -> Result<Self> {
         config.validate()?;
         backend.prepare(config)?;
-        let batch = backend.max_batch().clamp(1, config.seq_len);
         let w = Weights::synthetic(&mut backend, config, seed)?;
-        let state = State::new(&mut backend, config, batch)?;
+        Self::with_weights(backend, *config, w)
+    }
+
+    fn with_weights(mut backend: B, config: Config, weights: Weights<B>) -> Result<Self> {
+        let batch = backend.max_batch().clamp(1, config.seq_len);
+        let state = State::new(&mut backend, &config, batch)?;
         Ok(Transformer {
-            config: *config,
+            config,
             backend,
-            weights: w,
+            weights,
             state,
             batch,
+            caches: vec![None],
+            lengths: vec![0],
             logits: Vec::new(),
         })
     }
@@ -316,7 +344,29 @@ impl<B: Backend> Transformer<B> {
         Ok(())
     }
 
-    fn run_chunk(&mut self, chunk: &[u32], pos0: usize, want: Logits) -> Result<()> {
+    /// Slot 0's cache, made with room for the whole context on first use.
+    fn default_cache(&mut self) -> Result<()> {
+        if self.caches[0].is_none() {
+            let seq_len = self.config.seq_len;
+            self.caches[0] = Some(self.backend.kv_cache(&self.config, seq_len)?);
+        }
+        Ok(())
+    }
+
+    /// Runs one step of `tokens` in `segments`, segment `i` in slot
+    /// `slots[i]` of `caches`. The caches are moved out of their slots for
+    /// the step (each is a distinct slot) and put back after it.
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        segments: &[Segment],
+        slots: &[usize],
+        want: Logits,
+    ) -> Result<()> {
+        let mut taken: Vec<B::KvCache> = slots
+            .iter()
+            .map(|&i| self.caches[i].take().expect("live sequences have caches"))
+            .collect();
         let Transformer {
             config,
             backend,
@@ -324,9 +374,76 @@ impl<B: Backend> Transformer<B> {
             state,
             ..
         } = self;
-        backend.step(chunk, pos0, &mut |b| {
-            forward(b, config, weights, state, chunk, pos0, want)
-        })
+        let mut caches: Vec<&mut B::KvCache> = taken.iter_mut().collect();
+        let result = backend.step(tokens, segments, &mut |b| {
+            forward(
+                b,
+                config,
+                weights,
+                state,
+                &mut caches,
+                tokens,
+                segments,
+                want,
+            )
+        });
+        for (&i, cache) in slots.iter().zip(taken) {
+            self.caches[i] = Some(cache);
+        }
+        result
+    }
+
+    fn run_chunk(&mut self, chunk: &[u32], pos0: usize, want: Logits) -> Result<()> {
+        self.default_cache()?;
+        let segments = [Segment::single(chunk.len(), pos0)];
+        self.run_step(chunk, &segments, &[0], want)?;
+        self.lengths[0] = pos0 + chunk.len();
+        Ok(())
+    }
+
+    /// The slot of a live sequence other than slot 0.
+    fn slot(&self, id: SequenceId) -> Result<usize> {
+        match self.caches.get(id.0) {
+            Some(Some(_)) if id.0 != 0 => Ok(id.0),
+            _ => Err(Error::Invalid(format!(
+                "sequence {} is not a live sequence of this model",
+                id.0
+            ))),
+        }
+    }
+
+    /// Checks a batch of chunks against the limits and the sequences'
+    /// lengths; returns their slots.
+    fn check_chunks(&self, chunks: &[Chunk<'_>]) -> Result<Vec<usize>> {
+        let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if chunks.is_empty() || rows > self.batch || chunks.len() > self.max_sequences() {
+            return Err(Error::Invalid(format!(
+                "a batch of {} chunks and {rows} tokens; this model takes 1 to {} chunks of \
+                 {} tokens in all",
+                chunks.len(),
+                self.max_sequences(),
+                self.batch
+            )));
+        }
+        let mut slots = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let slot = self.slot(c.sequence)?;
+            if slots.contains(&slot) {
+                return Err(Error::Invalid(format!(
+                    "sequence {slot} appears twice in one batch"
+                )));
+            }
+            self.check_range(c.tokens, c.pos0)?;
+            if c.pos0 > self.lengths[slot] {
+                return Err(Error::Invalid(format!(
+                    "a chunk at position {} of sequence {slot}, which holds {} positions: \
+                     feed the positions in between first",
+                    c.pos0, self.lengths[slot]
+                )));
+            }
+            slots.push(slot);
+        }
+        Ok(slots)
     }
 }
 
@@ -385,6 +502,59 @@ impl<B: Backend> LanguageModel for Transformer<B> {
                 check_logits(row, pos + i)?;
             }
             pos += chunk.len();
+        }
+        Ok(&self.logits)
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch
+    }
+
+    fn max_sequences(&self) -> usize {
+        self.backend.max_sequences().clamp(1, self.batch)
+    }
+
+    fn new_sequence(&mut self) -> Result<SequenceId> {
+        let cache = self.backend.kv_cache(&self.config, 0)?;
+        let free = (1..self.caches.len()).find(|&i| self.caches[i].is_none());
+        let slot = free.unwrap_or_else(|| {
+            self.caches.push(None);
+            self.lengths.push(0);
+            self.caches.len() - 1
+        });
+        self.caches[slot] = Some(cache);
+        self.lengths[slot] = 0;
+        Ok(SequenceId(slot))
+    }
+
+    fn free_sequence(&mut self, id: SequenceId) {
+        if id.0 != 0 && id.0 < self.caches.len() {
+            self.caches[id.0] = None;
+            self.lengths[id.0] = 0;
+        }
+    }
+
+    fn forward_batch(&mut self, chunks: &[Chunk<'_>]) -> Result<&[f32]> {
+        let slots = self.check_chunks(chunks)?;
+        let mut tokens = Vec::new();
+        let mut segments = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let start = tokens.len();
+            tokens.extend_from_slice(c.tokens);
+            segments.push(Segment {
+                rows: start..tokens.len(),
+                pos0: c.pos0,
+            });
+        }
+        self.run_step(&tokens, &segments, &slots, Logits::Last)?;
+        for (c, &slot) in chunks.iter().zip(&slots) {
+            self.lengths[slot] = c.pos0 + c.tokens.len();
+        }
+        let v = self.config.vocab_size;
+        self.logits.resize(chunks.len() * v, 0.0);
+        self.backend.read(&self.state.logits, &mut self.logits)?;
+        for (row, c) in self.logits.chunks(v).zip(chunks) {
+            check_logits(row, c.pos0 + c.tokens.len() - 1)?;
         }
         Ok(&self.logits)
     }

@@ -543,7 +543,7 @@ fn backend_rmsnorm_rope_attention_match_reference() {
         assert_close(&format!("rope k {isa:?}"), &k, &wk, 1e-6);
 
         // Fill positions 0..pos0 one token at a time, then a batch of `rows`.
-        let mut cache = b.kv_cache(&c).unwrap();
+        let mut cache = b.kv_cache(&c, c.seq_len).unwrap();
         let (mut keys, mut values) = (vec![0f32; c.seq_len * kv], vec![0f32; c.seq_len * kv]);
         let mut out = b.buffer(c.seq_len * d).unwrap();
         for (pos, n) in [(0, 1), (1, pos0 - 1), (pos0, rows)] {

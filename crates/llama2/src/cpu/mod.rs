@@ -6,24 +6,28 @@
 //! run on the calling thread, since waking threads costs more than a 64x64
 //! matvec.
 
+mod attention;
 pub mod kernels;
 pub mod packed;
 pub mod reference;
 mod simd;
 mod team;
 
-use crate::backend::Backend;
+pub use attention::{CpuKvCache, KV_BLOCK};
+use attention::{Inputs, RopeTable};
+
+use crate::backend::{Backend, Segment};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix};
-use kernels::{Isa, Prepared, Q8Acts, Rows, TokenBlocks};
+use kernels::{Isa, Prepared, Q8Acts, TokenBlocks};
 use packed::CpuMatrix;
 use team::Team;
 
 /// Multiply-adds below which a product or attention is not worth splitting
 /// across threads: a few microseconds of vector work, several times what
 /// handing it to a spinning helper costs.
-const PARALLEL_WORK: usize = 1 << 15;
+pub(crate) const PARALLEL_WORK: usize = 1 << 15;
 /// Values below which an element-wise op (rmsnorm, silu, add) over a batch
 /// runs on the calling thread: splitting it costs more than it saves.
 const ELEMENTWISE_WORK: usize = 1 << 14;
@@ -37,16 +41,9 @@ const TILE_ROWS: usize = 16;
 pub const MAX_THREADS: usize = 1024;
 /// Prompt tokens processed together in one batched step.
 const CPU_BATCH: usize = 64;
-/// Queries of one head scored together in batched attention, so each key
-/// and value row is loaded once per block (the vector kernels' widest).
-const QUERY_BLOCK: usize = 4;
-
-/// The key and value caches of all layers.
-pub struct CpuKvCache {
-    keys: Vec<f32>,   // [L][S][KV]
-    values: Vec<f32>, // [L][S][KV]
-    layer_len: usize, // S * KV
-}
+/// Most sequences one step holds: a server's running requests, each a row
+/// or more of the batch.
+const MAX_SEQUENCES: usize = CPU_BATCH;
 
 /// Host-memory backend.
 pub struct CpuBackend {
@@ -67,12 +64,8 @@ pub struct CpuBackend {
     /// Batched attention's scratch: per (query block, head) task, its scores
     /// then its outputs (see `attention`).
     att: Vec<f32>,
-    /// Rotary factors `(cos, sin)` `[position][head_size / 2]` for the
-    /// positions seen so far: the same values for every layer and head, so
-    /// computed once instead of a `powf` and `sin_cos` per pair and layer.
-    rope_table: Vec<(f32, f32)>,
-    /// The prepared model's rotary frequencies `[head_size / 2]`.
-    rope_freqs: Vec<f32>,
+    /// Rotary factors of the positions seen so far, and the frequencies.
+    rope: RopeTable,
     /// The prepared model's RMSNorm epsilon.
     norm_eps: f32,
 }
@@ -113,14 +106,27 @@ impl CpuBackend {
             blocks: TokenBlocks::default(),
             scratch: Vec::new(),
             att: Vec::new(),
-            rope_table: Vec::new(),
-            rope_freqs: Vec::new(),
+            rope: RopeTable::default(),
             norm_eps: crate::config::LLAMA2C_NORM_EPS,
         })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Attention of a batch of segments, with this backend's team and scratch.
+    fn attend(
+        &mut self,
+        out: &mut [f32],
+        inputs: Inputs<'_>,
+        caches: &mut [&mut CpuKvCache],
+        layer: usize,
+        segments: &[Segment],
+        c: &Config,
+    ) -> Result<()> {
+        let run = (&self.team, self.threads, self.isa);
+        attention::attend(run, &mut self.att, out, inputs, caches, layer, segments, c)
     }
 
     /// The instruction set the kernels use.
@@ -249,7 +255,7 @@ fn gather_row(
 /// `v[..len]`, growing `v` first if it is shorter. Scratch buffers are
 /// reused at many sizes; shrinking them with `Vec::resize` would make every
 /// regrowth zero-fill megabytes.
-fn grow_to<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+pub(crate) fn grow_to<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
         v.resize(len, T::default());
     }
@@ -277,14 +283,17 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn max_sequences(&self) -> usize {
+        MAX_SEQUENCES
+    }
+
     fn max_batch(&self) -> usize {
         CPU_BATCH
     }
 
     fn prepare(&mut self, config: &Config) -> Result<()> {
         self.norm_eps = config.norm_eps;
-        self.rope_freqs = config.rope_frequencies();
-        self.rope_table.clear();
+        self.rope = RopeTable::new(config.rope_frequencies());
         Ok(())
     }
 
@@ -299,10 +308,10 @@ impl Backend for CpuBackend {
     fn step(
         &mut self,
         tokens: &[u32],
-        pos0: usize,
+        segments: &[Segment],
         ops: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<()> {
-        let _ = (tokens, pos0);
+        let _ = (tokens, segments);
         self.team.set_active(true);
         let r = ops(self);
         self.team.set_active(false);
@@ -322,26 +331,8 @@ impl Backend for CpuBackend {
         Ok(vec![0.0; len])
     }
 
-    fn kv_cache(&mut self, c: &Config) -> Result<CpuKvCache> {
-        let layer_len = c.seq_len * c.kv_dim();
-        let total = layer_len
-            .checked_mul(c.n_layers)
-            .ok_or_else(|| Error::Config(format!("a KV cache of {c:?} does not fit in memory")))?;
-        crate::files::check_allocation(
-            8 * total as u64,
-            &format!(
-                "the KV cache ({} layers x {} positions x {} values, keys and values in f32)",
-                c.n_layers,
-                c.seq_len,
-                c.kv_dim()
-            ),
-            "the model's context length sets its size",
-        )?;
-        Ok(CpuKvCache {
-            keys: vec![0.0; total],
-            values: vec![0.0; total],
-            layer_len,
-        })
+    fn kv_cache(&mut self, c: &Config, positions: usize) -> Result<CpuKvCache> {
+        CpuKvCache::new(c, positions)
     }
 
     fn embed(&mut self, out: &mut Vec<f32>, table: &CpuMatrix, tokens: &[u32]) -> Result<()> {
@@ -439,28 +430,8 @@ impl Backend for CpuBackend {
         pos0: usize,
         c: &Config,
     ) -> Result<()> {
-        let (d, kv, half) = (c.dim, c.kv_dim(), c.head_size() / 2);
-        if self.rope_freqs.len() != half {
-            return Err(Error::Backend(format!(
-                "rope for head size {} on a backend prepared for {}",
-                c.head_size(),
-                2 * self.rope_freqs.len()
-            )));
-        }
-        let have = self.rope_table.len() / half.max(1);
-        for pos in have..pos0 + rows {
-            // The factors exactly as `reference::rope` computes them.
-            self.rope_table.extend(self.rope_freqs.iter().map(|&freq| {
-                let (fci, fcr) = (pos as f32 * freq).sin_cos();
-                (fcr, fci)
-            }));
-        }
-        for r in 0..rows {
-            let f = &self.rope_table[(pos0 + r) * half..(pos0 + r + 1) * half];
-            rope_rotate(&mut q[r * d..(r + 1) * d], f);
-            rope_rotate(&mut k[r * kv..(r + 1) * kv], f);
-        }
-        Ok(())
+        let segments = [Segment::single(rows, pos0)];
+        self.rope.apply((q, k), &segments, c)
     }
 
     fn attention(
@@ -475,69 +446,8 @@ impl Backend for CpuBackend {
         pos0: usize,
         c: &Config,
     ) -> Result<()> {
-        let (d, kv, hs) = (c.dim, c.kv_dim(), c.head_size());
-        let base = layer * cache.layer_len;
-        let at = base + pos0 * kv;
-        cache.keys[at..at + rows * kv].copy_from_slice(&k[..rows * kv]);
-        cache.values[at..at + rows * kv].copy_from_slice(&v[..rows * kv]);
-        let keys = &cache.keys[base..base + cache.layer_len];
-        let values = &cache.values[base..base + cache.layer_len];
-        let work = rows * c.n_heads * (pos0 + rows) * hs * 2;
-        let (isa, heads, scale) = (self.isa, c.n_heads, (hs as f32).sqrt());
-        let blocks = rows.div_ceil(QUERY_BLOCK);
-        // Task `i`: one head of one block of queries; its scores `[QUERY_BLOCK]
-        // [span]` then its outputs `[QUERY_BLOCK][hs]`. Later blocks see more
-        // keys, so they come first and the cheap ones even out the end.
-        let span = pos0 + rows;
-        let task_len = QUERY_BLOCK * (span + hs);
-        let mut buffer = std::mem::take(&mut self.att);
-        let scratch = grow_to(&mut buffer, blocks * heads * task_len);
-        // Task `i`'s head and the query rows of its block.
-        let task_of = |i: usize| {
-            let b = blocks - 1 - i / heads;
-            (b * QUERY_BLOCK..rows.min((b + 1) * QUERY_BLOCK), i % heads)
-        };
-        let task = |i: usize, s: &mut [f32]| {
-            let (rs, h) = task_of(i);
-            let n = pos0 + rs.end;
-            let kv_off = (h / c.kv_group()) * hs;
-            let queries = Rows::new(&q[rs.start * d + h * hs..], d, hs, rs.len());
-            let (att, out) = s.split_at_mut(QUERY_BLOCK * span);
-            let att = &mut att[..rs.len() * n];
-            kernels::attention_scores(
-                isa,
-                att,
-                queries,
-                Rows::new(&keys[kv_off..], kv, hs, n),
-                scale,
-            );
-            for (r, att) in rs.clone().zip(att.chunks_exact_mut(n)) {
-                // Keys after this query's own position are the block's
-                // later tokens: zero weight keeps the sums exactly as if
-                // they were not there.
-                let (seen, later) = att.split_at_mut(pos0 + r + 1);
-                kernels::softmax(isa, seen);
-                later.fill(0.0);
-            }
-            let values = Rows::new(&values[kv_off..], kv, hs, n);
-            kernels::weighted_sum(isa, &mut out[..rs.len() * hs], att, values);
-        };
-        if work < PARALLEL_WORK || self.threads == 1 {
-            for (i, s) in scratch.chunks_mut(task_len).enumerate() {
-                task(i, s);
-            }
-        } else {
-            self.team.for_each_chunk(scratch, task_len, task);
-        }
-        for (i, s) in scratch.chunks(task_len).enumerate() {
-            let (rs, h) = task_of(i);
-            let outs = s[QUERY_BLOCK * span..].chunks_exact(hs);
-            for (r, o) in rs.zip(outs) {
-                out[r * d + h * hs..][..hs].copy_from_slice(o);
-            }
-        }
-        self.att = buffer;
-        Ok(())
+        let segments = [Segment::single(rows, pos0)];
+        self.attend(out, Inputs { q, k, v }, &mut [cache], layer, &segments, c)
     }
 
     fn silu_mul(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
@@ -561,29 +471,31 @@ impl Backend for CpuBackend {
 
     fn copy_row(
         &mut self,
-        dst: &mut Vec<f32>,
-        src: &Vec<f32>,
-        row: usize,
+        (dst, to): (&mut Vec<f32>, usize),
+        (src, from): (&Vec<f32>, usize),
         width: usize,
     ) -> Result<()> {
-        dst[..width].copy_from_slice(&src[row * width..(row + 1) * width]);
+        dst[to * width..(to + 1) * width].copy_from_slice(&src[from * width..(from + 1) * width]);
         Ok(())
+    }
+
+    fn rope_attention_segments(
+        &mut self,
+        out: &mut Vec<f32>,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        v: &Vec<f32>,
+        caches: &mut [&mut CpuKvCache],
+        layer: usize,
+        segments: &[Segment],
+        c: &Config,
+    ) -> Result<()> {
+        self.rope.apply((q, k), segments, c)?;
+        self.attend(out, Inputs { q, k, v }, caches, layer, segments, c)
     }
 
     fn read(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<()> {
         out.copy_from_slice(&src[..out.len()]);
         Ok(())
-    }
-}
-
-/// Rotates each pair `(v[i], v[i + 1])` of every head of one token by the
-/// factors `f` `[head_size / 2]`, as `reference::rope` does.
-fn rope_rotate(v: &mut [f32], f: &[(f32, f32)]) {
-    for head in v.chunks_exact_mut(2 * f.len()) {
-        for (p, &(fcr, fci)) in head.chunks_exact_mut(2).zip(f) {
-            let (v0, v1) = (p[0], p[1]);
-            p[0] = v0 * fcr - v1 * fci;
-            p[1] = v0 * fci + v1 * fcr;
-        }
     }
 }

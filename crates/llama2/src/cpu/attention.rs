@@ -1,0 +1,292 @@
+//! The CPU backend's attention half: each sequence's KV cache, which grows
+//! with the sequence in blocks of `KV_BLOCK` positions, and rotary embedding
+//! plus causal attention for a batch of segments (one sequence's prompt, or
+//! one row per running sequence of a server). A batch's attention is split
+//! into (segment, block of queries, head) tasks that run across the team.
+//!
+//! It is deliberately not a shared page table: CPU attention reads each
+//! sequence's keys as one contiguous `[positions][KV]` run, which the
+//! vector kernels stream at full speed; growing a sequence's run is a
+//! `Vec` growth, amortized like any other.
+
+use super::kernels::{self, Isa, Rows};
+use super::team::Team;
+use super::{grow_to, PARALLEL_WORK};
+use crate::backend::Segment;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Queries of one head scored together in batched attention, so each key
+/// and value row is loaded once per block (the vector kernels' widest).
+const QUERY_BLOCK: usize = 4;
+/// Positions a cache grows by at least: the unit a server counts KV memory
+/// in.
+pub const KV_BLOCK: usize = 16;
+
+/// One layer's cache of one sequence.
+struct LayerCache {
+    keys: Vec<f32>,   // [positions][KV]
+    values: Vec<f32>, // [positions][KV]
+}
+
+/// The key and value caches of one sequence, all layers.
+pub struct CpuKvCache {
+    layers: Vec<LayerCache>, // [L]
+    kv: usize,
+    /// The model's context: no cache grows past it.
+    seq_len: usize,
+}
+
+impl CpuKvCache {
+    /// Caches with room for `positions` positions, refused up front when
+    /// the whole context's would not fit in memory (every cache may grow
+    /// that far).
+    pub(super) fn new(c: &Config, positions: usize) -> Result<Self> {
+        let kv = c.kv_dim();
+        let full = (c.seq_len as u64) * (kv as u64) * (c.n_layers as u64) * 8;
+        crate::files::check_allocation(
+            full,
+            &format!(
+                "the KV cache ({} layers x {} positions x {} values, keys and values in f32)",
+                c.n_layers, c.seq_len, kv
+            ),
+            "the model's context length sets its size",
+        )?;
+        let len = positions.min(c.seq_len) * kv;
+        let layers = (0..c.n_layers)
+            .map(|_| LayerCache {
+                keys: vec![0.0; len],
+                values: vec![0.0; len],
+            })
+            .collect();
+        Ok(CpuKvCache {
+            layers,
+            kv,
+            seq_len: c.seq_len,
+        })
+    }
+
+    /// Positions this cache holds room for.
+    pub fn positions(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |l| l.keys.len() / self.kv.max(1))
+    }
+
+    /// Stores `k` and `v` `[rows][KV]` at `pos0..` of `layer`, growing the
+    /// layer's cache by whole blocks when they reach past it.
+    fn store(&mut self, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let kv = self.kv;
+        let end = pos0 + k.len() / kv;
+        if end > self.seq_len {
+            return Err(Error::Backend(format!(
+                "attention at position {} past the context of {}",
+                end - 1,
+                self.seq_len
+            )));
+        }
+        let l = &mut self.layers[layer];
+        if l.keys.len() < end * kv {
+            let grown = end.next_multiple_of(KV_BLOCK).min(self.seq_len) * kv;
+            l.keys.resize(grown, 0.0);
+            l.values.resize(grown, 0.0);
+        }
+        l.keys[pos0 * kv..end * kv].copy_from_slice(k);
+        l.values[pos0 * kv..end * kv].copy_from_slice(v);
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Rotary embedding
+
+/// Rotary factors `(cos, sin)` `[position][head_size / 2]` for the positions
+/// seen so far: the same values for every layer, head and sequence, so
+/// computed once instead of a `powf` and `sin_cos` per pair and layer.
+#[derive(Default)]
+pub(super) struct RopeTable {
+    factors: Vec<(f32, f32)>,
+    /// The prepared model's rotary frequencies `[head_size / 2]`.
+    freqs: Vec<f32>,
+}
+
+impl RopeTable {
+    pub(super) fn new(freqs: Vec<f32>) -> Self {
+        RopeTable {
+            factors: Vec::new(),
+            freqs,
+        }
+    }
+
+    /// Rotates the rows of `q` `[rows][D]` and `k` `[rows][KV]` of every
+    /// segment by their positions.
+    pub(super) fn apply(
+        &mut self,
+        (q, k): (&mut [f32], &mut [f32]),
+        segments: &[Segment],
+        c: &Config,
+    ) -> Result<()> {
+        let (d, kv, half) = (c.dim, c.kv_dim(), c.head_size() / 2);
+        if self.freqs.len() != half {
+            return Err(Error::Backend(format!(
+                "rope for head size {} on a backend prepared for {}",
+                c.head_size(),
+                2 * self.freqs.len()
+            )));
+        }
+        let end = segments.iter().map(|s| s.pos0 + s.rows.len()).max();
+        self.extend_to(end.unwrap_or(0), half);
+        for s in segments {
+            for (i, r) in s.rows.clone().enumerate() {
+                let f = &self.factors[(s.pos0 + i) * half..][..half];
+                rotate(&mut q[r * d..(r + 1) * d], f);
+                rotate(&mut k[r * kv..(r + 1) * kv], f);
+            }
+        }
+        Ok(())
+    }
+
+    fn extend_to(&mut self, positions: usize, half: usize) {
+        let have = self.factors.len() / half.max(1);
+        for pos in have..positions {
+            // The factors exactly as `reference::rope` computes them.
+            self.factors.extend(self.freqs.iter().map(|&freq| {
+                let (fci, fcr) = (pos as f32 * freq).sin_cos();
+                (fcr, fci)
+            }));
+        }
+    }
+}
+
+/// Rotates each pair `(v[i], v[i + 1])` of every head of one token by the
+/// factors `f` `[head_size / 2]`, as `reference::rope` does.
+fn rotate(v: &mut [f32], f: &[(f32, f32)]) {
+    for head in v.chunks_exact_mut(2 * f.len()) {
+        for (p, &(fcr, fci)) in head.chunks_exact_mut(2).zip(f) {
+            let (v0, v1) = (p[0], p[1]);
+            p[0] = v0 * fcr - v1 * fci;
+            p[1] = v0 * fci + v1 * fcr;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Attention
+
+/// One task of a batch's attention: one head of a block of at most
+/// `QUERY_BLOCK` consecutive rows of one segment.
+#[derive(Clone)]
+struct Task {
+    segment: usize,
+    rows: std::ops::Range<usize>, // rows of the batch
+    head: usize,
+}
+
+/// What attention reads, shared by all of a batch's tasks.
+pub(super) struct Inputs<'a> {
+    pub q: &'a [f32], // [rows][D]
+    pub k: &'a [f32], // [rows][KV]
+    pub v: &'a [f32], // [rows][KV]
+}
+
+/// Stores each segment's keys and values in its cache, then computes
+/// causal attention of every row over its own sequence's positions
+/// `0..=pos` into `out` `[rows][D]`. `scratch` is reused between calls.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    (team, threads, isa): (&Team, usize, Isa),
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+    inputs: Inputs<'_>,
+    caches: &mut [&mut CpuKvCache],
+    layer: usize,
+    segments: &[Segment],
+    c: &Config,
+) -> Result<()> {
+    let (d, kv, hs) = (c.dim, c.kv_dim(), c.head_size());
+    for (s, cache) in segments.iter().zip(caches.iter_mut()) {
+        let rows = s.rows.start * kv..s.rows.end * kv;
+        cache.store(layer, s.pos0, &inputs.k[rows.clone()], &inputs.v[rows])?;
+    }
+    let tasks = tasks(segments, c.n_heads);
+    let span = segments.iter().map(|s| s.pos0 + s.rows.len()).max();
+    let span = span.unwrap_or(0);
+    let work: usize = segments
+        .iter()
+        .map(|s| s.rows.len() * (s.pos0 + s.rows.len()))
+        .sum::<usize>()
+        * c.n_heads
+        * hs
+        * 2;
+    // Each task's scores `[QUERY_BLOCK][span]`, then its outputs
+    // `[QUERY_BLOCK][hs]`.
+    let task_len = QUERY_BLOCK * (span + hs);
+    let scratch = grow_to(scratch, tasks.len() * task_len);
+    let caches = &*caches;
+    let scale = (hs as f32).sqrt();
+    let run = |i: usize, s: &mut [f32]| {
+        let Task {
+            segment,
+            rows,
+            head,
+        } = tasks[i].clone();
+        let seg = &segments[segment];
+        let cache = &caches[segment].layers[layer];
+        // Keys the block's last query sees; earlier queries get zero
+        // weight on the later ones, which keeps the sums exactly as if
+        // they were not there.
+        let first = seg.pos0 + rows.start - seg.rows.start;
+        let n = first + rows.len();
+        let kv_off = (head / c.kv_group()) * hs;
+        let queries = Rows::new(&inputs.q[rows.start * d + head * hs..], d, hs, rows.len());
+        let (att, o) = s.split_at_mut(QUERY_BLOCK * span);
+        let att = &mut att[..rows.len() * n];
+        let keys = Rows::new(&cache.keys[kv_off..], kv, hs, n);
+        kernels::attention_scores(isa, att, queries, keys, scale);
+        for (r, att) in att.chunks_exact_mut(n).enumerate() {
+            let (seen, later) = att.split_at_mut(first + r + 1);
+            kernels::softmax(isa, seen);
+            later.fill(0.0);
+        }
+        let values = Rows::new(&cache.values[kv_off..], kv, hs, n);
+        kernels::weighted_sum(isa, &mut o[..rows.len() * hs], att, values);
+    };
+    if work < PARALLEL_WORK || threads == 1 {
+        for (i, s) in scratch.chunks_mut(task_len).enumerate() {
+            run(i, s);
+        }
+    } else {
+        team.for_each_chunk(scratch, task_len, run);
+    }
+    for (t, s) in tasks.iter().zip(scratch.chunks(task_len)) {
+        let outs = s[QUERY_BLOCK * span..].chunks_exact(hs);
+        for (r, o) in t.rows.clone().zip(outs) {
+            out[r * d + t.head * hs..][..hs].copy_from_slice(o);
+        }
+    }
+    Ok(())
+}
+
+/// The tasks of a batch, those that see the most keys first so the cheap
+/// ones even out the end.
+fn tasks(segments: &[Segment], heads: usize) -> Vec<Task> {
+    let mut blocks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
+    for (i, s) in segments.iter().enumerate() {
+        for start in s.rows.clone().step_by(QUERY_BLOCK) {
+            let rows = start..s.rows.end.min(start + QUERY_BLOCK);
+            let seen = s.pos0 + rows.end - s.rows.start;
+            blocks.push((seen, i, rows));
+        }
+    }
+    blocks.sort_by(|a, b| b.0.cmp(&a.0));
+    blocks
+        .into_iter()
+        .flat_map(|(_, segment, rows)| {
+            (0..heads).map(move |head| Task {
+                segment,
+                rows: rows.clone(),
+                head,
+            })
+        })
+        .collect()
+}

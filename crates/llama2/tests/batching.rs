@@ -1,0 +1,184 @@
+//! Many sequences in one step: `forward_batch` over interleaved prompts and
+//! decode rows gives each sequence the logits it gets alone, for fp32 and
+//! int8 models at every SIMD level, and refuses batches that would read
+//! positions never written.
+
+mod common;
+
+use common::*;
+use llama2::cpu::kernels::Isa;
+use llama2::sampler::argmax;
+use llama2::{Chunk, CpuBackend, LanguageModel, ModelWeights, Transformer};
+
+/// Prompts of different lengths (token ids of tok512), so that prefill
+/// chunks and decode rows of other sequences share steps.
+const PROMPTS: [&[u32]; 4] = [
+    &[1, 403, 407, 261, 378],
+    &[1, 300],
+    &[
+        1, 270, 280, 290, 300, 310, 320, 330, 340, 350, 360, 370, 380,
+    ],
+    &[1],
+];
+/// Greedy tokens decoded after each prompt.
+const DECODE: usize = 24;
+
+/// Each sequence alone on the model's own cache: the logits after its prompt
+/// and after each greedy token, `[DECODE + 1][V]`, and the tokens.
+fn alone(model: &mut dyn LanguageModel, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut logits = vec![model.forward(prompt, 0).unwrap().to_vec()];
+    let mut tokens = Vec::new();
+    for i in 0..DECODE {
+        let next = argmax(logits.last().unwrap());
+        tokens.push(next);
+        logits.push(model.forward(&[next], prompt.len() + i).unwrap().to_vec());
+    }
+    (logits, tokens)
+}
+
+/// All sequences together: prompts fed in chunks of at most `chunk` tokens,
+/// a newly started sequence each step while older ones decode.
+fn together(model: &mut dyn LanguageModel, chunk: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
+    struct Seq {
+        id: llama2::SequenceId,
+        fed: usize,
+        tokens: Vec<u32>,
+        logits: Vec<Vec<f32>>,
+    }
+    let mut seqs: Vec<Seq> = Vec::new();
+    let v = model.config().vocab_size;
+    loop {
+        if seqs.len() < PROMPTS.len() {
+            let id = model.new_sequence().unwrap();
+            seqs.push(Seq {
+                id,
+                fed: 0,
+                tokens: Vec::new(),
+                logits: Vec::new(),
+            });
+        }
+        // Each unfinished sequence's next input: a prompt chunk or its last token.
+        let inputs: Vec<(usize, Vec<u32>, usize)> = seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.logits.len() <= DECODE)
+            .map(|(i, s)| {
+                let p = PROMPTS[i];
+                if s.fed < p.len() {
+                    let end = p.len().min(s.fed + chunk);
+                    (i, p[s.fed..end].to_vec(), s.fed)
+                } else {
+                    (
+                        i,
+                        vec![*s.tokens.last().unwrap()],
+                        p.len() + s.tokens.len() - 1,
+                    )
+                }
+            })
+            .collect();
+        if inputs.is_empty() {
+            break;
+        }
+        let chunks: Vec<Chunk> = inputs
+            .iter()
+            .map(|(i, t, pos0)| Chunk {
+                sequence: seqs[*i].id,
+                tokens: t,
+                pos0: *pos0,
+            })
+            .collect();
+        let logits = model.forward_batch(&chunks).unwrap().to_vec();
+        for ((i, t, _), row) in inputs.iter().zip(logits.chunks(v)) {
+            let s = &mut seqs[*i];
+            s.fed += t.len();
+            if s.fed >= PROMPTS[*i].len() {
+                s.logits.push(row.to_vec());
+                if s.tokens.len() < DECODE {
+                    s.tokens.push(argmax(row));
+                }
+            }
+        }
+    }
+    for s in &seqs {
+        model.free_sequence(s.id);
+    }
+    seqs.into_iter().map(|s| (s.logits, s.tokens)).collect()
+}
+
+fn assert_same_as_alone(weights: &ModelWeights, isa: Isa, chunk: usize) {
+    let backend = CpuBackend::with_isa(2, None, isa).unwrap();
+    let mut model = Transformer::new(backend, weights).unwrap();
+    let mut want = Vec::new();
+    for p in PROMPTS {
+        want.push(alone(&mut model, p));
+    }
+    let got = together(&mut model, chunk);
+    for (s, ((want_l, want_t), (got_l, got_t))) in want.iter().zip(&got).enumerate() {
+        assert_eq!(
+            want_t, got_t,
+            "{isa:?} chunk {chunk}: tokens of sequence {s}"
+        );
+        assert_eq!(want_l.len(), got_l.len());
+        for (step, (w, g)) in want_l.iter().zip(got_l).enumerate() {
+            let worst = w
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "{isa:?} chunk {chunk}: sequence {s} step {step} differs by {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_sequences_match_each_alone_fp32() {
+    let w = load("stories260K.bin");
+    for isa in Isa::all() {
+        for chunk in [1, 4, 64] {
+            assert_same_as_alone(&w, isa, chunk);
+        }
+    }
+}
+
+#[test]
+fn batched_sequences_match_each_alone_q8() {
+    let w = load("stories260K_q8_gs4.bin");
+    for isa in Isa::all() {
+        assert_same_as_alone(&w, isa, 3);
+    }
+}
+
+#[test]
+fn freed_sequences_are_reused_and_refused() {
+    let w = load("stories260K.bin");
+    let mut model = cpu_model(&w);
+    let a = model.new_sequence().unwrap();
+    let chunk = |sequence, tokens: &'static [u32], pos0| Chunk {
+        sequence,
+        tokens,
+        pos0,
+    };
+    model.forward_batch(&[chunk(a, &[1, 300], 0)]).unwrap();
+    // Position 5 was never written: refused, not read as zeros.
+    let err = model.forward_batch(&[chunk(a, &[300], 5)]).unwrap_err();
+    assert!(err.to_string().contains("holds 2 positions"), "{err}");
+    let err = model
+        .forward_batch(&[chunk(a, &[300], 2), chunk(a, &[301], 3)])
+        .unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    model.free_sequence(a);
+    let err = model.forward_batch(&[chunk(a, &[1], 0)]).unwrap_err();
+    assert!(err.to_string().contains("not a live sequence"), "{err}");
+    let b = model.new_sequence().unwrap();
+    assert_eq!(a, b, "the freed slot is reused");
+    let long: Vec<u32> = vec![300; model.max_batch() + 1];
+    let long: &'static [u32] = long.leak();
+    let err = model.forward_batch(&[chunk(b, long, 0)]).unwrap_err();
+    assert!(err.to_string().contains("tokens in all"), "{err}");
+    let past = model.config().seq_len;
+    let err = model.forward_batch(&[chunk(b, &[1], past)]).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+}
