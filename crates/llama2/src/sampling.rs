@@ -341,8 +341,9 @@ fn extended_pick(
     if p.top_p > 0.0 && p.top_p < 1.0 {
         nucleus(candidates, p.top_p, coin)
     } else {
-        let mass: f32 = candidates.iter().map(|c| c.0).sum();
-        draw(candidates, coin * mass)
+        // The candidates are normalized, so the coin is used as run.c
+        // uses it: with nothing cut away this is run.c's draw exactly.
+        draw(candidates, coin)
     }
 }
 
