@@ -18,6 +18,54 @@ fn parse_finite(s: &str) -> Result<f32, String> {
     }
 }
 
+/// `--top-k`: a whole number, 0 meaning off. Parsed here rather than by
+/// clap's usize parser so that `-3` gets a message saying what is expected.
+fn parse_top_k(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .map_err(|_| format!("expected a whole number >= 0 (0 = off), found {s:?}"))
+}
+
+/// A finite float within `lo..=hi`, with `what` saying what the bounds mean.
+fn parse_in(s: &str, lo: f32, hi: f32, what: &str) -> Result<f32, String> {
+    match parse_finite(s) {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "expected a number from {lo} to {hi} ({what}), found {s:?}"
+        )),
+    }
+}
+
+/// `--min-p`: a fraction of the top probability.
+fn parse_min_p(s: &str) -> Result<f32, String> {
+    parse_in(s, 0.0, 1.0, "0 = off")
+}
+
+/// `--frequency-penalty`, `--presence-penalty`: OpenAI's range.
+fn parse_openai_penalty(s: &str) -> Result<f32, String> {
+    parse_in(s, -2.0, 2.0, "0 = off")
+}
+
+/// `--repeat-penalty`: a divisor of positive logits, so it must be > 0.
+fn parse_repeat_penalty(s: &str) -> Result<f32, String> {
+    match parse_finite(s) {
+        Ok(v) if v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "expected a number > 0 (1 = off, above 1 discourages repeats), found {s:?}"
+        )),
+    }
+}
+
+/// `--stop`: any non-empty text (an empty one would stop before the first
+/// token).
+fn parse_stop(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("expected a non-empty text".into())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
 /// `--threads`: 0 (one per core) up to `MAX_THREADS`; each thread is a real
 /// OS thread with its own stack, so absurd counts are refused up front.
 fn parse_threads(s: &str) -> Result<usize, String> {
@@ -163,7 +211,52 @@ pub struct RunArgs {
     #[arg(short = 'y', long)]
     pub system: Option<String>,
     #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// Sampling beyond llama2.c's. When none is given, llama2.c's sampler runs
+/// unchanged; none combines with --exact, which promises run.c's text.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SamplingArgs {
+    /// Sample only among the N most likely tokens (0 = off).
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = parse_top_k, conflicts_with = "exact")]
+    pub top_k: Option<usize>,
+    /// Drop tokens less likely than P times the most likely one (0 = off, at most 1).
+    #[arg(long, value_name = "P", allow_negative_numbers = true,
+          value_parser = parse_min_p, conflicts_with = "exact")]
+    pub min_p: Option<f32>,
+    /// Divide positive logits (multiply negative ones) of tokens already in
+    /// the prompt or the output by R (1 = off).
+    #[arg(long, value_name = "R", allow_negative_numbers = true,
+          value_parser = parse_repeat_penalty, conflicts_with = "exact")]
+    pub repeat_penalty: Option<f32>,
+    /// Subtract F times a token's count in the output from its logit (-2 to 2).
+    #[arg(long, value_name = "F", allow_negative_numbers = true,
+          value_parser = parse_openai_penalty, conflicts_with = "exact")]
+    pub frequency_penalty: Option<f32>,
+    /// Subtract P from the logit of every token already in the output (-2 to 2).
+    #[arg(long, value_name = "P", allow_negative_numbers = true,
+          value_parser = parse_openai_penalty, conflicts_with = "exact")]
+    pub presence_penalty: Option<f32>,
+    /// End generation where the output contains TEXT (not printed); repeatable.
+    #[arg(long, value_name = "TEXT", value_parser = parse_stop,
+          allow_hyphen_values = true, conflicts_with = "exact")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// Whether any flag beyond llama2.c's was given.
+    pub fn any(&self) -> bool {
+        self.top_k.is_some()
+            || self.min_p.is_some()
+            || self.repeat_penalty.is_some()
+            || self.frequency_penalty.is_some()
+            || self.presence_penalty.is_some()
+            || !self.stop.is_empty()
+    }
 }
 
 #[derive(Args, Debug)]

@@ -1,13 +1,15 @@
 //! The llama2.c-compatible commands: generation and chat (the top level) and
-//! `tokenize`. Flags are clamped here exactly as run.c clamps them.
+//! `tokenize`. Flags are clamped here exactly as run.c clamps them. Without
+//! the sampling flags beyond run.c's, llama2.c's `Sampler` runs unchanged.
 
 use std::io::{self, BufWriter, Write};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use llama2::checkpoint;
 use llama2::generate::{self, ChatInput};
 use llama2::sampler::Sampler;
+use llama2::sampling::{NextToken, SamplingParams, SequenceSampler};
 use llama2::tokenizer::Printing;
 
 use crate::args::{Mode, RunArgs, TokenizeArgs};
@@ -53,16 +55,43 @@ fn clamp(args: &RunArgs, seq_len: usize) -> Settings {
     }
 }
 
+/// llama2.c's `Sampler` when no flag beyond run.c's is given (the exact
+/// code path, so the text is unchanged), else a `SequenceSampler`.
+fn make_sampler(args: &RunArgs, s: &Settings) -> Result<Box<dyn NextToken>> {
+    let a = &args.sampling;
+    if !a.any() {
+        return Ok(Box::new(Sampler::new(s.temperature, s.topp, s.seed)));
+    }
+    let params = SamplingParams {
+        temperature: s.temperature,
+        top_p: s.topp,
+        top_k: a.top_k.unwrap_or(0),
+        min_p: a.min_p.unwrap_or(0.0),
+        repetition_penalty: a.repeat_penalty.unwrap_or(1.0),
+        frequency_penalty: a.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: a.presence_penalty.unwrap_or(0.0),
+        seed: s.seed,
+        top_logprobs: None,
+    };
+    // The flags' parsers already check each value; this is the library's
+    // word on the combination.
+    params.validate().map_err(anyhow::Error::msg)?;
+    Ok(Box::new(SequenceSampler::new(&params, &[])))
+}
+
 /// `llama2 <checkpoint> [flags]`: generate or chat.
 pub fn run(args: &RunArgs) -> Result<()> {
     let path = args.checkpoint.as_deref().context("no checkpoint given")?;
+    if args.mode == Mode::Chat && !args.sampling.stop.is_empty() {
+        bail!("--stop works in generate mode only; chat turns end at the model's end of sequence");
+    }
     let started = Instant::now();
     let weights = checkpoint::open(path, args.device.ctx_size)?;
     let tokenizer = llama2::tokenizer::find(args.tokenizer.as_deref(), path, &weights.config)?;
     let mut model = device::load_model(&weights, &args.device)?;
     let load_time = started.elapsed();
     let s = clamp(args, weights.config.seq_len);
-    let mut sampler = Sampler::new(s.temperature, s.topp, s.seed);
+    let mut sampler = make_sampler(args, &s)?;
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     // --exact promises run.c's text, so byte pieces print as run.c prints them.
@@ -72,12 +101,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
         Printing::Characters
     };
     let stats = match args.mode {
-        Mode::Generate => generate::generate(
+        Mode::Generate => generate::generate_until(
             model.as_mut(),
             &tokenizer,
-            &mut sampler,
+            sampler.as_mut(),
             args.prompt.as_deref().unwrap_or(""),
             s.steps,
+            &args.sampling.stop,
             (&mut out, printing),
         )?,
         Mode::Chat => {
@@ -91,7 +121,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             generate::chat(
                 model.as_mut(),
                 &tokenizer,
-                &mut sampler,
+                sampler.as_mut(),
                 input,
                 s.steps,
                 (&mut out, printing),

@@ -1,14 +1,16 @@
 //! The generation and chat loops of llama2.c, independent of the backend.
 //! They print exactly what `run.c` prints for the same flags and seed (plus
 //! the UTF-8 characters it drops), but feed each prompt through the model as
-//! one batch instead of one token at a time.
+//! one batch instead of one token at a time. Any `NextToken` samples:
+//! llama2.c's `Sampler`, or a `SequenceSampler` with the settings beyond
+//! run.c's; stop strings end generation.
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::LanguageModel;
-use crate::sampler::Sampler;
+use crate::sampling::{NextToken, StopMatcher};
 use crate::tokenizer::{Printing, Tokenizer, Utf8Stream};
 
 /// Timings of one generation, for the report on stderr.
@@ -72,9 +74,25 @@ fn encode_prompt(tok: &Tokenizer, text: &str, room: usize, context: usize) -> Re
 pub fn generate(
     model: &mut dyn LanguageModel,
     tok: &Tokenizer,
-    sampler: &mut Sampler,
+    sampler: &mut dyn NextToken,
     prompt: &str,
     steps: usize,
+    out: (&mut dyn Write, Printing),
+) -> Result<Stats> {
+    generate_until(model, tok, sampler, prompt, steps, &[], out)
+}
+
+/// `generate`, also ending at the first of `stops` in the generated text
+/// (the prompt's echo is never matched), which is not printed. Text that
+/// could begin a stop string is held back until it cannot. With no stops
+/// the output is `generate`'s, byte for byte.
+pub fn generate_until(
+    model: &mut dyn LanguageModel,
+    tok: &Tokenizer,
+    sampler: &mut dyn NextToken,
+    prompt: &str,
+    steps: usize,
+    stops: &[String],
     (out, printing): (&mut dyn Write, Printing),
 ) -> Result<Stats> {
     let seq_len = model.config().seq_len;
@@ -86,6 +104,8 @@ pub fn generate(
         ..Stats::default()
     };
     let mut stream = Utf8Stream::printing(printing);
+    let mut matcher = (!stops.is_empty()).then(|| StopMatcher::new(stops.to_vec()));
+    sampler.feed_prompt(&prompt_tokens);
 
     let started = Instant::now();
     let mut logits = model.forward(&prompt_tokens[..n_pre], 0)?.to_vec();
@@ -98,21 +118,52 @@ pub fn generate(
             logits.copy_from_slice(model.forward(&[token], pos)?);
             stats.decoded_tokens += 1;
         }
-        let next = if pos + 1 < np {
+        let in_prompt = pos + 1 < np;
+        let next = if in_prompt {
             prompt_tokens[pos + 1]
         } else {
-            sampler.sample(&mut logits)
+            sampler.next_token(&mut logits)
         };
         if ends_generation(model.config(), next) {
             break;
         }
-        emit(out, &mut stream, tok, token, next)?;
+        match matcher.as_mut().filter(|_| !in_prompt) {
+            Some(m) => {
+                if emit_until_stop(out, &mut stream, m, tok.decode(token, next))? {
+                    break;
+                }
+            }
+            None => emit(out, &mut stream, tok, token, next)?,
+        }
         token = next;
+    }
+    if let Some(m) = matcher.as_mut() {
+        out.write_all(m.finish().as_bytes())?;
     }
     out.write_all(b"\n")?;
     out.flush()?;
     stats.decode = decode_start.elapsed();
     Ok(stats)
+}
+
+/// Writes what `matcher` lets through of one decoded piece and flushes;
+/// returns whether a stop string was hit.
+fn emit_until_stop(
+    out: &mut dyn Write,
+    stream: &mut Utf8Stream,
+    matcher: &mut StopMatcher,
+    piece: &[u8],
+) -> Result<bool> {
+    let mut bytes = Vec::new();
+    stream.push(piece, &mut bytes);
+    // Characters printing always gives whole UTF-8 characters; llama2.c's
+    // printing may pass a lone byte, which lossy decoding keeps visible.
+    let (text, hit) = matcher.push(&String::from_utf8_lossy(&bytes));
+    if !text.is_empty() {
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+    }
+    Ok(hit)
 }
 
 /// Where chat turns come from.
@@ -184,7 +235,7 @@ fn render_turn(system: Option<&str>, user: &str) -> String {
 pub fn chat(
     model: &mut dyn LanguageModel,
     tok: &Tokenizer,
-    sampler: &mut Sampler,
+    sampler: &mut dyn NextToken,
     input: ChatInput<'_>,
     steps: usize,
     (out, printing): (&mut dyn Write, Printing),
@@ -228,13 +279,20 @@ pub fn chat(
             stats.prompt_tokens += n;
             stats.prefill += started.elapsed();
             let vocab = tok.vocab_size();
+            sampler.feed_prompt(&prompt[..n]);
             for (i, &token) in prompt[..n].iter().enumerate() {
                 if eos.contains(token) {
                     user_turn = true;
                 }
                 logits.clear();
                 logits.extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
-                next = sampler.sample(&mut logits);
+                // Only the last prompt position's token is the answer's
+                // first; the others are drawn (as run.c does) and dropped.
+                next = if i + 1 == prompt.len() {
+                    sampler.next_token(&mut logits)
+                } else {
+                    sampler.sample_discarded(&mut logits)
+                };
                 pos += 1;
                 if i + 1 == prompt.len() && !eos.contains(next) {
                     emit(out, &mut stream, tok, token, next)?;
@@ -252,7 +310,7 @@ pub fn chat(
         logits.clear();
         logits.extend_from_slice(model.forward(&[token], pos)?);
         stats.decoded_tokens += 1;
-        next = sampler.sample(&mut logits);
+        next = sampler.next_token(&mut logits);
         pos += 1;
         if !eos.contains(next) {
             emit(out, &mut stream, tok, token, next)?;

@@ -13,6 +13,7 @@
 //! | `sentencepiece.rs` | `tokenizer.model`: reading, conversion to tokenizer.bin |
 //! | `hf_tokenizer.rs`  | `tokenizer.json` through Hugging Face's library          |
 //! | `sampler.rs`       | xorshift RNG, argmax, multinomial, top-p                |
+//! | `sampling.rs`      | top-k, min-p, penalties, logprobs, stop strings         |
 //! | `backend.rs`       | the `Backend` trait: the ops a forward pass needs       |
 //! | `model.rs`         | the forward pass, once, over a `Backend`                |
 //! | `cpu/`             | the CPU backend: scalar reference ops and fast ops      |
@@ -33,6 +34,7 @@ pub mod hf_tokenizer;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+pub mod sampling;
 pub mod sentencepiece;
 pub mod synth;
 pub mod tensor;

@@ -119,7 +119,7 @@ impl Sampler {
 }
 
 /// Whether some `logit / temperature` is infinite though the logit is not.
-fn overflows(logits: &[f32], temperature: f32) -> bool {
+pub(crate) fn overflows(logits: &[f32], temperature: f32) -> bool {
     let max_abs = logits.iter().fold(0f32, |m, l| m.max(l.abs()));
     !(max_abs / temperature).is_finite()
 }
@@ -129,7 +129,7 @@ fn overflows(logits: &[f32], temperature: f32) -> bool {
 /// (or all candidates). On flat distributions only a small part of the
 /// candidates is ever needed, so this avoids llama2.c's full sort while
 /// returning the same ordered prefix.
-fn sort_until_mass(c: &mut [(f32, u32)], topp: f32) -> &[(f32, u32)] {
+pub(crate) fn sort_until_mass(c: &mut [(f32, u32)], topp: f32) -> &[(f32, u32)] {
     let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let mut sorted = 0;
     let mut mass = 0f32;
