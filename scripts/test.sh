@@ -4,8 +4,8 @@
 # or a CUDA toolkit, then runs every crate's tests, the core library's tests
 # for aarch64 under qemu (NEON kernels; see scripts/test-aarch64.sh), a
 # smoke run of the reference benchmark script (our engine only, tiny shape,
-# at the widest level and forced to scalar)
-# and every fuzz target for FUZZ_SECONDS each (default 30; 0 skips them).
+# at the widest level and forced to scalar), the server's end-to-end tests
+# with real clients (scripts/test-serve.sh) and every fuzz target for FUZZ_SECONDS each (default 30; 0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d .nvrtc/nvidia/cu13 ] && [ ! -d .nvrtc/nvidia/cuda_nvrtc ]; then
@@ -18,6 +18,7 @@ cargo test --workspace "$@"
 # would otherwise never run them end to end).
 LLAMA2_ISA=avx2 cargo test -p llama2 --test golden
 bash scripts/test-aarch64.sh
+bash scripts/test-serve.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 scripts/bench-reference.py --ours target/debug/llama2 --work "$work" \

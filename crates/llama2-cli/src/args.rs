@@ -115,6 +115,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Convert a SentencePiece tokenizer.model to llama2.c's tokenizer.bin.
     ExportTokenizer(ExportTokenizerArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (with a chat page at /).
+    Serve(crate::serve::ServeArgs),
 }
 
 /// Where the model runs.
@@ -289,6 +291,10 @@ pub struct BenchArgs {
     /// Runs to take the median of.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Also time decoding this many sequences batched into each step (as
+    /// `llama2 serve` does with that many requests), in tok/s of all of them.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub sequences: usize,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use llama2::cpu::kernels::{self, Isa};
 use llama2::sampler::{argmax, Rng};
 use llama2::synth::{self, shape_config, shape_names};
-use llama2::{checkpoint, Config, DType, HostMatrix, LanguageModel, Transformer};
+use llama2::{checkpoint, Chunk, Config, DType, HostMatrix, LanguageModel, Transformer};
 use rayon::prelude::*;
 
 use crate::args::{BenchArgs, Device};
@@ -19,6 +19,8 @@ use crate::device;
 struct Measured {
     prefill_tps: Option<f64>,
     decode_tps: f64,
+    /// All sequences' tok/s when `--sequences` are decoded together.
+    batch_decode_tps: Option<f64>,
     bytes_per_token: f64,
     peak_gbs: f64,
 }
@@ -118,6 +120,44 @@ fn time_decode(model: &mut dyn LanguageModel, n: usize) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Times `n` greedy decode steps of `seqs` sequences batched into each
+/// step (a server's decode), after one untimed step; returns all
+/// sequences' tokens per second together.
+fn time_batch_decode(model: &mut dyn LanguageModel, seqs: usize, n: usize) -> Result<f64> {
+    let ids = (0..seqs)
+        .map(|_| model.new_sequence())
+        .collect::<llama2::Result<Vec<_>>>()?;
+    let vocab = model.config().vocab_size;
+    // Different first tokens, so the sequences differ.
+    let mut tokens: Vec<u32> = (0..seqs)
+        .map(|i| 1 + (i * 7) as u32 % (vocab as u32 - 1))
+        .collect();
+    let mut start = Instant::now();
+    for pos in 0..=n {
+        if pos == 1 {
+            start = Instant::now();
+        }
+        let chunks: Vec<Chunk> = ids
+            .iter()
+            .zip(&tokens)
+            .map(|(&sequence, t)| Chunk {
+                sequence,
+                tokens: std::slice::from_ref(t),
+                pos0: pos,
+            })
+            .collect();
+        let logits = model.forward_batch(&chunks)?;
+        for (t, row) in tokens.iter_mut().zip(logits.chunks(vocab)) {
+            *t = argmax(row);
+        }
+    }
+    let rate = (n * seqs) as f64 / start.elapsed().as_secs_f64();
+    for id in ids {
+        model.free_sequence(id);
+    }
+    Ok(rate)
+}
+
 /// Refuses token counts the model cannot run as asked: a benchmark times
 /// exactly the work it reports, or nothing.
 fn check_counts(args: &BenchArgs, config: &Config) -> Result<()> {
@@ -144,6 +184,9 @@ fn check_counts(args: &BenchArgs, config: &Config) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs 0: nothing to time; give at least 1");
     }
+    if args.sequences == 0 {
+        bail!("--sequences 0: nothing to time; give at least 1");
+    }
     Ok(())
 }
 
@@ -166,16 +209,29 @@ fn measure(args: &BenchArgs) -> Result<(Measured, Config, DType, String)> {
         // Untimed: first-use costs (library handles, workspaces) are not prefill speed.
         time_prefill(model.as_mut(), prompt, &mut rng)?;
     }
+    let seqs = args.sequences;
+    if seqs > model.max_sequences().min(model.max_batch()) {
+        bail!(
+            "--sequences {seqs}: {} batches at most {} sequences per step",
+            model.describe(),
+            model.max_sequences().min(model.max_batch())
+        );
+    }
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    let mut batched = Vec::new();
     for _ in 0..args.runs {
         if prompt > 0 {
             prefill.push(time_prefill(model.as_mut(), prompt, &mut rng)?);
         }
         decode.push(time_decode(model.as_mut(), gen)?);
+        if seqs > 1 {
+            batched.push(time_batch_decode(model.as_mut(), seqs, gen)?);
+        }
     }
     let measured = Measured {
         prefill_tps: (!prefill.is_empty()).then(|| median(prefill)),
+        batch_decode_tps: (!batched.is_empty()).then(|| median(batched)),
         decode_tps: median(decode),
         bytes_per_token,
         peak_gbs,
@@ -207,6 +263,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "gen_tokens": args.gen_tokens,
             "prefill_tok_s": m.prefill_tps,
             "decode_tok_s": m.decode_tps,
+            "sequences": args.sequences,
+            "batch_decode_tok_s": m.batch_decode_tps,
             "weight_bytes_per_token": m.bytes_per_token,
             "decode_gb_s": gbs,
             "peak_gb_s": m.peak_gbs,
@@ -229,6 +287,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         "decode     {:10.1} tok/s  ({} tokens)",
         m.decode_tps, args.gen_tokens
     );
+    if let Some(b) = m.batch_decode_tps {
+        println!(
+            "batched    {b:10.1} tok/s  ({} sequences decoded together, all of them)",
+            args.sequences
+        );
+    }
     println!(
         "weights    {:10.1} MB per token, {gbs:.1} GB/s = {share:.1}% of the measured {:.1} GB/s",
         m.bytes_per_token / 1e6,

@@ -9,6 +9,7 @@ mod device;
 mod export;
 mod perplexity;
 mod run;
+mod serve;
 
 use std::io::ErrorKind;
 use std::process::ExitCode;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         Some(Command::Check(a)) => check::check(&a),
         Some(Command::Export(a)) => export::export(&a),
         Some(Command::ExportTokenizer(a)) => export::export_tokenizer(&a),
+        Some(Command::Serve(a)) => serve::serve(&a),
         None => run::run(&cli.run),
     };
     match result {

@@ -278,7 +278,7 @@ fn tasks(segments: &[Segment], heads: usize) -> Vec<Task> {
             blocks.push((seen, i, rows));
         }
     }
-    blocks.sort_by(|a, b| b.0.cmp(&a.0));
+    blocks.sort_by_key(|b| std::cmp::Reverse(b.0));
     blocks
         .into_iter()
         .flat_map(|(_, segment, rows)| {
