@@ -98,8 +98,6 @@ pub struct Engine {
     running: Vec<Active>,
     /// KV blocks reserved by running jobs.
     reserved: usize,
-    /// One logits row, which sampling may overwrite.
-    row: Vec<f32>,
 }
 
 /// KV blocks a sequence of `positions` positions takes.
@@ -127,7 +125,6 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             reserved: 0,
-            row: Vec::new(),
         }
     }
 
@@ -311,17 +308,15 @@ impl Engine {
         };
         let mut generated = 0;
         let mut finished = Vec::new();
-        for ((i, r), row) in plan.iter().zip(logits.chunks(vocab)) {
+        for ((i, r), row) in plan.iter().zip(logits.chunks_mut(vocab)) {
             let a = &mut self.running[*i];
             a.fed = r.end;
             if a.fed < a.tokens.len() {
                 continue;
             }
-            self.row.clear();
-            self.row.extend_from_slice(row);
             generated += 1;
             let (tok, m) = (&self.tokenizer, &self.shared.metrics);
-            if let Some(reason) = advance(a, (tok, &config, m), &mut self.row) {
+            if let Some(reason) = advance(a, (tok, &config, m), row) {
                 finished.push((*i, reason));
             }
         }

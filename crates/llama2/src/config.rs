@@ -329,6 +329,23 @@ impl Config {
         self.n_kv_heads * self.head_size()
     }
 
+    /// Refuses a model whose f32 KV cache of one whole context (keys and
+    /// values of every layer) would not fit in this machine's memory: every
+    /// sequence's cache may grow that far.
+    pub fn check_kv_cache_fits(&self) -> Result<()> {
+        let values = (self.seq_len as u64) * (self.kv_dim() as u64) * (self.n_layers as u64);
+        crate::files::check_allocation(
+            values.saturating_mul(8),
+            &format!(
+                "the KV cache ({} layers x {} positions x {} values, keys and values in f32)",
+                self.n_layers,
+                self.seq_len,
+                self.kv_dim()
+            ),
+            "the model's context length sets its size",
+        )
+    }
+
     /// How many query heads share one key/value head.
     pub fn kv_group(&self) -> usize {
         self.n_heads / self.n_kv_heads

@@ -15,7 +15,8 @@
 //! | `sampler.rs`       | xorshift RNG, argmax, multinomial, top-p                |
 //! | `sampling.rs`      | top-k, min-p, penalties, logprobs, stop strings         |
 //! | `backend.rs`       | the `Backend` trait: the ops a forward pass needs       |
-//! | `model.rs`         | the forward pass, once, over a `Backend`                |
+//! | `model.rs`         | the forward pass, once, over a `Backend`; many          |
+//! |                    | sequences per step (`forward_batch`) for a server       |
 //! | `cpu/`             | the CPU backend: scalar reference ops and fast ops      |
 //! | `generate.rs`      | generation and chat loops                               |
 //! | `synth.rs`         | random models of the standard shapes, for benchmarks    |

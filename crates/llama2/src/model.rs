@@ -259,9 +259,10 @@ pub trait LanguageModel {
     fn free_sequence(&mut self, id: SequenceId);
     /// One forward step over the chunks of several sequences, weights read
     /// once for all of them; returns each chunk's last-token logits
-    /// `[chunks.len()][V]`. A chunk may start at most at its sequence's
-    /// length (positions not yet written would be read as zeros).
-    fn forward_batch(&mut self, chunks: &[Chunk<'_>]) -> Result<&[f32]>;
+    /// `[chunks.len()][V]`, which the caller may overwrite (sampling does).
+    /// A chunk may start at most at its sequence's length (positions not
+    /// yet written would be read as zeros).
+    fn forward_batch(&mut self, chunks: &[Chunk<'_>]) -> Result<&mut [f32]>;
 }
 
 /// The transformer on backend `B`.
@@ -302,6 +303,9 @@ impl<B: Backend> Transformer<B> {
     }
 
     fn with_weights(mut backend: B, config: Config, weights: Weights<B>) -> Result<Self> {
+        // Caches are made later, per sequence; a model whose one context
+        // cannot fit is refused now rather than at its first token.
+        config.check_kv_cache_fits()?;
         let batch = backend.max_batch().clamp(1, config.seq_len);
         let state = State::new(&mut backend, &config, batch)?;
         Ok(Transformer {
@@ -534,7 +538,7 @@ impl<B: Backend> LanguageModel for Transformer<B> {
         }
     }
 
-    fn forward_batch(&mut self, chunks: &[Chunk<'_>]) -> Result<&[f32]> {
+    fn forward_batch(&mut self, chunks: &[Chunk<'_>]) -> Result<&mut [f32]> {
         let slots = self.check_chunks(chunks)?;
         let mut tokens = Vec::new();
         let mut segments = Vec::with_capacity(chunks.len());
@@ -556,6 +560,6 @@ impl<B: Backend> LanguageModel for Transformer<B> {
         for (row, c) in self.logits.chunks(v).zip(chunks) {
             check_logits(row, c.pos0 + c.tokens.len() - 1)?;
         }
-        Ok(&self.logits)
+        Ok(&mut self.logits)
     }
 }

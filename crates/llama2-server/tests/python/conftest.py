@@ -50,7 +50,7 @@ class ServerProcess:
     """A `llama2 serve` child process, with its output kept in a log file
     so a failure to start can say why."""
 
-    def __init__(self, api_key: str | None):
+    def __init__(self, api_key: str | None, extra_args: tuple[str, ...] = ()):
         binary = Path(os.environ.get("LLAMA2_BIN", DEFAULT_BIN))
         if not binary.exists():
             pytest.fail(
@@ -68,6 +68,7 @@ class ServerProcess:
         env.pop("LLAMA2_API_KEY", None)
         if api_key:
             cmd += ["--api-key", api_key]
+        cmd += list(extra_args)
         self.log = tempfile.NamedTemporaryFile(prefix="llama2-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env)

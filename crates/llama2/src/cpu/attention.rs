@@ -43,15 +43,7 @@ impl CpuKvCache {
     /// that far).
     pub(super) fn new(c: &Config, positions: usize) -> Result<Self> {
         let kv = c.kv_dim();
-        let full = (c.seq_len as u64) * (kv as u64) * (c.n_layers as u64) * 8;
-        crate::files::check_allocation(
-            full,
-            &format!(
-                "the KV cache ({} layers x {} positions x {} values, keys and values in f32)",
-                c.n_layers, c.seq_len, kv
-            ),
-            "the model's context length sets its size",
-        )?;
+        c.check_kv_cache_fits()?;
         let len = positions.min(c.seq_len) * kv;
         let layers = (0..c.n_layers)
             .map(|_| LayerCache {
