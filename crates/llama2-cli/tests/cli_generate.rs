@@ -8,22 +8,6 @@ use llama2::checkpoint::{FileFormat, LayerWeights, ModelWeights};
 use llama2::tensor::{DType, HostMatrix, Storage};
 use llama2::Config;
 
-fn stories(extra: &[&str]) -> Run {
-    stories_model("stories260K.bin", extra)
-}
-
-fn stories_model(model: &str, extra: &[&str]) -> Run {
-    let mut args = vec![
-        arg(&model_path(model)),
-        "-z".into(),
-        arg(&model_path("tok512.bin")),
-        "--device".into(),
-        "cpu".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    llama2(&args)
-}
-
 #[test]
 fn greedy_fp32_matches_run_c() {
     let r = stories(&["-t", "0", "-n", "200"]);

@@ -6,18 +6,6 @@ mod common;
 
 use common::*;
 
-fn stories(extra: &[&str]) -> Run {
-    let mut args = vec![
-        arg(&model_path("stories260K.bin")),
-        "-z".into(),
-        arg(&model_path("tok512.bin")),
-        "--device".into(),
-        "cpu".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    llama2(&args)
-}
-
 #[test]
 fn top_k_1_is_greedy() {
     let greedy = stories(&["-t", "0", "-n", "200"]);

@@ -292,6 +292,27 @@ struct Reply {
 }
 
 impl Reply {
+    /// How request `sub` is answered: `(kind, logprobs asked for, stream
+    /// options)`, named `model` as the client named it (else the server's
+    /// name).
+    fn new(
+        (kind, logprobs, stream_options): (Kind, bool, &Option<api::StreamOptions>),
+        sub: &Submitted,
+        model: Option<&str>,
+        s: &Shared,
+        r: &Ready,
+    ) -> Self {
+        Reply {
+            kind,
+            id: sub.id.clone(),
+            model: model.unwrap_or(&s.options.model_name).to_string(),
+            created: created(),
+            logprobs,
+            include_usage: stream_options.as_ref().is_some_and(|o| o.include_usage),
+            tokenizer: r.tokenizer.clone(),
+        }
+    }
+
     fn token_text(&self, id: u32) -> String {
         String::from_utf8_lossy(self.tokenizer.piece(id)).into_owned()
     }
@@ -523,18 +544,8 @@ async fn completions(
         }
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         let sub = submit(&s, r, prompt, settings, "cmpl")?;
-        let reply = Reply {
-            kind: Kind::Completion,
-            id: sub.id.clone(),
-            model: req
-                .model
-                .clone()
-                .unwrap_or_else(|| s.options.model_name.clone()),
-            created: created(),
-            logprobs: top.is_some(),
-            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            tokenizer: r.tokenizer.clone(),
-        };
+        let how = (Kind::Completion, top.is_some(), &req.stream_options);
+        let reply = Reply::new(how, &sub, req.model.as_deref(), &s, r);
         Ok::<_, ApiError>((reply, sub, req.stream))
     }
     .await;
@@ -592,18 +603,8 @@ async fn chat(State(s): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>)
             .encode(&r.tokenizer, &text)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         let sub = submit(&s, r, prompt, settings, "chatcmpl")?;
-        let reply = Reply {
-            kind: Kind::Chat,
-            id: sub.id.clone(),
-            model: req
-                .model
-                .clone()
-                .unwrap_or_else(|| s.options.model_name.clone()),
-            created: created(),
-            logprobs: top.is_some(),
-            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            tokenizer: r.tokenizer.clone(),
-        };
+        let how = (Kind::Chat, top.is_some(), &req.stream_options);
+        let reply = Reply::new(how, &sub, req.model.as_deref(), &s, r);
         Ok::<_, ApiError>((reply, sub, req.stream))
     }
     .await;

@@ -98,3 +98,22 @@ pub fn llama2_bytes<S: AsRef<std::ffi::OsStr>>(args: &[S], input: Option<&[u8]>)
 pub fn arg(path: &Path) -> String {
     path.to_str().expect("UTF-8 path").to_owned()
 }
+
+/// Runs `llama2` on the CPU with a shared stories260K-family `model` and
+/// tok512, plus `extra` flags.
+pub fn stories_model(model: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        arg(&model_path(model)),
+        "-z".into(),
+        arg(&model_path("tok512.bin")),
+        "--device".into(),
+        "cpu".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    llama2(&args)
+}
+
+/// `stories_model` on stories260K.bin.
+pub fn stories(extra: &[&str]) -> Run {
+    stories_model("stories260K.bin", extra)
+}
