@@ -18,6 +18,14 @@ use crate::device;
 const MIB: usize = 1 << 20;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  llama2 serve stories15M.bin -z tokenizer.bin
+  llama2 serve hf/TinyLlama --dtype q8 --port 9000 --api-key secret
+  curl -s localhost:8080/v1/completions -H 'content-type: application/json' \\
+      -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 40}'
+
+The chat page is at http://HOST:PORT/; /health, /metrics and /v1/models
+are there too. docs/SERVING.md explains scheduling and deployment.")]
 pub struct ServeArgs {
     /// The model: any path the top level takes (llama2.c file, Hugging Face or
     /// Meta directory, ckpt.pt, GGUF).
@@ -33,6 +41,7 @@ pub struct ServeArgs {
     /// Address to listen on; 0.0.0.0 for every interface.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Require `Authorization: Bearer KEY` on /v1/* (also $LLAMA2_API_KEY).

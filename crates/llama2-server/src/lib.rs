@@ -193,11 +193,18 @@ async fn serve(shared: Arc<Shared>, load_failed: tokio::sync::oneshot::Receiver<
     let app = http::router(shared.clone())
         .layer(axum::extract::DefaultBodyLimit::max(o.max_body))
         .layer(cors(&o.cors)?);
-    let shutdown = shutdown_signal(shared.clone(), load_failed);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the HTTP server failed")
+    let (hard_stop, stopped) = tokio::sync::oneshot::channel();
+    let shutdown = shutdown_signal(shared.clone(), load_failed, hard_stop);
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    // A client that stops reading would hold its connection open forever:
+    // past the grace period (and a margin for the last events), stop anyway.
+    tokio::select! {
+        served = server => served.context("the HTTP server failed"),
+        Ok(()) = stopped => {
+            eprintln!("stopping: connections still open after the grace period are closed");
+            Ok(())
+        }
+    }
 }
 
 /// The CORS layer: nothing allowed unless origins are given.
@@ -227,7 +234,11 @@ fn cors(origins: &[String]) -> Result<tower_http::cors::CorsLayer> {
 /// Resolves on SIGTERM, Ctrl-C or a failed load. New requests are then
 /// refused; running ones may finish within the grace period, after which
 /// the engine ends them.
-async fn shutdown_signal(shared: Arc<Shared>, load_failed: tokio::sync::oneshot::Receiver<()>) {
+async fn shutdown_signal(
+    shared: Arc<Shared>,
+    load_failed: tokio::sync::oneshot::Receiver<()>,
+    hard_stop: tokio::sync::oneshot::Sender<()>,
+) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -263,5 +274,11 @@ async fn shutdown_signal(shared: Arc<Shared>, load_failed: tokio::sync::oneshot:
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;
         s.cancel_all.store(true, Ordering::Relaxed);
+        tokio::time::sleep(HARD_STOP_MARGIN).await;
+        let _ = hard_stop.send(());
     });
 }
+
+/// How long after the grace period connections may still drain the events
+/// of requests the engine ended.
+const HARD_STOP_MARGIN: Duration = Duration::from_secs(2);

@@ -70,3 +70,16 @@ def test_sigterm_finishes_running_streams_then_exits():
         assert "shutting down" in server.log_tail()
     finally:
         server.stop()
+
+
+def test_a_model_that_fails_to_load_ends_the_server(tmp_path):
+    import subprocess
+    from conftest import DEFAULT_BIN, REPO_ROOT, TOKENIZER, _free_port
+
+    broken = tmp_path / "truncated.bin"
+    broken.write_bytes((REPO_ROOT / "../shared/models/stories260K.bin").read_bytes()[:1000])
+    binary = os.environ.get("LLAMA2_BIN", str(DEFAULT_BIN))
+    p = subprocess.run([binary, "serve", str(broken), "-z", TOKENIZER, "--port", str(_free_port())],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1, p.stderr
+    assert "cannot load" in p.stderr and "truncated" in p.stderr, p.stderr
