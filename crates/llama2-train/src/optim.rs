@@ -174,10 +174,10 @@ mod tests {
         let after_one = p.norm[0];
         grads.norm[0] = 3.0;
         opt.step(&mut p, &grads);
-        let m = 0.9 * 0.1 + 0.1 * 3.0;
-        let v = 0.95 * 0.05 + 0.05 * 9.0;
+        let m: f64 = 0.9 * 0.1 + 0.1 * 3.0;
+        let v: f64 = 0.95 * 0.05 + 0.05 * 9.0;
         let want = after_one as f64
-            - 1e-2 / (1.0 - 0.81) * m / ((v as f64).sqrt() / (1.0 - 0.9025f64).sqrt() + 1e-8);
+            - 1e-2 / (1.0 - 0.81) * m / (v.sqrt() / (1.0 - 0.9025f64).sqrt() + 1e-8);
         assert!(
             (p.norm[0] as f64 - want).abs() < 1e-6,
             "{} vs {want}",
