@@ -117,6 +117,8 @@ pub enum Command {
     ExportTokenizer(ExportTokenizerArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (with a chat page at /).
     Serve(crate::serve::ServeArgs),
+    /// Training (in progress): check our forward, backward and AdamW against PyTorch.
+    Train(crate::train::TrainArgs),
 }
 
 /// Where the model runs.

@@ -10,6 +10,7 @@ mod export;
 mod perplexity;
 mod run;
 mod serve;
+mod train;
 
 use std::io::ErrorKind;
 use std::process::ExitCode;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Some(Command::Export(a)) => export::export(&a),
         Some(Command::ExportTokenizer(a)) => export::export_tokenizer(&a),
         Some(Command::Serve(a)) => serve::serve(&a),
+        Some(Command::Train(a)) => train::train(&a),
         None => run::run(&cli.run),
     };
     match result {

@@ -1,0 +1,81 @@
+//! RMSNorm, as model.py's `RMSNorm`: `y = x / sqrt(mean(x^2) + eps) * w`
+//! per row, and its backward.
+
+/// Normalizes each row of `x` `[N][D]` with gain `w` `[D]`. Returns
+/// `y` `[N][D]` and each row's `1 / sqrt(mean(x^2) + eps)` `[N]`, which the
+/// backward needs.
+pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let mut y = vec![0f32; x.len()];
+    let mut inv_rms = Vec::with_capacity(x.len() / d);
+    for (yr, xr) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let mean_square = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (mean_square + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = v * r * g;
+        }
+        inv_rms.push(r);
+    }
+    (y, inv_rms)
+}
+
+/// Gradients of RMSNorm, given `dy` `[N][D]`, the forward's `x` `[N][D]`,
+/// gain `w` `[D]` and `inv_rms` `[N]`. With `r` the row's inverse RMS and
+/// `u = w * dy`: `dx = r * u - x * r^3 * (u · x) / D`, and
+/// `dw += sum over rows of dy * x * r`. Returns `dx` `[N][D]`.
+pub fn rmsnorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    inv_rms: &[f32],
+    dw: &mut [f32],
+) -> Vec<f32> {
+    let d = w.len();
+    let mut dx = vec![0f32; x.len()];
+    let rows = dx.chunks_exact_mut(d).zip(dy.chunks_exact(d));
+    for ((dxr, dyr), (xr, &r)) in rows.zip(x.chunks_exact(d).zip(inv_rms)) {
+        let u_dot_x: f32 = dyr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
+        let coef = r * r * r * u_dot_x / d as f32;
+        for i in 0..d {
+            dxr[i] = r * w[i] * dyr[i] - xr[i] * coef;
+            dw[i] += dyr[i] * xr[i] * r;
+        }
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::*;
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (n, d, eps) = (3, 8, 1e-5);
+        let x = random(n * d, 1, 1.0);
+        let w = random(d, 2, 1.0);
+        let probe = random(n * d, 3, 1.0);
+        let (_, inv_rms) = rmsnorm_forward(&x, &w, eps);
+        let mut dw = vec![0f32; d];
+        let dx = rmsnorm_backward(&probe, &x, &w, &inv_rms, &mut dw);
+        let nx = numeric_grad(&x, 1e-2, |x| {
+            probe_loss(&rmsnorm_forward(x, &w, eps).0, &probe)
+        });
+        let nw = numeric_grad(&w, 1e-2, |w| {
+            probe_loss(&rmsnorm_forward(&x, w, eps).0, &probe)
+        });
+        assert_grad_close("dx", &dx, &nx, 1e-3);
+        assert_grad_close("dw", &dw, &nw, 1e-3);
+    }
+
+    #[test]
+    fn forward_matches_the_inference_engine() {
+        let (x, w) = (random(16, 4, 2.0), random(16, 5, 1.0));
+        let mut want = vec![0f32; 16];
+        llama2::cpu::reference::rmsnorm(&mut want, &x, &w, 1e-5);
+        let (got, _) = rmsnorm_forward(&x, &w, 1e-5);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}
