@@ -117,6 +117,10 @@ pub enum Command {
     ExportTokenizer(ExportTokenizerArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (with a chat page at /).
     Serve(crate::serve::ServeArgs),
+    /// Train a Llama-style BPE tokenizer (tokenizer.json and tokenizer.bin) on text.
+    TrainTokenizer(TrainTokenizerArgs),
+    /// Encode a corpus into uint16 token shards for training (tinystories.py pretokenize).
+    Pretokenize(PretokenizeArgs),
     /// Training (in progress): check our forward, backward and AdamW against PyTorch.
     Train(crate::train::TrainArgs),
 }
@@ -412,4 +416,34 @@ pub struct ExportTokenizerArgs {
     pub input: PathBuf,
     /// The tokenizer.bin to write (byte-identical to llama2.c's tokenizer.py).
     pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainTokenizerArgs {
+    /// Training text: .txt (one document per paragraph), .jsonl or .json
+    /// (objects with a "story" or "text" field).
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Tokens in all, counting <unk>, <s>, </s> and the 256 byte tokens.
+    #[arg(long)]
+    pub vocab_size: usize,
+    /// Directory to write tokenizer.json and tokenizer.bin into.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PretokenizeArgs {
+    /// The tokenizer to encode with (tokenizer.bin, .model or .json).
+    #[arg(long, short = 'z')]
+    pub tokenizer: PathBuf,
+    /// Corpus files: .txt, .jsonl or .json; each becomes its own shard(s).
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Directory to write data00.bin, data01.bin, ... into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start a new shard once one holds this many tokens (documents are never split).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub shard_tokens: Option<u64>,
 }

@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod check;
+mod data;
 mod device;
 mod export;
 mod perplexity;
@@ -30,6 +31,8 @@ fn main() -> ExitCode {
         Some(Command::Export(a)) => export::export(&a),
         Some(Command::ExportTokenizer(a)) => export::export_tokenizer(&a),
         Some(Command::Serve(a)) => serve::serve(&a),
+        Some(Command::TrainTokenizer(a)) => data::train_tokenizer(&a),
+        Some(Command::Pretokenize(a)) => data::pretokenize(&a),
         Some(Command::Train(a)) => train::train(&a),
         None => run::run(&cli.run),
     };

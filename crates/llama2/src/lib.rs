@@ -12,6 +12,9 @@
 //! | `tokenizer.rs`     | BPE encode/decode, UTF-8-safe output, finding tokenizers|
 //! | `sentencepiece.rs` | `tokenizer.model`: reading, conversion to tokenizer.bin |
 //! | `hf_tokenizer.rs`  | `tokenizer.json` through Hugging Face's library          |
+//! | `tokenizer_train.rs` | training a Llama-style BPE vocabulary (both files)    |
+//! | `corpus.rs`        | training text: .txt, JSON Lines, JSON arrays            |
+//! | `pretokenize.rs`   | documents to uint16 token shards (tinystories.py)       |
 //! | `sampler.rs`       | xorshift RNG, argmax, multinomial, top-p                |
 //! | `sampling.rs`      | top-k, min-p, penalties, logprobs, stop strings         |
 //! | `backend.rs`       | the `Backend` trait: the ops a forward pass needs       |
@@ -27,12 +30,14 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod corpus;
 pub mod cpu;
 pub mod error;
 pub mod files;
 pub mod generate;
 pub mod hf_tokenizer;
 pub mod model;
+pub mod pretokenize;
 pub mod quant;
 pub mod sampler;
 pub mod sampling;
@@ -40,6 +45,7 @@ pub mod sentencepiece;
 pub mod synth;
 pub mod tensor;
 pub mod tokenizer;
+pub mod tokenizer_train;
 
 pub use backend::{Backend, Segment};
 pub use checkpoint::{FileFormat, ModelWeights};
