@@ -234,6 +234,7 @@ fn run(a: &TrainArgs) -> Result<()> {
     let mut state = initial_state(a)?;
     let c = state.params.config;
     let data = TokenData::load(dir, c.vocab_size, c.seq_len)?;
+    check_memory(&c, a.batch_size as usize)?;
     let n_params: usize = state.params.tensors().iter().map(|t| t.len()).sum();
     eprintln!(
         "model: dim {} hidden {} layers {} heads {}/{} vocab {} seq {} ({n_params} parameters); \
@@ -280,6 +281,29 @@ fn run(a: &TrainArgs) -> Result<()> {
         summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.best_val
     );
+    Ok(())
+}
+
+/// Refuses a shape whose kept activations exceed 3/4 of the machine's
+/// memory (from /proc/meminfo; skipped where that cannot be read), since
+/// the allocation would otherwise abort the process.
+fn check_memory(c: &llama2::Config, batch: usize) -> Result<()> {
+    let need = trainer::activation_bytes(c, batch);
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    if let Some(kib) = total_kib {
+        let limit = kib * 1024 / 4 * 3;
+        if need > limit {
+            bail!(
+                "one micro-batch keeps about {:.1} GiB of activations for the backward, more than \
+                 3/4 of this machine's {:.1} GiB; lower --batch-size or --max-seq-len",
+                need as f64 / (1u64 << 30) as f64,
+                (kib * 1024) as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     Ok(())
 }
 

@@ -218,4 +218,10 @@ fn bad_flags_and_data_are_clear_errors() {
     train(&data, &out, &["--max-iters", "1", "--max-seq-len", "9000"])
         .fails_with("fewer than one window");
     train(&data, &out, &["--init-from", "resume", "--max-iters", "1"]).fails_with("ckpt.bin");
+    // One long shard (its last 10% still holds a window); the attention probabilities alone
+    // are then 8 * 4 * 25 * 10^8 floats per layer.
+    let long = tmp.path("long");
+    std::fs::create_dir_all(&long).unwrap();
+    std::fs::write(long.join("a.bin"), [1u8, 0].repeat(600_000)).unwrap();
+    train(&long, &out, &["--max-iters", "1", "--max-seq-len", "50000"]).fails_with("activations");
 }

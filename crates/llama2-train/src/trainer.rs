@@ -106,6 +106,21 @@ pub fn estimate_loss(
     Ok((sum / iters as f64) as f32)
 }
 
+/// Bytes of the activations one micro-batch of `batch` sequences keeps for
+/// the backward (`N = B * T`): per layer six `[N][D]`, two `[N][KV]`,
+/// three `[N][H]` and the attention probabilities `[B][Hq][T][T]`, plus the
+/// logits `[N][V]` and their gradient. Saturates instead of overflowing.
+pub fn activation_bytes(c: &llama2::Config, batch: usize) -> u64 {
+    let (b, t) = (batch as u64, c.seq_len as u64);
+    let n = b * t;
+    let per_layer = n * (6 * c.dim as u64 + 2 * c.kv_dim() as u64 + 3 * c.hidden_dim as u64)
+        + b.saturating_mul(c.n_heads as u64).saturating_mul(t * t);
+    let floats = per_layer
+        .saturating_mul(c.n_layers as u64)
+        .saturating_add(2 * n * c.vocab_size as u64);
+    floats.saturating_mul(4)
+}
+
 /// ckpt.bin and model.bin in `out_dir`.
 pub fn ckpt_path(out_dir: &Path) -> PathBuf {
     out_dir.join("ckpt.bin")
