@@ -121,7 +121,7 @@ pub enum Command {
     TrainTokenizer(TrainTokenizerArgs),
     /// Encode a corpus into uint16 token shards for training (tinystories.py pretokenize).
     Pretokenize(PretokenizeArgs),
-    /// Training (in progress): check our forward, backward and AdamW against PyTorch.
+    /// Train a model from pretokenized shards (train.py), or check the training math against PyTorch.
     Train(crate::train::TrainArgs),
 }
 

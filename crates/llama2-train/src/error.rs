@@ -1,4 +1,5 @@
-//! The crate's errors: a malformed debug folder or batch, or a model the
+//! The crate's errors: a malformed debug folder, batch, data directory or
+//! checkpoint, a file that cannot be read or written, or a model the
 //! `llama2` library refused. Every failure is an error value, never a panic.
 
 use std::path::PathBuf;
@@ -11,12 +12,27 @@ pub enum Error {
     /// Inputs that do not fit the model (token ids, batch shape).
     #[error("{0}")]
     Invalid(String),
+    /// A file or directory that could not be read or written.
+    /// (The io error is part of the message, not a `source`, so the CLI's
+    /// error chain prints it once.)
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// The model file, as the `llama2` library reports it.
     #[error(transparent)]
     Model(#[from] llama2::Error),
 }
 
 impl Error {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            error,
+        }
+    }
+
     pub fn folder(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Folder {
             path: path.into(),

@@ -9,6 +9,12 @@
 //! | `model.rs`     | the forward pass on a batch `[B][T]`, kept activations, and  |
 //! |                | the backward pass through them                               |
 //! | `optim.rs`     | AdamW as `torch.optim.AdamW`, global-norm gradient clipping  |
+//! | `rng.rs`       | xorshift64* with a storable state, Box-Muller normals        |
+//! | `init.rs`      | model.py's `ModelArgs` to a config, its weight init          |
+//! | `data.rs`      | pretokenized uint16 shards, the train/val split, batches     |
+//! | `schedule.rs`  | train.py's `get_lr` (warmup, cosine decay)                   |
+//! | `ckpt.rs`      | our resumable `ckpt.bin`; `model.bin` export (version 0)     |
+//! | `trainer.rs`   | train.py's loop: accumulation, clipping, eval, checkpoints   |
 //! | `debug_state.rs` | reading a PyTorch debug folder (`state.json`, `tensors.bin`) |
 //! | `check.rs`     | comparing our loss, logits, gradients and AdamW steps with it|
 //!
@@ -16,12 +22,18 @@
 //! only, in docs/TRAINING.md.
 
 pub mod check;
+pub mod ckpt;
+pub mod data;
 pub mod debug_state;
 pub mod error;
+pub mod init;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod rng;
+pub mod schedule;
+pub mod trainer;
 
 #[cfg(test)]
 mod gradcheck;

@@ -4,6 +4,7 @@
 //! groups: weight decay on parameters of 2 or more dimensions (matrices
 //! and the embedding), none on the norm gains.
 
+use crate::error::{Error, Result};
 use crate::params::Params;
 
 /// AdamW's hyper-parameters (train.py's names in the comments).
@@ -53,6 +54,43 @@ impl AdamW {
             exp_avg_sq: zeros(),
             decayed: params.infos().iter().map(|i| i.shape.len() >= 2).collect(),
         }
+    }
+
+    /// Sets the learning rate for the next steps (train.py sets each param
+    /// group's `lr` from the schedule every iteration).
+    pub fn set_lr(&mut self, lr: f32) {
+        self.config.lr = lr;
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u32 {
+        self.step
+    }
+
+    /// The first and second moments, in `Params::tensors` order.
+    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+        (&self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// Restores a checkpoint's step count and moments; each moment must be
+    /// shaped as the parameters this optimizer was made for.
+    pub fn restore(
+        &mut self,
+        step: u32,
+        exp_avg: Vec<Vec<f32>>,
+        exp_avg_sq: Vec<Vec<f32>>,
+    ) -> Result<()> {
+        let fits = |m: &[Vec<f32>]| {
+            m.len() == self.exp_avg.len()
+                && m.iter().zip(&self.exp_avg).all(|(a, b)| a.len() == b.len())
+        };
+        if !fits(&exp_avg) || !fits(&exp_avg_sq) {
+            return Err(Error::Invalid(
+                "the optimizer state does not fit the model's parameters".into(),
+            ));
+        }
+        (self.step, self.exp_avg, self.exp_avg_sq) = (step, exp_avg, exp_avg_sq);
+        Ok(())
     }
 
     /// One step on `params` with `grads` (shaped alike), as PyTorch's
