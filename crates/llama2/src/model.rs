@@ -451,7 +451,7 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
-/// Whether every value is finite, in one vectorizable pass: `x - x` is 0
+/// Whether every value is finite, in one vectorizable pass: `x * 0` is 0
 /// for a finite `x` and NaN for NaN or infinity, and 16 independent lane
 /// sums keep the loop free of a serial dependency (a batch step checks
 /// every sequence's logits while the other threads wait).
@@ -462,7 +462,7 @@ fn all_finite(v: &[f32]) -> bool {
     let tail = chunks.remainder();
     for chunk in chunks {
         for (acc, &x) in lanes.iter_mut().zip(chunk) {
-            *acc += x - x;
+            *acc += x * 0.0;
         }
     }
     lanes.iter().all(|&a| a == 0.0) && tail.iter().all(|x| x.is_finite())
