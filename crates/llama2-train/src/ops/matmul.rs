@@ -1,7 +1,19 @@
 //! `y = x @ W^T`, the linear layer of model.py (`nn.Linear`, no bias), and
-//! both of its gradients. Rows of the output are computed in parallel.
+//! both of its gradients. Rows of the output are computed in parallel; the
+//! dot products and `axpy`s are the inference library's SIMD kernels at the
+//! widest level this CPU runs (or `LLAMA2_ISA`'s).
 
+use std::sync::OnceLock;
+
+use llama2::cpu::kernels::{self, Isa};
 use rayon::prelude::*;
+
+/// The kernels' level, chosen once: `LLAMA2_ISA` when it names one this
+/// CPU runs, else the widest.
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| Isa::configured().unwrap_or_else(|_| Isa::best()))
+}
 
 /// Rows below this many multiply-adds run on one thread: rayon's overhead
 /// would outweigh the work.
@@ -62,14 +74,12 @@ pub fn matmul_backward(
 
 /// `a · b` in f32.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    kernels::dot_f32(isa(), a, b)
 }
 
 /// `acc += alpha * x`.
 fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += alpha * v;
-    }
+    kernels::axpy(isa(), acc, alpha, x)
 }
 
 #[cfg(test)]
