@@ -4,12 +4,10 @@
 //! Unknown fields are accepted and ignored, as OpenAI's clients send
 //! fields that a small server has no use for (`user`, `metadata`, ...).
 
-use llama2::sampling::SamplingParams;
+use llama2::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// The most `top_logprobs` a request may ask for (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
 /// The most stop strings a request may give (OpenAI's limit).
 const MAX_STOPS: usize = 4;
 

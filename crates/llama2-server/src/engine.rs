@@ -105,6 +105,15 @@ pub fn blocks_for(positions: usize) -> usize {
     positions.div_ceil(KV_BLOCK)
 }
 
+/// The length at which a request stops (its prompt plus `max_tokens`, at
+/// most the context) and the KV blocks reserved for it.
+pub fn reservation(prompt: usize, max_tokens: Option<usize>, seq_len: usize) -> (usize, usize) {
+    let limit = prompt
+        .saturating_add(max_tokens.unwrap_or(usize::MAX))
+        .min(seq_len);
+    (limit, blocks_for(limit))
+}
+
 impl Engine {
     pub fn new(
         model: Box<dyn LanguageModel>,
@@ -200,9 +209,7 @@ impl Engine {
             let Some(job) = self.waiting.front() else {
                 break;
             };
-            let max_new = job.settings.max_tokens.unwrap_or(usize::MAX);
-            let limit = job.prompt.len().saturating_add(max_new).min(seq_len);
-            let blocks = blocks_for(limit);
+            let (limit, blocks) = reservation(job.prompt.len(), job.settings.max_tokens, seq_len);
             if blocks > self.limits.kv_blocks {
                 let job = self.pop_waiting();
                 let _ = job.events.send(Event::Failed(format!(
@@ -410,4 +417,17 @@ fn send_token(a: &mut Active, m: &Metrics, text: String, sampled: &llama2::sampl
         logprob: sampled.logprob,
         top_logprobs: sampled.top_logprobs.clone(),
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_stop_at_the_context_even_without_max_tokens() {
+        assert_eq!(reservation(5, None, 512), (512, 32));
+        assert_eq!(reservation(5, Some(usize::MAX), 512), (512, 32));
+        assert_eq!(reservation(5, Some(10), 512), (15, 1));
+        assert_eq!(reservation(5, Some(12), 512), (17, 2));
+    }
 }

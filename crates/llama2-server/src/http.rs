@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::api::{self, ChatRequest, CompletionRequest, FinishReason, Invalid, Prompt, Settings};
-use crate::engine::{blocks_for, Event, Job, Piece};
+use crate::engine::{reservation, Event, Job, Piece};
 use crate::template::TemplateMessage;
 use crate::{Ready, Shared};
 
@@ -225,8 +225,7 @@ fn submit(
         Some(_) => {}
         None => settings.max_tokens = Some(limit),
     }
-    let max_new = settings.max_tokens.unwrap_or(limit);
-    let blocks = blocks_for((prompt.len() + max_new).min(seq_len));
+    let (_, blocks) = reservation(prompt.len(), settings.max_tokens, seq_len);
     if blocks > r.kv_blocks {
         return Err(api::invalid(
             "max_tokens",

@@ -349,3 +349,13 @@ def test_curl_stream(server_url, auth_headers):
                {"prompt": "Once upon a time", "max_tokens": 16, "stream": True})
     assert out.rstrip().endswith("data: [DONE]"), out[-300:]
     check_stream(out, chat=False)
+
+
+def test_no_max_tokens_runs_to_the_context(http):
+    # The server's default max_tokens is the rest of the context; the KV
+    # reservation for it must not overflow.
+    r = http.post("/v1/completions", json={"prompt": "Once", "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512, usage
+    assert r.json()["choices"][0]["finish_reason"] == "length"
