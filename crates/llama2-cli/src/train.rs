@@ -231,6 +231,7 @@ fn initial_state(a: &TrainArgs) -> Result<TrainState> {
 
 fn run(a: &TrainArgs) -> Result<()> {
     let dir = a.data.as_ref().expect("clap requires --data");
+    llama2_train::heap::keep_freed_memory();
     let mut state = initial_state(a)?;
     let c = state.params.config;
     let data = TokenData::load(dir, c.vocab_size, c.seq_len)?;

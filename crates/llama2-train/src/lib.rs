@@ -4,7 +4,8 @@
 //!
 //! | file           | owns                                                        |
 //! |----------------|-------------------------------------------------------------|
-//! | `ops/`         | each op's forward and hand-written backward, side by side    |
+//! | `ops/`         | each op's forward and hand-written backward, side by side;   |
+//! |                | `ops/gemm.rs` the cache-blocked product all matmuls use      |
 //! | `params.rs`    | the trainable tensors (model.py's names), from `ModelWeights`|
 //! | `model.rs`     | the forward pass on a batch `[B][T]`, kept activations, and  |
 //! |                | the backward pass through them                               |
@@ -15,6 +16,7 @@
 //! | `schedule.rs`  | train.py's `get_lr` (warmup, cosine decay)                   |
 //! | `ckpt.rs`      | our resumable `ckpt.bin`; `model.bin` export (version 0)     |
 //! | `trainer.rs`   | train.py's loop: accumulation, clipping, eval, checkpoints   |
+//! | `heap.rs`      | keeping freed activations in the process between steps       |
 //! | `debug_state.rs` | reading a PyTorch debug folder (`state.json`, `tensors.bin`) |
 //! | `check.rs`     | comparing our loss, logits, gradients and AdamW steps with it|
 //!
@@ -26,6 +28,7 @@ pub mod ckpt;
 pub mod data;
 pub mod debug_state;
 pub mod error;
+pub mod heap;
 pub mod init;
 pub mod model;
 pub mod ops;

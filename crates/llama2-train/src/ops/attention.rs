@@ -4,7 +4,10 @@
 //! `q · k / sqrt(hs)`, softmax over positions `0..=t`, then the weighted
 //! sum of values. Sequences of the batch run in parallel.
 
+use llama2::cpu::kernels;
 use rayon::prelude::*;
+
+use super::isa;
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -68,6 +71,11 @@ pub fn attention_forward(
 
 /// One sequence of `attention_forward`: `out` `[T][Hq * hs]`, `probs`
 /// `[Hq][T][T]`, `q` `[T][Hq * hs]`, `k` and `v` `[T][Hkv * hs]`.
+///
+/// Heads are narrow (8 values in stories260K), so the vector work runs
+/// along positions instead: with a head's keys and values transposed to
+/// `[hs][T]`, one query's scores are `hs` `axpy`s over positions `0..=t`
+/// and its output `hs` dot products over them.
 fn sequence_forward(
     out: &mut [f32],
     probs: &mut [f32],
@@ -76,21 +84,46 @@ fn sequence_forward(
     v: &[f32],
     s: AttentionShape,
 ) {
-    let (hs, qw, kw, t_len) = (s.head_size, s.q_width(), s.kv_width(), s.seq_len);
+    let (hs, qw, t_len) = (s.head_size, s.q_width(), s.seq_len);
     let scale = 1.0 / (hs as f32).sqrt();
+    let (mut kt, mut vt) = (vec![0f32; hs * t_len], vec![0f32; hs * t_len]);
     for h in 0..s.n_heads {
-        let kv = s.kv_offset(h);
+        if h == 0 || s.kv_offset(h) != s.kv_offset(h - 1) {
+            transpose_head(k, s, h, &mut kt);
+            transpose_head(v, s, h, &mut vt);
+        }
         for t in 0..t_len {
             let qt = &q[t * qw + h * hs..][..hs];
             let p = &mut probs[(h * t_len + t) * t_len..][..t + 1];
-            for (u, score) in p.iter_mut().enumerate() {
-                *score = dot(qt, &k[u * kw + kv..][..hs]) * scale;
+            for (d, &qd) in qt.iter().enumerate() {
+                axpy(p, qd * scale, &kt[d * t_len..][..t + 1]);
             }
-            softmax(p);
+            kernels::softmax(isa(), p);
             let ot = &mut out[t * qw + h * hs..][..hs];
-            for (u, &a) in p.iter().enumerate() {
-                axpy(ot, a, &v[u * kw + kv..][..hs]);
+            for (d, o) in ot.iter_mut().enumerate() {
+                *o = dot(p, &vt[d * t_len..][..t + 1]);
             }
+        }
+    }
+}
+
+/// Copies kv head `s.kv_offset(h)` of `x` `[T][Hkv * hs]` into `out`
+/// `[hs][T]`.
+fn transpose_head(x: &[f32], s: AttentionShape, h: usize, out: &mut [f32]) {
+    let (hs, kw, t_len, kv) = (s.head_size, s.kv_width(), s.seq_len, s.kv_offset(h));
+    for (t, row) in x.chunks_exact(kw).enumerate() {
+        for (d, &val) in row[kv..kv + hs].iter().enumerate() {
+            out[d * t_len + t] = val;
+        }
+    }
+}
+
+/// Adds `g` `[hs][T]` into kv head `s.kv_offset(h)` of `dx` `[T][Hkv * hs]`.
+fn add_head(g: &[f32], s: AttentionShape, h: usize, dx: &mut [f32]) {
+    let (hs, kw, t_len, kv) = (s.head_size, s.kv_width(), s.seq_len, s.kv_offset(h));
+    for (t, row) in dx.chunks_exact_mut(kw).enumerate() {
+        for (d, val) in row[kv..kv + hs].iter_mut().enumerate() {
+            *val += g[d * t_len + t];
         }
     }
 }
@@ -140,7 +173,10 @@ struct SequenceGrads<'a> {
     dv: &'a mut [f32],
 }
 
-/// One sequence of `attention_backward`, shapes as `sequence_forward`.
+/// One sequence of `attention_backward`, shapes and layout as
+/// `sequence_forward`: per query, `hs` vector ops over positions `0..=t`
+/// against the head's transposed keys and values, and the key and value
+/// gradients gathered transposed (`[hs][T]`) before they are added back.
 fn sequence_backward(
     g: SequenceGrads,
     dout: &[f32],
@@ -150,57 +186,49 @@ fn sequence_backward(
     probs: &[f32],
     s: AttentionShape,
 ) {
-    let (hs, qw, kw, t_len) = (s.head_size, s.q_width(), s.kv_width(), s.seq_len);
+    let (hs, qw, t_len) = (s.head_size, s.q_width(), s.seq_len);
     let scale = 1.0 / (hs as f32).sqrt();
+    let [mut kt, mut vt, mut dkt, mut dvt] = [(); 4].map(|_| vec![0f32; hs * t_len]);
     // dS of one row of scores, `[t + 1]`, reused across rows.
     let mut dscore = vec![0f32; t_len];
     for h in 0..s.n_heads {
-        let kv = s.kv_offset(h);
+        transpose_head(k, s, h, &mut kt);
+        transpose_head(v, s, h, &mut vt);
+        dkt.fill(0.0);
+        dvt.fill(0.0);
         for t in 0..t_len {
             let p = &probs[(h * t_len + t) * t_len..][..t + 1];
             let dot_t = &dout[t * qw + h * hs..][..hs];
             let ds = &mut dscore[..t + 1];
-            for (u, d) in ds.iter_mut().enumerate() {
-                *d = dot(dot_t, &v[u * kw + kv..][..hs]);
-                axpy(&mut g.dv[u * kw + kv..][..hs], p[u], dot_t);
+            ds.fill(0.0);
+            for (d, &gd) in dot_t.iter().enumerate() {
+                axpy(ds, gd, &vt[d * t_len..][..t + 1]);
+                axpy(&mut dvt[d * t_len..][..t + 1], gd, p);
             }
-            let weighted: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
+            let weighted = dot(p, ds);
             for (d, &a) in ds.iter_mut().zip(p) {
                 *d = a * (*d - weighted) * scale;
             }
             let qt = &q[t * qw + h * hs..][..hs];
             let dqt = &mut g.dq[t * qw + h * hs..][..hs];
-            for (u, &d) in ds.iter().enumerate() {
-                axpy(dqt, d, &k[u * kw + kv..][..hs]);
-                axpy(&mut g.dk[u * kw + kv..][..hs], d, qt);
+            for (d, (dq, &qd)) in dqt.iter_mut().zip(qt).enumerate() {
+                *dq = dot(ds, &kt[d * t_len..][..t + 1]);
+                axpy(&mut dkt[d * t_len..][..t + 1], qd, ds);
             }
         }
+        add_head(&dkt, s, h, g.dk);
+        add_head(&dvt, s, h, g.dv);
     }
 }
 
-/// In-place softmax of one row of scores.
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
-/// `a · b` in f32.
+/// `a · b` at the kernels' level.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    kernels::dot_f32(isa(), a, b)
 }
 
-/// `acc += alpha * x`.
+/// `acc += alpha * x` at the kernels' level.
 fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += alpha * v;
-    }
+    kernels::axpy(isa(), acc, alpha, x)
 }
 
 #[cfg(test)]

@@ -1,6 +1,12 @@
 //! Mean cross-entropy of the logits against the targets, as model.py's
 //! `F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)`,
-//! and its gradient `(softmax - onehot) / count`.
+//! and its gradient `(softmax - onehot) / count`. Rows run in parallel,
+//! with the inference library's vector softmax.
+
+use llama2::cpu::kernels;
+use rayon::prelude::*;
+
+use super::isa;
 
 /// Targets equal to this are skipped (model.py's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -1;
@@ -10,20 +16,34 @@ pub const IGNORE_INDEX: i32 = -1;
 /// `targets` `[N]` (each `< V` or ignored, checked by the caller). Summed in
 /// f64 so the mean does not depend on N's rounding. No counted rows: 0.
 pub fn cross_entropy_forward(logits: &[f32], targets: &[i32], vocab: usize) -> f32 {
-    let mut sum = 0f64;
-    let mut count = 0usize;
-    for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
-        if t == IGNORE_INDEX {
-            continue;
-        }
-        let (max, total) = exp_sum(row);
-        sum += (max + total.ln()) as f64 - row[t as usize] as f64;
-        count += 1;
-    }
+    let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
     if count == 0 {
-        0.0
+        return 0.0;
+    }
+    let sum: f64 = logits
+        .par_chunks_exact(vocab)
+        .zip(targets)
+        .filter(|(_, &t)| t != IGNORE_INDEX)
+        .map_init(Vec::new, |probs, (row, &t)| {
+            row_loss(row, t as usize, probs)
+        })
+        .sum();
+    (sum / count as f64) as f32
+}
+
+/// `-log softmax(row)[t]`, from the vector softmax when that probability
+/// is a normal float, else (a confidently wrong row) from the exact
+/// `max + log(sum(exp(row - max))) - row[t]`.
+fn row_loss(row: &[f32], t: usize, probs: &mut Vec<f32>) -> f64 {
+    probs.clear();
+    probs.extend_from_slice(row);
+    kernels::softmax(isa(), probs);
+    if probs[t] >= f32::MIN_POSITIVE {
+        -(probs[t] as f64).ln()
     } else {
-        (sum / count as f64) as f32
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        max as f64 + total.ln() - row[t] as f64
     }
 }
 
@@ -38,28 +58,18 @@ pub fn cross_entropy_backward(logits: &[f32], targets: &[i32], vocab: usize) -> 
         .max(1);
     let scale = 1.0 / count as f32;
     let mut dlogits = vec![0f32; logits.len()];
-    for ((drow, row), &t) in dlogits
-        .chunks_exact_mut(vocab)
-        .zip(logits.chunks_exact(vocab))
-        .zip(targets)
-    {
-        if t == IGNORE_INDEX {
-            continue;
-        }
-        let (max, total) = exp_sum(row);
-        for (d, &v) in drow.iter_mut().zip(row) {
-            *d = (v - max).exp() / total * scale;
-        }
-        drow[t as usize] -= scale;
-    }
     dlogits
-}
-
-/// A row's maximum and `sum(exp(row - max))`: softmax's two reductions,
-/// shifted so that no exponential overflows.
-fn exp_sum(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    (max, row.iter().map(|&v| (v - max).exp()).sum())
+        .par_chunks_exact_mut(vocab)
+        .zip(logits.par_chunks_exact(vocab))
+        .zip(targets)
+        .filter(|(_, &t)| t != IGNORE_INDEX)
+        .for_each(|((drow, row), &t)| {
+            drow.copy_from_slice(row);
+            kernels::softmax(isa(), drow);
+            drow.iter_mut().for_each(|d| *d *= scale);
+            drow[t as usize] -= scale;
+        });
+    dlogits
 }
 
 #[cfg(test)]
@@ -77,6 +87,13 @@ mod tests {
             cross_entropy_forward(l, &targets, vocab) as f64
         });
         assert_grad_close("dlogits", &grad, &numeric, 2e-3);
+    }
+
+    #[test]
+    fn a_confidently_wrong_row_keeps_its_large_loss() {
+        // softmax(row)[0] = e^-200 underflows f32; the loss is still 200.
+        let loss = cross_entropy_forward(&[0.0, 200.0], &[0], 2);
+        assert!((loss - 200.0).abs() < 1e-3, "{loss}");
     }
 
     #[test]

@@ -1,39 +1,23 @@
 //! `y = x @ W^T`, the linear layer of model.py (`nn.Linear`, no bias), and
-//! both of its gradients. Rows of the output are computed in parallel; the
-//! dot products and `axpy`s are the inference library's SIMD kernels at the
-//! widest level this CPU runs (or `LLAMA2_ISA`'s).
+//! both of its gradients: three products of the same kind (`gemm.rs`),
+//! with the operands seen transposed where the math wants them so.
 
-use std::sync::OnceLock;
-
-use llama2::cpu::kernels::{self, Isa};
-use rayon::prelude::*;
-
-/// The kernels' level, chosen once: `LLAMA2_ISA` when it names one this
-/// CPU runs, else the widest.
-fn isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| Isa::configured().unwrap_or_else(|_| Isa::best()))
-}
-
-/// Rows below this many multiply-adds run on one thread: rayon's overhead
-/// would outweigh the work.
-const PARALLEL_MIN_WORK: usize = 1 << 15;
+use super::gemm::{gemm_nt, View};
+use super::isa;
 
 /// `y[n][m] = sum_k x[n][k] * w[m][k]`: `x` `[N][K]`, `w` `[M][K]` ->
 /// `y` `[N][M]`.
 pub fn matmul_forward(x: &[f32], w: &[f32], k: usize, m: usize) -> Vec<f32> {
     let n = x.len() / k;
     let mut y = vec![0f32; n * m];
-    let row = |(yr, xr): (&mut [f32], &[f32])| {
-        for (out, wr) in yr.iter_mut().zip(w.chunks_exact(k)) {
-            *out = dot(xr, wr);
-        }
-    };
-    if n * m * k < PARALLEL_MIN_WORK {
-        y.chunks_mut(m).zip(x.chunks_exact(k)).for_each(row);
-    } else {
-        y.par_chunks_mut(m).zip(x.par_chunks(k)).for_each(row);
-    }
+    gemm_nt(
+        isa(),
+        View::rows(w, k),
+        View::rows(x, k),
+        (m, n, k),
+        &mut y,
+        false,
+    );
     y
 }
 
@@ -51,35 +35,24 @@ pub fn matmul_backward(
     dw: &mut [f32],
 ) {
     let n = x.len() / k;
-    let input_row = |(dxr, dyr): (&mut [f32], &[f32])| {
-        for (&g, wr) in dyr.iter().zip(w.chunks_exact(k)) {
-            axpy(dxr, g, wr);
-        }
-    };
-    let weight_row = |(j, dwr): (usize, &mut [f32])| {
-        for (dyr, xr) in dy.chunks_exact(m).zip(x.chunks_exact(k)) {
-            axpy(dwr, dyr[j], xr);
-        }
-    };
-    if n * m * k < PARALLEL_MIN_WORK {
-        dx.chunks_mut(k).zip(dy.chunks_exact(m)).for_each(input_row);
-        dw.chunks_mut(k).enumerate().for_each(weight_row);
-    } else {
-        dx.par_chunks_mut(k)
-            .zip(dy.par_chunks(m))
-            .for_each(input_row);
-        dw.par_chunks_mut(k).enumerate().for_each(weight_row);
-    }
-}
-
-/// `a · b` in f32.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    kernels::dot_f32(isa(), a, b)
-}
-
-/// `acc += alpha * x`.
-fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
-    kernels::axpy(isa(), acc, alpha, x)
+    // dx[t][i] = sum_j w[j][i] * dy[t][j]: `a` is W^T, `b` is dy.
+    gemm_nt(
+        isa(),
+        View::transposed(w, k),
+        View::rows(dy, m),
+        (k, n, m),
+        dx,
+        true,
+    );
+    // dw[j][i] = sum_t x[t][i] * dy[t][j]: `a` is x^T, `b` is dy^T.
+    gemm_nt(
+        isa(),
+        View::transposed(x, k),
+        View::transposed(dy, m),
+        (k, m, n),
+        dw,
+        true,
+    );
 }
 
 #[cfg(test)]

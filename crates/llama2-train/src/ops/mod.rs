@@ -9,8 +9,20 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod gemm;
 pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+
+use std::sync::OnceLock;
+
+use llama2::cpu::kernels::Isa;
+
+/// The inference library's kernel level the ops run at, chosen once:
+/// `LLAMA2_ISA` when it names one this CPU runs, else the widest.
+pub(crate) fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| Isa::configured().unwrap_or_else(|_| Isa::best()))
+}

@@ -573,7 +573,24 @@ pub fn product(
             return;
         }
     };
-    let blocks = prepared.blocks;
+    float_product(isa, floats, cols, (x, prepared.blocks), n, rows, out, ld)
+}
+
+/// `product` for float weights given as bare rows of `cols` values (the
+/// training crate's matrices, which change every step and are not
+/// `HostMatrix`es): `out[t * ld + j - rows.start] = w[j] · x[t]`.
+#[allow(clippy::too_many_arguments)]
+pub fn float_product(
+    isa: Isa,
+    floats: WeightRows,
+    cols: usize,
+    (x, blocks): (&[f32], Option<&TokenBlocks>),
+    n: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
     assert!(blocks.is_none_or(|b| b.n == n && b.cols == cols));
     if !simd::f32_rows(isa, floats, (x, blocks), (cols, n), rows.clone(), out, ld) {
         let mut row = Vec::with_capacity(cols);

@@ -1,0 +1,260 @@
+//! The one matrix product training needs, `out[q][p] (+)= a[p] · b[q]`,
+//! over operands that may be stored transposed, so that a linear layer's
+//! forward and both of its gradients are the same call (see `matmul.rs`).
+//!
+//! The arithmetic is the inference library's float product
+//! (`kernels::float_product`: outer-product tiles at the AVX2 and AVX-512
+//! levels). What this file adds is the blocking a training-sized product
+//! needs around it: the reduction is cut into `REDUCTION_BLOCK`-long
+//! slices and `b` into `Q_BLOCK`-row pieces, so that each task's share of
+//! both operands stays in the L2 cache while the tiles sweep it; operands
+//! stored transposed are copied into rows first (the copies cost one pass
+//! over each operand, the product `p` passes). Tasks are pieces of `b`,
+//! each writing its own rows of `out`, in parallel on rayon's pool.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use llama2::cpu::kernels::{self, Isa, WeightRows};
+use rayon::prelude::*;
+
+/// Longest stretch of the reduction multiplied in one call: a 256-row
+/// piece of `b` at this length is 512 KB, a quarter of a 2 MB L2.
+const REDUCTION_BLOCK: usize = 512;
+
+/// Most rows of `b` per task.
+const Q_BLOCK: usize = 256;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// A matrix of `f32` in a slice: element `(i, j)` at `data[i * rs + j * cs]`.
+/// `rows(d, w)` is the row-major `[_][w]` matrix in `d`, `transposed(d, w)`
+/// its transpose.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// `d` as rows of `width`.
+    pub fn rows(data: &'a [f32], width: usize) -> Self {
+        View {
+            data,
+            rs: width,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of `d` as rows of `width`: `(i, j)` is `d[j * width + i]`.
+    pub fn transposed(data: &'a [f32], width: usize) -> Self {
+        View {
+            data,
+            rs: 1,
+            cs: width,
+        }
+    }
+
+    /// Rows `rows` and columns `cols` of the view as `[rows][cols]`
+    /// row-major: borrowed when already laid out so, else copied.
+    fn block(&self, rows: Range<usize>, cols: Range<usize>) -> Cow<'a, [f32]> {
+        let width = cols.len();
+        if self.cs == 1 && self.rs == width {
+            return Cow::Borrowed(&self.data[rows.start * width..rows.end * width]);
+        }
+        let mut out = vec![0f32; rows.len() * width];
+        if self.cs == 1 {
+            for (dst, i) in out.chunks_exact_mut(width).zip(rows) {
+                dst.copy_from_slice(&self.data[i * self.rs + cols.start..][..width]);
+            }
+        } else {
+            transpose_into(self, rows, cols, &mut out);
+        }
+        Cow::Owned(out)
+    }
+}
+
+/// Copies a transposed view (`cs > 1`) block by block, so both the reads
+/// (runs along `i`, contiguous when `rs == 1`) and the writes stay within a
+/// few cache lines at a time.
+fn transpose_into(v: &View, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
+    const TILE: usize = 16;
+    let width = cols.len();
+    for i0 in rows.clone().step_by(TILE) {
+        let i1 = (i0 + TILE).min(rows.end);
+        for j0 in cols.clone().step_by(TILE) {
+            let j1 = (j0 + TILE).min(cols.end);
+            for j in j0..j1 {
+                for i in i0..i1 {
+                    out[(i - rows.start) * width + j - cols.start] = v.data[i * v.rs + j * v.cs];
+                }
+            }
+        }
+    }
+}
+
+/// `out[q][p] = a[p] · b[q]` (or `+=` when `accumulate`), for `a` `[P][R]`
+/// and `b` `[Q][R]` given as views and `out` `[Q][P]` row-major, at the
+/// kernels' level `isa`.
+pub fn gemm_nt(
+    isa: Isa,
+    a: View,
+    b: View,
+    (p, q, r): (usize, usize, usize),
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(out.len(), q * p, "gemm_nt: out must be [Q][P]");
+    if p == 0 || q == 0 {
+        return;
+    }
+    if r == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // `a` in row-major reduction slices, shared by every task.
+    let slices: Vec<(Range<usize>, Cow<[f32]>)> = (0..r)
+        .step_by(REDUCTION_BLOCK)
+        .map(|r0| r0..(r0 + REDUCTION_BLOCK).min(r))
+        .map(|range| (range.clone(), a.block(0..p, range)))
+        .collect();
+    let per = q_block(q);
+    let task = |(k, out): (usize, &mut [f32])| {
+        let rows = k * per..(k * per + per).min(q);
+        product_rows(isa, &slices, b, p, rows, out, accumulate);
+    };
+    if p * q * r < PARALLEL_MIN_WORK {
+        out.chunks_mut(per * p).enumerate().for_each(task);
+    } else {
+        out.par_chunks_mut(per * p).enumerate().for_each(task);
+    }
+}
+
+/// Rows of `b` per task: at most `Q_BLOCK`, and few enough that every
+/// thread gets at least two tasks, in multiples of 32 (the AVX-512 tile's
+/// width in tokens).
+fn q_block(q: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (q.div_ceil(2 * threads).div_ceil(32).max(1) * 32).min(Q_BLOCK)
+}
+
+/// Rows `rows` of `out` (`[rows][p]`, this task's share): every reduction
+/// slice of `a` against the same rows of `b`.
+fn product_rows(
+    isa: Isa,
+    slices: &[(Range<usize>, Cow<[f32]>)],
+    b: View,
+    p: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let n = rows.len();
+    let mut partial = Vec::new();
+    for (k, (range, a_rows)) in slices.iter().enumerate() {
+        let x = b.block(rows.clone(), range.clone());
+        let w = WeightRows::F32(a_rows);
+        if k == 0 && !accumulate {
+            kernels::float_product(isa, w, range.len(), (&x, None), n, 0..p, out, p);
+        } else {
+            partial.resize(n * p, 0.0);
+            kernels::float_product(isa, w, range.len(), (&x, None), n, 0..p, &mut partial, p);
+            out.iter_mut().zip(&partial).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::random;
+
+    /// The plain triple loop.
+    fn reference(a: View, b: View, (p, q, r): (usize, usize, usize)) -> Vec<f32> {
+        let at = |v: &View, i: usize, j: usize| v.data[i * v.rs + j * v.cs] as f64;
+        let mut out = vec![0f32; q * p];
+        for i in 0..q {
+            for j in 0..p {
+                out[i * p + j] = (0..r).map(|k| at(&a, j, k) * at(&b, i, k)).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn check(isa: Isa, (p, q, r): (usize, usize, usize), a_t: bool, b_t: bool) {
+        let ad = random(p * r, 1, 1.0);
+        let bd = random(q * r, 2, 1.0);
+        let a = if a_t {
+            View::transposed(&ad, p)
+        } else {
+            View::rows(&ad, r)
+        };
+        let b = if b_t {
+            View::transposed(&bd, q)
+        } else {
+            View::rows(&bd, r)
+        };
+        let want = reference(a, b, (p, q, r));
+        let start = random(q * p, 3, 1.0);
+        for accumulate in [false, true] {
+            let mut got = start.clone();
+            gemm_nt(isa, a, b, (p, q, r), &mut got, accumulate);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let w = if accumulate { w + start[i] } else { *w };
+                let tol = 1e-5 * (r as f32).sqrt() * w.abs().max(1.0);
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{:?} {p}x{q}x{r} a_t {a_t} b_t {b_t} accumulate {accumulate}: \
+                     first mismatch at [{}][{}]: {g} vs {w}",
+                    isa.level(),
+                    i / p,
+                    i % p
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_triple_loop_at_every_level_and_layout() {
+        for isa in Isa::all() {
+            for shape in [
+                (1, 1, 1),
+                (5, 3, 7),
+                (37, 70, 19),
+                (48, 300, 1100),
+                (300, 45, 600),
+            ] {
+                for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                    check(isa, shape, a_t, b_t);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_reduction_is_zero_or_leaves_out_alone() {
+        let mut out = vec![3.0; 6];
+        gemm_nt(
+            Isa::scalar(),
+            View::rows(&[], 0),
+            View::rows(&[], 0),
+            (2, 3, 0),
+            &mut out,
+            true,
+        );
+        assert_eq!(out, [3.0; 6]);
+        gemm_nt(
+            Isa::scalar(),
+            View::rows(&[], 0),
+            View::rows(&[], 0),
+            (2, 3, 0),
+            &mut out,
+            false,
+        );
+        assert_eq!(out, [0.0; 6]);
+    }
+}
