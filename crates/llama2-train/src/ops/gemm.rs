@@ -15,7 +15,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use llama2::cpu::kernels::{self, Isa, WeightRows};
+use llama2::cpu::kernels::{self, Isa, TokenBlocks, WeightRows, TOKEN_BLOCK};
 use rayon::prelude::*;
 
 /// Longest stretch of the reduction multiplied in one call: a 256-row
@@ -73,6 +73,42 @@ impl<'a> View<'a> {
             transpose_into(self, rows, cols, &mut out);
         }
         Cow::Owned(out)
+    }
+
+    /// Rows `rows` and columns `cols` laid out as the float tiles read a
+    /// batch (`TokenBlocks`: blocks of 16 rows, one column of a block
+    /// contiguous, rows past the end zero), straight from the view.
+    fn pack_blocks(&self, rows: Range<usize>, cols: Range<usize>, out: &mut TokenBlocks) {
+        let (n, width) = (rows.len(), cols.len());
+        (out.n, out.cols) = (n, width);
+        let per_block = width * TOKEN_BLOCK;
+        let len = n.div_ceil(TOKEN_BLOCK) * per_block;
+        if out.data.len() < len {
+            out.data.resize(len, 0.0);
+        }
+        for (b, block) in out.data[..len].chunks_exact_mut(per_block).enumerate() {
+            let t0 = rows.start + b * TOKEN_BLOCK;
+            let tokens = (rows.end - t0).min(TOKEN_BLOCK);
+            if self.rs == 1 {
+                // Transposed storage: a column's 16 rows are contiguous.
+                for (k, column) in block.chunks_exact_mut(TOKEN_BLOCK).enumerate() {
+                    let src = &self.data[(cols.start + k) * self.cs + t0..][..tokens];
+                    column[..tokens].copy_from_slice(src);
+                    column[tokens..].fill(0.0);
+                }
+            } else {
+                for t in 0..TOKEN_BLOCK {
+                    if t < tokens {
+                        let start = (t0 + t) * self.rs + cols.start * self.cs;
+                        for (k, column) in block.chunks_exact_mut(TOKEN_BLOCK).enumerate() {
+                            column[t] = self.data[start + k * self.cs];
+                        }
+                    } else {
+                        block.chunks_exact_mut(TOKEN_BLOCK).for_each(|c| c[t] = 0.0);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -154,15 +190,25 @@ fn product_rows(
     accumulate: bool,
 ) {
     let n = rows.len();
-    let mut partial = Vec::new();
+    let (mut partial, mut blocks) = (Vec::new(), TokenBlocks::default());
     for (k, (range, a_rows)) in slices.iter().enumerate() {
-        let x = b.block(rows.clone(), range.clone());
+        // The tiles' own layout when the level takes it, else plain rows.
+        let x = if kernels::takes_token_blocks(isa, n) {
+            b.pack_blocks(rows.clone(), range.clone(), &mut blocks);
+            None
+        } else {
+            Some(b.block(rows.clone(), range.clone()))
+        };
+        let x = match &x {
+            Some(rows) => (&rows[..], None),
+            None => (&[][..], Some(&blocks)),
+        };
         let w = WeightRows::F32(a_rows);
         if k == 0 && !accumulate {
-            kernels::float_product(isa, w, range.len(), (&x, None), n, 0..p, out, p);
+            kernels::float_product(isa, w, range.len(), x, n, 0..p, out, p);
         } else {
             partial.resize(n * p, 0.0);
-            kernels::float_product(isa, w, range.len(), (&x, None), n, 0..p, &mut partial, p);
+            kernels::float_product(isa, w, range.len(), x, n, 0..p, &mut partial, p);
             out.iter_mut().zip(&partial).for_each(|(o, v)| *o += v);
         }
     }

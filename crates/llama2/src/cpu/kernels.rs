@@ -578,7 +578,9 @@ pub fn product(
 
 /// `product` for float weights given as bare rows of `cols` values (the
 /// training crate's matrices, which change every step and are not
-/// `HostMatrix`es): `out[t * ld + j - rows.start] = w[j] · x[t]`.
+/// `HostMatrix`es): `out[t * ld + j - rows.start] = w[j] · x[t]`. With
+/// `blocks` given and a level that takes them (`takes_token_blocks`), `x`
+/// is not read and may be empty.
 #[allow(clippy::too_many_arguments)]
 pub fn float_product(
     isa: Isa,
