@@ -73,6 +73,10 @@ pub fn router(state: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_oversized,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
@@ -81,6 +85,50 @@ pub fn router(state: Arc<Shared>) -> Router {
         .merge(v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
+}
+
+/// Bodies declared larger than this are refused without reading them.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// How long an oversized body may take to arrive before it is cut off.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Answers 413 to a body whose `Content-Length` exceeds `--max-body`, after
+/// reading and dropping it (up to `DRAIN_LIMIT` bytes and `DRAIN_TIME`).
+/// Answering first and closing would leave the client's unsent bytes
+/// unread, and a socket closed with unread data is reset: the client
+/// would see a broken connection instead of the 413. Bodies without a
+/// length are cut off by the extractor's limit as before.
+async fn refuse_oversized(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(len) = declared.filter(|&len| len > s.options.max_body as u64) else {
+        return next.run(req).await;
+    };
+    let endpoint = match req.uri().path() {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        _ => "other",
+    };
+    if len <= DRAIN_LIMIT {
+        let mut data = req.into_body().into_data_stream();
+        let drained = tokio::time::timeout(DRAIN_TIME, async {
+            while let Some(Ok(_)) = tokio_stream::StreamExt::next(&mut data).await {}
+        });
+        let _ = drained.await;
+    }
+    s.metrics.request(endpoint, 413);
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the request body ({len} bytes) is larger than the server's --max-body limit ({} bytes)",
+            s.options.max_body
+        ),
+    )
+    .into_response()
 }
 
 /// Refuses requests without the server's API key, when it has one.
