@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
+from array import array
+import random
 
 # The shapes of stories260K (feed-forward 172 wide: multiple_of 4) and
 # stories15M, at the batches the issue gives: 32 x 256 and 8 x 256.
@@ -192,9 +193,13 @@ def rate(s, step_seconds):
 
 
 def write_shards(dir, vocab, tokens):
-    rng = np.random.default_rng(7)
+    rng = random.Random(7)
     for name in ("shard_00.bin", "shard_01.bin"):  # the first by name is validation
-        rng.integers(0, vocab, tokens, dtype=np.uint16).tofile(os.path.join(dir, name))
+        ids = array("H", (rng.randrange(vocab) for _ in range(tokens)))
+        if sys.byteorder != "little":
+            ids.byteswap()
+        with open(os.path.join(dir, name), "wb") as f:
+            ids.tofile(f)
 
 
 def torch_available(python):
