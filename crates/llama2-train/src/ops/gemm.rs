@@ -283,24 +283,11 @@ mod tests {
 
     #[test]
     fn an_empty_reduction_is_zero_or_leaves_out_alone() {
+        let empty = View::rows(&[], 0);
         let mut out = vec![3.0; 6];
-        gemm_nt(
-            Isa::scalar(),
-            View::rows(&[], 0),
-            View::rows(&[], 0),
-            (2, 3, 0),
-            &mut out,
-            true,
-        );
-        assert_eq!(out, [3.0; 6]);
-        gemm_nt(
-            Isa::scalar(),
-            View::rows(&[], 0),
-            View::rows(&[], 0),
-            (2, 3, 0),
-            &mut out,
-            false,
-        );
-        assert_eq!(out, [0.0; 6]);
+        for (accumulate, want) in [(true, 3.0), (false, 0.0)] {
+            gemm_nt(Isa::scalar(), empty, empty, (2, 3, 0), &mut out, accumulate);
+            assert_eq!(out, [want; 6]);
+        }
     }
 }
