@@ -7,10 +7,12 @@
 //! levels). What this file adds is the blocking a training-sized product
 //! needs around it: the reduction is cut into `REDUCTION_BLOCK`-long
 //! slices and `b` into `Q_BLOCK`-row pieces, so that each task's share of
-//! both operands stays in the L2 cache while the tiles sweep it; operands
-//! stored transposed are copied into rows first (the copies cost one pass
-//! over each operand, the product `p` passes). Tasks are pieces of `b`,
-//! each writing its own rows of `out`, in parallel on rayon's pool.
+//! both operands stays in the L2 cache while the tiles sweep it. `a` is
+//! copied into row-major slices once (borrowed when already so) and each
+//! task packs its piece of `b` straight into the tiles' token blocks: one
+//! pass over each operand, against `p` passes of the product. Tasks are
+//! pieces of `b`, each writing its own rows of `out`, in parallel on
+//! rayon's pool.
 
 use std::borrow::Cow;
 use std::ops::Range;
