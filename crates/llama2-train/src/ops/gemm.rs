@@ -193,17 +193,16 @@ fn product_rows(
 ) {
     let n = rows.len();
     let (mut partial, mut blocks) = (Vec::new(), TokenBlocks::default());
+    // The tiles' own layout when the level takes it, else plain rows.
+    let blocked = kernels::takes_token_blocks(isa, n);
     for (k, (range, a_rows)) in slices.iter().enumerate() {
-        // The tiles' own layout when the level takes it, else plain rows.
-        let x = if kernels::takes_token_blocks(isa, n) {
+        let plain;
+        let x = if blocked {
             b.pack_blocks(rows.clone(), range.clone(), &mut blocks);
-            None
+            (&[][..], Some(&blocks))
         } else {
-            Some(b.block(rows.clone(), range.clone()))
-        };
-        let x = match &x {
-            Some(rows) => (&rows[..], None),
-            None => (&[][..], Some(&blocks)),
+            plain = b.block(rows.clone(), range.clone());
+            (&plain[..], None)
         };
         let w = WeightRows::F32(a_rows);
         if k == 0 && !accumulate {

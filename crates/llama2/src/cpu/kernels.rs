@@ -558,13 +558,13 @@ pub fn product(
     out: &mut [f32],
     ld: usize,
 ) {
-    assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
     let cols = w.cols;
     let floats = match &w.data {
         MatrixData::F32(d) => WeightRows::F32(d),
         MatrixData::F16(d) => WeightRows::F16(d),
         MatrixData::BF16(d) => WeightRows::BF16(d),
         MatrixData::Q8(d) => {
+            assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
             let acts = prepared.q8.expect("Q8 products need quantized activations");
             assert!(acts.gs == d.group_size && acts.cols == cols && acts.n == n);
             if !simd::q8_rows(isa, &d.q, &d.scales, acts, rows.clone(), out, ld) {
