@@ -161,7 +161,7 @@ def model_bytes(s):
     d, h, kv = s["dim"], hidden_dim(s), s["dim"] // s["n_heads"] * s["n_kv_heads"]
     b, t = s["batch"], s["seq"]
     n = b * t
-    acts = s["n_layers"] * (n * (6 * d + 2 * kv + 3 * h) + b * s["n_heads"] * t * t) + 2 * n * s["vocab"]
+    acts = s["n_layers"] * (n * (6 * d + 2 * kv + 3 * h) + b * s["n_heads"] * t * (t + 1) // 2) + n * s["vocab"]
     return {"weights": 4 * p, "gradients": 4 * p, "adamw": 8 * p, "activations": 4 * acts}
 
 

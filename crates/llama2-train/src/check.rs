@@ -200,8 +200,11 @@ pub fn check_against(dir: &Path, tolerance: f64) -> Result<CheckReport> {
 pub fn check_state(state: &DebugState, tolerance: f64) -> CheckReport {
     let (p, batch) = (&state.params, &state.batch);
     let acts = forward(p, batch);
-    let grads = backward(p, batch, &acts);
-    let logits = Comparison::new("logits", &acts.logits, &state.logits);
+    let (loss_ours, logits) = (
+        acts.loss,
+        Comparison::new("logits", &acts.logits, &state.logits),
+    );
+    let grads = backward(p, batch, acts);
     let grads = p
         .infos()
         .iter()
@@ -212,7 +215,7 @@ pub fn check_state(state: &DebugState, tolerance: f64) -> CheckReport {
         })
         .collect();
     CheckReport {
-        loss_ours: acts.loss,
+        loss_ours,
         loss_ref: state.loss,
         logits,
         grads,
@@ -239,7 +242,8 @@ fn adamw_steps(state: &DebugState) -> Vec<StepLoss> {
         .iter()
         .map(|&reference| {
             let acts = forward(&params, &state.batch);
-            let mut grads = backward(&params, &state.batch, &acts);
+            let loss = acts.loss;
+            let mut grads = backward(&params, &state.batch, acts);
             let grad_norm = if h.grad_clip > 0.0 {
                 clip_grad_norm(&mut grads, h.grad_clip)
             } else {
@@ -247,7 +251,7 @@ fn adamw_steps(state: &DebugState) -> Vec<StepLoss> {
             };
             opt.step(&mut params, &grads);
             StepLoss {
-                ours: acts.loss,
+                ours: loss,
                 reference,
                 grad_norm,
             }

@@ -92,7 +92,7 @@ pub struct LayerActivations {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Attention probabilities `[B][Hq][T][T]`.
+    /// Attention probabilities, the causal half: `[B][Hq][T * (T + 1) / 2]`.
     probs: Vec<f32>,
     /// Attention output before `wo` `[N][D]`.
     att: Vec<f32>,
@@ -214,37 +214,36 @@ fn layer_forward(lp: &LayerParams, x: Vec<f32>, dims: &Dims) -> (LayerActivation
 }
 
 /// The gradient of `acts.loss` with respect to every parameter of `p`,
-/// from the activations `forward(p, batch)` kept. The embedding's gradient
-/// sums its two uses: the classifier and the lookup.
-pub fn backward(p: &Params, batch: &Batch, acts: &Activations) -> Params {
+/// from the activations `forward(p, batch)` kept, which it consumes: the
+/// logits become their own gradient, and each block's activations are
+/// freed once its backward is done. The embedding's gradient sums its two
+/// uses: the classifier and the lookup.
+pub fn backward(p: &Params, batch: &Batch, acts: Activations) -> Params {
     let dims = Dims::new(p, batch);
     let mut grads = p.zeros_like();
-    let dlogits = cross_entropy_backward(&acts.logits, &batch.targets, dims.vocab);
-    let mut dxn = vec![0f32; acts.xn_final.len()];
+    let Activations {
+        layers,
+        x_final,
+        xn_final,
+        inv_rms_final,
+        logits: mut dlogits,
+        ..
+    } = acts;
+    cross_entropy_backward(&mut dlogits, &batch.targets, dims.vocab);
+    let mut dxn = vec![0f32; xn_final.len()];
     matmul_backward(
         &dlogits,
-        &acts.xn_final,
+        &xn_final,
         &p.tok_embeddings,
         dims.d,
         dims.vocab,
         &mut dxn,
         &mut grads.tok_embeddings,
     );
-    let mut dx = rmsnorm_backward(
-        &dxn,
-        &acts.x_final,
-        &p.norm,
-        &acts.inv_rms_final,
-        &mut grads.norm,
-    );
-    for ((lp, la), lg) in p
-        .layers
-        .iter()
-        .zip(&acts.layers)
-        .zip(&mut grads.layers)
-        .rev()
-    {
-        dx = layer_backward(lp, la, dx, lg, &dims);
+    drop(dlogits);
+    let mut dx = rmsnorm_backward(&dxn, &x_final, &p.norm, &inv_rms_final, &mut grads.norm);
+    for ((lp, la), lg) in p.layers.iter().zip(layers).zip(&mut grads.layers).rev() {
+        dx = layer_backward(lp, &la, dx, lg, &dims);
     }
     embedding_backward(&dx, &batch.inputs, dims.d, &mut grads.tok_embeddings);
     grads
@@ -341,7 +340,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences_of_the_whole_model() {
         let (p, batch) = tiny();
-        let grads = backward(&p, &batch, &forward(&p, &batch));
+        let grads = backward(&p, &batch, forward(&p, &batch));
         let infos = p.infos();
         for (i, info) in infos.iter().enumerate() {
             let analytic = grads.tensors()[i];

@@ -108,16 +108,18 @@ pub fn estimate_loss(
 
 /// Bytes of the activations one micro-batch of `batch` sequences keeps for
 /// the backward (`N = B * T`): per layer six `[N][D]`, two `[N][KV]`,
-/// three `[N][H]` and the attention probabilities `[B][Hq][T][T]`, plus the
-/// logits `[N][V]` and their gradient. Saturates instead of overflowing.
+/// three `[N][H]` and the causal half of the attention probabilities
+/// `[B][Hq][T * (T + 1) / 2]`, plus the logits `[N][V]` (which become their
+/// own gradient). Saturates instead of overflowing.
 pub fn activation_bytes(c: &llama2::Config, batch: usize) -> u64 {
     let (b, t) = (batch as u64, c.seq_len as u64);
     let n = b * t;
     let per_layer = n * (6 * c.dim as u64 + 2 * c.kv_dim() as u64 + 3 * c.hidden_dim as u64)
-        + b.saturating_mul(c.n_heads as u64).saturating_mul(t * t);
+        + b.saturating_mul(c.n_heads as u64)
+            .saturating_mul(t * (t + 1) / 2);
     let floats = per_layer
         .saturating_mul(c.n_layers as u64)
-        .saturating_add(2 * n * c.vocab_size as u64);
+        .saturating_add(n * c.vocab_size as u64);
     floats.saturating_mul(4)
 }
 
@@ -164,7 +166,7 @@ fn step(state: &mut TrainState, data: &TokenData, o: &TrainOptions, lr: f64) -> 
             .batch(&mut state.rng, o.batch_size, p.config.seq_len, &p.config)?;
         let acts = forward(p, &b);
         loss_sum += acts.loss as f64;
-        let g = backward(p, &b, &acts);
+        let g = backward(p, &b, acts);
         match &mut grads {
             None => grads = Some(g),
             Some(sum) => {

@@ -3,8 +3,12 @@
 //! `repeat_kv` repeats each kv head for consecutive query heads), scores
 //! `q · k / sqrt(hs)`, softmax over positions `0..=t`, then the weighted
 //! sum of values. Sequences of the batch run in parallel.
+//!
+//! Only the causal half of the probabilities exists: row `t` of a head has
+//! the `t + 1` entries for positions `0..=t`, rows stored one after the
+//! other (`triangle`), which halves the largest activation training keeps.
 
-use llama2::cpu::kernels;
+use llama2::cpu::kernels::{self, Rows};
 use rayon::prelude::*;
 
 use super::isa;
@@ -40,15 +44,27 @@ impl AttentionShape {
         (h / (self.n_heads / self.n_kv_heads)) * self.head_size
     }
 
-    /// Entries of one sequence's attention probabilities (`Hq * T * T`).
+    /// Entries of one sequence's attention probabilities (`Hq` triangles
+    /// of `T` rows).
     fn probs_per_sequence(&self) -> usize {
-        self.n_heads * self.seq_len * self.seq_len
+        self.n_heads * triangle(self.seq_len)
+    }
+
+    /// Entries of the probabilities of a whole batch.
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.probs_per_sequence()
     }
 }
 
+/// Entries in rows `0..t` of a causal triangle (row `i` holds `i + 1`):
+/// where row `t` starts, and with `t = T` the size of a whole one.
+fn triangle(t: usize) -> usize {
+    t * (t + 1) / 2
+}
+
 /// `q` `[B][T][Hq * hs]`, `k` and `v` `[B][T][Hkv * hs]` -> the attention
-/// output `[B][T][Hq * hs]` and the probabilities `[B][Hq][T][T]` (zero
-/// above the diagonal), which the backward needs.
+/// output `[B][T][Hq * hs]` and the probabilities `[B][Hq][triangle(T)]`,
+/// which the backward needs.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -57,7 +73,7 @@ pub fn attention_forward(
 ) -> (Vec<f32>, Vec<f32>) {
     let (qw, kw, t_len) = (s.q_width(), s.kv_width(), s.seq_len);
     let mut out = vec![0f32; q.len()];
-    let mut probs = vec![0f32; s.batch * s.probs_per_sequence()];
+    let mut probs = vec![0f32; s.probs_len()];
     let sequences = out
         .par_chunks_mut(t_len * qw)
         .zip(probs.par_chunks_mut(s.probs_per_sequence()))
@@ -70,12 +86,13 @@ pub fn attention_forward(
 }
 
 /// One sequence of `attention_forward`: `out` `[T][Hq * hs]`, `probs`
-/// `[Hq][T][T]`, `q` `[T][Hq * hs]`, `k` and `v` `[T][Hkv * hs]`.
+/// `[Hq][triangle(T)]`, `q` `[T][Hq * hs]`, `k` and `v` `[T][Hkv * hs]`.
 ///
 /// Heads are narrow (8 values in stories260K), so the vector work runs
 /// along positions instead: with a head's keys and values transposed to
-/// `[hs][T]`, one query's scores are `hs` `axpy`s over positions `0..=t`
-/// and its output `hs` dot products over them.
+/// `[hs][T]`, one query's scores are a weighted sum of the `hs` key rows
+/// over positions `0..=t` (one pass, sums in registers), and its output
+/// the `hs` dot products of its probabilities with the value rows.
 fn sequence_forward(
     out: &mut [f32],
     probs: &mut [f32],
@@ -87,22 +104,25 @@ fn sequence_forward(
     let (hs, qw, t_len) = (s.head_size, s.q_width(), s.seq_len);
     let scale = 1.0 / (hs as f32).sqrt();
     let (mut kt, mut vt) = (vec![0f32; hs * t_len], vec![0f32; hs * t_len]);
-    for h in 0..s.n_heads {
+    let mut scaled_q = vec![0f32; hs];
+    for (h, head_probs) in probs.chunks_exact_mut(triangle(t_len)).enumerate() {
         if h == 0 || s.kv_offset(h) != s.kv_offset(h - 1) {
             transpose_head(k, s, h, &mut kt);
             transpose_head(v, s, h, &mut vt);
         }
         for t in 0..t_len {
+            let n = t + 1;
+            let (keys, values) = (Rows::new(&kt, t_len, n, hs), Rows::new(&vt, t_len, n, hs));
+            let p = &mut head_probs[triangle(t)..][..n];
             let qt = &q[t * qw + h * hs..][..hs];
-            let p = &mut probs[(h * t_len + t) * t_len..][..t + 1];
-            for (d, &qd) in qt.iter().enumerate() {
-                axpy(p, qd * scale, &kt[d * t_len..][..t + 1]);
-            }
+            scaled_q
+                .iter_mut()
+                .zip(qt)
+                .for_each(|(c, &qd)| *c = qd * scale);
+            kernels::weighted_sum(isa(), p, &scaled_q, keys);
             kernels::softmax(isa(), p);
             let ot = &mut out[t * qw + h * hs..][..hs];
-            for (d, o) in ot.iter_mut().enumerate() {
-                *o = dot(p, &vt[d * t_len..][..t + 1]);
-            }
+            dots(ot, p, values);
         }
     }
 }
@@ -174,9 +194,10 @@ struct SequenceGrads<'a> {
 }
 
 /// One sequence of `attention_backward`, shapes and layout as
-/// `sequence_forward`: per query, `hs` vector ops over positions `0..=t`
-/// against the head's transposed keys and values, and the key and value
-/// gradients gathered transposed (`[hs][T]`) before they are added back.
+/// `sequence_forward`: per query, a weighted sum of the head's transposed
+/// value rows (`dP`), dot products with its key rows (`dq`), and rank-one
+/// updates of the key and value gradients gathered transposed (`[hs][T]`)
+/// before they are added back.
 fn sequence_backward(
     g: SequenceGrads,
     dout: &[f32],
@@ -191,34 +212,42 @@ fn sequence_backward(
     let [mut kt, mut vt, mut dkt, mut dvt] = [(); 4].map(|_| vec![0f32; hs * t_len]);
     // dS of one row of scores, `[t + 1]`, reused across rows.
     let mut dscore = vec![0f32; t_len];
-    for h in 0..s.n_heads {
+    for (h, head_probs) in probs.chunks_exact(triangle(t_len)).enumerate() {
         transpose_head(k, s, h, &mut kt);
         transpose_head(v, s, h, &mut vt);
         dkt.fill(0.0);
         dvt.fill(0.0);
         for t in 0..t_len {
-            let p = &probs[(h * t_len + t) * t_len..][..t + 1];
+            let n = t + 1;
+            let (keys, values) = (Rows::new(&kt, t_len, n, hs), Rows::new(&vt, t_len, n, hs));
+            let p = &head_probs[triangle(t)..][..n];
             let dot_t = &dout[t * qw + h * hs..][..hs];
-            let ds = &mut dscore[..t + 1];
-            ds.fill(0.0);
+            let ds = &mut dscore[..n];
+            kernels::weighted_sum(isa(), ds, dot_t, values);
             for (d, &gd) in dot_t.iter().enumerate() {
-                axpy(ds, gd, &vt[d * t_len..][..t + 1]);
-                axpy(&mut dvt[d * t_len..][..t + 1], gd, p);
+                axpy(&mut dvt[d * t_len..][..n], gd, p);
             }
             let weighted = dot(p, ds);
             for (d, &a) in ds.iter_mut().zip(p) {
                 *d = a * (*d - weighted) * scale;
             }
+            dots(&mut g.dq[t * qw + h * hs..][..hs], ds, keys);
             let qt = &q[t * qw + h * hs..][..hs];
-            let dqt = &mut g.dq[t * qw + h * hs..][..hs];
-            for (d, (dq, &qd)) in dqt.iter_mut().zip(qt).enumerate() {
-                *dq = dot(ds, &kt[d * t_len..][..t + 1]);
-                axpy(&mut dkt[d * t_len..][..t + 1], qd, ds);
+            for (d, &qd) in qt.iter().enumerate() {
+                axpy(&mut dkt[d * t_len..][..n], qd, ds);
             }
         }
         add_head(&dkt, s, h, g.dk);
         add_head(&dvt, s, h, g.dv);
     }
+}
+
+/// `out[d] = a · rows.row(d)` for every row: the library's score kernel
+/// for one query (`a`) at scale 1, which shares each loaded piece of `a`
+/// among several rows.
+fn dots(out: &mut [f32], a: &[f32], rows: Rows) {
+    let one = Rows::new(a, a.len(), a.len(), 1);
+    kernels::attention_scores(isa(), out, one, rows, 1.0);
 }
 
 /// `a · b` at the kernels' level.

@@ -47,29 +47,29 @@ fn row_loss(row: &[f32], t: usize, probs: &mut Vec<f32>) -> f64 {
     }
 }
 
-/// The gradient `[N][V]` of the mean loss with respect to the logits:
-/// `(softmax(logits[n]) - onehot(targets[n])) / count`, zero for ignored
-/// rows.
-pub fn cross_entropy_backward(logits: &[f32], targets: &[i32], vocab: usize) -> Vec<f32> {
+/// Turns `logits` `[N][V]` into the gradient of the mean loss with respect
+/// to them, in place (the logits are the largest activation, and nothing
+/// needs them after this): `(softmax(logits[n]) - onehot(targets[n])) /
+/// count`, zero for ignored rows.
+pub fn cross_entropy_backward(logits: &mut [f32], targets: &[i32], vocab: usize) {
     let count = targets
         .iter()
         .filter(|&&t| t != IGNORE_INDEX)
         .count()
         .max(1);
     let scale = 1.0 / count as f32;
-    let mut dlogits = vec![0f32; logits.len()];
-    dlogits
+    logits
         .par_chunks_exact_mut(vocab)
-        .zip(logits.par_chunks_exact(vocab))
         .zip(targets)
-        .filter(|(_, &t)| t != IGNORE_INDEX)
-        .for_each(|((drow, row), &t)| {
-            drow.copy_from_slice(row);
-            kernels::softmax(isa(), drow);
-            drow.iter_mut().for_each(|d| *d *= scale);
-            drow[t as usize] -= scale;
+        .for_each(|(row, &t)| {
+            if t == IGNORE_INDEX {
+                row.fill(0.0);
+                return;
+            }
+            kernels::softmax(isa(), row);
+            row.iter_mut().for_each(|d| *d *= scale);
+            row[t as usize] -= scale;
         });
-    dlogits
 }
 
 #[cfg(test)]
@@ -82,7 +82,8 @@ mod tests {
         let vocab = 7;
         let targets = [3, IGNORE_INDEX, 0, 6];
         let logits = random(targets.len() * vocab, 1, 3.0);
-        let grad = cross_entropy_backward(&logits, &targets, vocab);
+        let mut grad = logits.clone();
+        cross_entropy_backward(&mut grad, &targets, vocab);
         let numeric = numeric_grad(&logits, 1e-2, |l| {
             cross_entropy_forward(l, &targets, vocab) as f64
         });
