@@ -406,7 +406,8 @@ fn packed_q8_products_match_reference() {
     for isa in Isa::all() {
         for &(gs, cols) in &cases {
             for n in [1, 3, 4, 9] {
-                let rows = 1 + below(&mut rng, 90);
+                // Up to 19 blocks of 16 rows: decoding's 8-block tiles too.
+                let rows = 1 + below(&mut rng, 300);
                 let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
                 let packed = CpuMatrix::new(isa, w.clone());
                 let CpuMatrix::PackedQ8(p) = &packed else {

@@ -521,9 +521,11 @@ pub fn q8_bytes(isa: Isa) -> Option<Q8Bytes> {
 }
 
 /// The product over rows `rows` of a packed Q8_0 matrix: whole blocks are
-/// computed, rows outside `rows` dropped. Decoding runs four blocks (64
-/// rows) per tile, batches two blocks by four tokens. Results go to
-/// `out[t * ld + j - rows.start]`.
+/// computed, rows outside `rows` dropped. Decoding runs eight blocks (128
+/// rows, eight weight streams in flight) per tile, then four, then one:
+/// on a Zen 4 EPYC, where Q8 decoding of stories42M/110M is bound by memory
+/// latency, eight streams decode 5-10% faster than four; batches run two
+/// blocks by four tokens. Results go to `out[t * ld + j - rows.start]`.
 pub fn q8_packed_rows(
     isa: Isa,
     w: &PackedQ8,
@@ -596,7 +598,13 @@ pub fn q8_packed_rows(
     } else if n == 1 {
         while b < blocks.end {
             let (q, s) = w.block(b);
-            if b + 4 <= blocks.end {
+            if b + 8 <= blocks.end {
+                // SAFETY: AVX-512 with VNNI was confirmed (caller's `Isa`);
+                // blocks `b..b + 8` exist; token 0 exists.
+                let v = unsafe { avx512::tile_q8_packed::<8, 1>(q, s, cols, gs, &x, 0) };
+                store(b, 0, v.as_flattened(), 1);
+                b += 8;
+            } else if b + 4 <= blocks.end {
                 // SAFETY: AVX-512 with VNNI was confirmed (caller's `Isa`);
                 // blocks `b..b + 4` exist; token 0 exists.
                 let v = unsafe { avx512::tile_q8_packed::<4, 1>(q, s, cols, gs, &x, 0) };
