@@ -303,7 +303,7 @@ fn float_products_match_reference() {
                 let (rows, cols, n) = (
                     1 + below(&mut rng, 40),
                     if case % 2 == 0 { 1 } else { 500 } + below(&mut rng, 300),
-                    if case < 4 { 1 } else { 1 + below(&mut rng, 40) },
+                    if case < 4 { 1 } else { 1 + below(&mut rng, 80) },
                 );
                 let w = matrix(&mut rng, rows, cols, dtype, 1);
                 let x = random_vec(&mut rng, n * cols);

@@ -326,7 +326,13 @@ fn rows512<W: avx512::Wide + avx2::Wide>(
         // SAFETY: AVX-512 was confirmed (caller's `Isa`); `rows_outer`
         // passes pointers with `cols` values and blocks of `cols * 16`.
         let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<12, 2>(w, xt, cols) };
-        rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), tile);
+        let store = |v: &_, out: &mut [f32], ld: usize, (col, t0): (usize, usize)| {
+            assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
+            // SAFETY: AVX-512 was confirmed (caller's `Isa`); the last
+            // position written is inside `out`, as asserted.
+            unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
+        };
+        rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
     } else if n == 1 && cols <= SHORT_ROW {
         sweep::<16, 1>(rows, n, out, ld, |j, t| unsafe {
             tile512(wp, xp, cols, j, t)
@@ -392,7 +398,14 @@ fn rows256<W: avx2::Wide>(
         // `rows_outer` passes pointers with `cols` values and blocks of
         // `cols * 16`.
         let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<6>(w, xt, cols) };
-        rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), tile);
+        rows_outer(
+            w,
+            (x, blocks),
+            (cols, n),
+            rows,
+            (out, ld),
+            (tile, store_full_tile),
+        );
     } else if n == 1 {
         sweep::<8, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); rows and
@@ -424,14 +437,18 @@ fn rows256<W: avx2::Wide>(
 /// blocks (`blocks`, or laid out here when the caller did not): each tile
 /// of rows (widened to f32 first when stored as f16 or bf16) sweeps every
 /// block while its rows stay in L1. Partial tiles repeat their last row or
-/// block, whose results are dropped.
+/// block, whose results are dropped; whole tiles go through `store`
+/// (`store_full_tile` or a level's vector version of it).
 fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
     w: &[W],
     (x, blocks): (&[f32], Option<&TokenBlocks>),
     (cols, n): (usize, usize),
     rows: Range<usize>,
     (out, ld): (&mut [f32], usize),
-    tile: impl Fn([*const f32; R], [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
+    (tile, store): (
+        impl Fn([*const f32; R], [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
+        impl Fn(&[[[f32; TOKEN_BLOCK]; B]; R], &mut [f32], usize, (usize, usize)),
+    ),
 ) {
     BATCH_SCRATCH.with_borrow_mut(|(own, wide)| {
         let x = blocks.unwrap_or_else(|| {
@@ -460,7 +477,7 @@ fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
                 let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
                 let v = tile(ptrs, xt, cols);
                 if j0 + R <= rows.end && (b0 + B) * TOKEN_BLOCK <= n {
-                    store_full_tile(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
+                    store(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
                     continue;
                 }
                 for (r, row) in v.iter().enumerate().take(rows.end - j0) {
@@ -479,7 +496,8 @@ fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
 /// Stores a tile that lies wholly inside the output, token by token: each
 /// token's `R` results are one contiguous run of `out`, and one bounds
 /// check covers it (the scatter of a full tile was 14% of a training step).
-fn store_full_tile<const R: usize, const B: usize>(
+/// The reference for `avx512::store_tile_by_token`.
+pub fn store_full_tile<const R: usize, const B: usize>(
     v: &[[[f32; TOKEN_BLOCK]; B]; R],
     out: &mut [f32],
     ld: usize,
