@@ -320,6 +320,52 @@ fn float_products_match_reference() {
     }
 }
 
+/// The by-columns float product (a transposed matrix read in place, as
+/// training uses it) against the plain loop in f64, on row ranges that
+/// start anywhere and end in partial tiles, at every level.
+#[test]
+fn by_columns_products_match_reference() {
+    let mut rng = Rng::new(9);
+    for isa in Isa::all() {
+        for case in 0..12 {
+            let (w_ld, cols, n) = (
+                1 + below(&mut rng, 70),
+                1 + below(&mut rng, 600),
+                1 + below(&mut rng, 80),
+            );
+            let start = below(&mut rng, w_ld);
+            let rows = start..start + 1 + below(&mut rng, w_ld - start);
+            let w = random_vec(&mut rng, cols * w_ld);
+            let x = random_vec(&mut rng, n * cols);
+            let mut blocks = kernels::TokenBlocks::default();
+            blocks.pack(&x, n, cols);
+            let mut got = vec![f32::NAN; n * rows.len()];
+            kernels::float_product_by_columns(
+                isa,
+                (&w, w_ld),
+                &blocks,
+                rows.clone(),
+                &mut got,
+                rows.len(),
+            );
+            for t in 0..n {
+                for (i, j) in rows.clone().enumerate() {
+                    let terms = (0..cols).map(|k| w[j + k * w_ld] as f64 * x[t * cols + k] as f64);
+                    let (want, size) = terms.fold((0f64, 0f64), |(s, a), v| (s + v, a + v.abs()));
+                    let g = got[t * rows.len() + i] as f64;
+                    // Rounding grows with the sum of the terms' sizes, not
+                    // with the (possibly cancelled) sum itself.
+                    assert!(
+                        (g - want).abs() <= 1e-6 * size + 1e-30,
+                        "case {case} {isa:?} rows {rows:?} of {w_ld}, cols {cols}, n {n}: \
+                         first mismatch at token {t} row {j}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn q8_products_match_reference() {
     let mut rng = Rng::new(4);

@@ -7,10 +7,12 @@
 //! levels). What this file adds is the blocking a training-sized product
 //! needs around it: the reduction is cut into `REDUCTION_BLOCK`-long
 //! slices and `b` into `Q_BLOCK`-row pieces, so that each task's share of
-//! both operands stays in the L2 cache while the tiles sweep it. `a` is
-//! copied into row-major slices once (borrowed when already so) and each
-//! task packs its piece of `b` straight into the tiles' token blocks: one
-//! pass over each operand, against `p` passes of the product. Tasks are
+//! both operands stays in the L2 cache while the tiles sweep it. A
+//! transposed `a` (both gradients' case) is read in place by the
+//! by-columns tiles; a row-major one is borrowed, or copied into
+//! row-major slices once when the reduction is cut. Each task packs its
+//! piece of `b` straight into the tiles' token blocks: one pass over `b`,
+//! against `p` passes of the product. Tasks are
 //! pieces of `b`, each writing its own rows of `out`, in parallel on
 //! rayon's pool.
 
@@ -57,6 +59,13 @@ impl<'a> View<'a> {
             rs: 1,
             cs: width,
         }
+    }
+
+    /// The view as a matrix stored by columns, `(data, distance between
+    /// columns)`, when it is one: a transposed view, whose rows are
+    /// adjacent values.
+    fn by_columns(&self) -> Option<(&'a [f32], usize)> {
+        (self.rs == 1 && self.cs > 1).then_some((self.data, self.cs))
     }
 
     /// Rows `rows` and columns `cols` of the view as `[rows][cols]`
@@ -154,22 +163,46 @@ pub fn gemm_nt(
         }
         return;
     }
-    // `a` in row-major reduction slices, shared by every task.
-    let slices: Vec<(Range<usize>, Cow<[f32]>)> = (0..r)
-        .step_by(REDUCTION_BLOCK)
-        .map(|r0| r0..(r0 + REDUCTION_BLOCK).min(r))
-        .map(|range| (range.clone(), a.block(0..p, range)))
-        .collect();
     let per = q_block(q);
+    // A transposed `a` is read in place when every task's batch goes to the
+    // by-columns tiles; otherwise it is copied once into row-major slices
+    // shared by every task.
+    let smallest_task = q - (q.div_ceil(per) - 1) * per;
+    let a = match a.by_columns() {
+        Some(columns) if kernels::takes_token_blocks(isa, smallest_task) => {
+            ASource::Columns(columns)
+        }
+        _ => ASource::Rows(
+            reduction_slices(r)
+                .map(|range| a.block(0..p, range))
+                .collect(),
+        ),
+    };
     let task = |(k, out): (usize, &mut [f32])| {
         let rows = k * per..(k * per + per).min(q);
-        product_rows(isa, &slices, b, p, rows, out, accumulate);
+        product_rows(isa, &a, b, (p, r), rows, out, accumulate);
     };
     if p * q * r < PARALLEL_MIN_WORK {
         out.chunks_mut(per * p).enumerate().for_each(task);
     } else {
         out.par_chunks_mut(per * p).enumerate().for_each(task);
     }
+}
+
+/// Where the tiles read `a` from.
+enum ASource<'a> {
+    /// In place, stored by columns: `(data, distance between columns)`.
+    Columns((&'a [f32], usize)),
+    /// Copied (or borrowed) row-major, one `[P][len]` piece per reduction
+    /// slice.
+    Rows(Vec<Cow<'a, [f32]>>),
+}
+
+/// The reduction `0..r` in `REDUCTION_BLOCK`-long slices.
+fn reduction_slices(r: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..r)
+        .step_by(REDUCTION_BLOCK)
+        .map(move |r0| r0..(r0 + REDUCTION_BLOCK).min(r))
 }
 
 /// Rows of `b` per task: at most `Q_BLOCK`, and few enough that every
@@ -184,9 +217,9 @@ fn q_block(q: usize) -> usize {
 /// slice of `a` against the same rows of `b`.
 fn product_rows(
     isa: Isa,
-    slices: &[(Range<usize>, Cow<[f32]>)],
+    a: &ASource,
     b: View,
-    p: usize,
+    (p, r): (usize, usize),
     rows: Range<usize>,
     out: &mut [f32],
     accumulate: bool,
@@ -195,7 +228,16 @@ fn product_rows(
     let (mut partial, mut blocks) = (Vec::new(), TokenBlocks::default());
     // The tiles' own layout when the level takes it, else plain rows.
     let blocked = kernels::takes_token_blocks(isa, n);
-    for (k, (range, a_rows)) in slices.iter().enumerate() {
+    for (k, range) in reduction_slices(r).enumerate() {
+        let into_out = k == 0 && !accumulate;
+        if !into_out {
+            partial.resize(n * p, 0.0);
+        }
+        let dst = if into_out {
+            &mut *out
+        } else {
+            &mut partial[..]
+        };
         let plain;
         let x = if blocked {
             b.pack_blocks(rows.clone(), range.clone(), &mut blocks);
@@ -204,12 +246,17 @@ fn product_rows(
             plain = b.block(rows.clone(), range.clone());
             (&plain[..], None)
         };
-        let w = WeightRows::F32(a_rows);
-        if k == 0 && !accumulate {
-            kernels::float_product(isa, w, range.len(), x, n, 0..p, out, p);
-        } else {
-            partial.resize(n * p, 0.0);
-            kernels::float_product(isa, w, range.len(), x, n, 0..p, &mut partial, p);
+        match a {
+            ASource::Columns((data, cs)) => {
+                let w = (&data[range.start * cs..], *cs);
+                kernels::float_product_by_columns(isa, w, &blocks, 0..p, dst, p);
+            }
+            ASource::Rows(slices) => {
+                let w = WeightRows::F32(&slices[k]);
+                kernels::float_product(isa, w, range.len(), x, n, 0..p, dst, p);
+            }
+        }
+        if !into_out {
             out.iter_mut().zip(&partial).for_each(|(o, v)| *o += v);
         }
     }

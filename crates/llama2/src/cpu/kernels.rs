@@ -605,6 +605,38 @@ pub fn float_product(
     }
 }
 
+/// `float_product` for a float matrix stored by columns and read in place
+/// (the transpose of a row-major `[cols][w_ld]` matrix, as training's
+/// gradient products see their operands): row `j`'s value `k` is
+/// `w[j + k * w_ld]`, multiplied with a batch laid out in token blocks:
+/// `out[t * ld + j - rows.start] = sum over k of w[j + k * w_ld] * x(t, k)`.
+/// Levels with a by-columns tile read `w` as it lies; the others run the
+/// plain loop, which is also the reference.
+pub fn float_product_by_columns(
+    isa: Isa,
+    (w, w_ld): (&[f32], usize),
+    x: &TokenBlocks,
+    rows: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let (n, cols) = (x.n, x.cols);
+    assert!(rows.is_empty() || out.len() >= (n - 1) * ld + rows.len());
+    if simd::f32_columns(isa, (w, w_ld), x, (cols, n), rows.clone(), out, ld) {
+        return;
+    }
+    for (i, j) in rows.enumerate() {
+        for t in 0..n {
+            let block = x.block(t / TOKEN_BLOCK);
+            let mut sum = 0f32;
+            for k in 0..cols {
+                sum += w[j + k * w_ld] * block[k * TOKEN_BLOCK + t % TOKEN_BLOCK];
+            }
+            out[t * ld + i] = sum;
+        }
+    }
+}
+
 fn q8_rows_scalar(
     wq: &[i8],
     ws: &[f32],

@@ -53,6 +53,19 @@ pub fn takes_token_blocks(_: Isa, _: usize) -> bool {
     false
 }
 
+#[allow(clippy::too_many_arguments)]
+pub fn f32_columns(
+    _: Isa,
+    _: (&[f32], usize),
+    _: &TokenBlocks,
+    _: (usize, usize),
+    _: Range<usize>,
+    _: &mut [f32],
+    _: usize,
+) -> bool {
+    false
+}
+
 pub fn q8_rows(
     _: Isa,
     _: &[i8],

@@ -163,6 +163,40 @@ pub unsafe fn tile_f32_batch<const R: usize, const B: usize>(
     out
 }
 
+/// `tile_f32_batch` for weights stored by columns: row `r`'s value `k` at
+/// `w[r + k * ld]`, so one step's `R` broadcasts read consecutive values
+/// (a transposed matrix multiplied in place, as training's gradients do).
+///
+/// # Safety
+/// AVX-512F is available; `w + r + k * ld` is readable for `r < R` and
+/// `k < cols`; each `xt[b]` has `cols * 16` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn tile_f32_batch_by_columns<const R: usize, const B: usize>(
+    w: *const f32,
+    ld: usize,
+    xt: [*const f32; B],
+    cols: usize,
+) -> [[[f32; 16]; B]; R] {
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    for k in 0..cols {
+        let x: [__m512; B] = std::array::from_fn(|b| _mm512_loadu_ps(xt[b].add(k * 16)));
+        let wk = w.add(k * ld);
+        for r in 0..R {
+            let v = _mm512_set1_ps(*wk.add(r));
+            for b in 0..B {
+                acc[r][b] = _mm512_fmadd_ps(v, x[b], acc[r][b]);
+            }
+        }
+    }
+    let mut out = [[[0f32; 16]; B]; R];
+    for r in 0..R {
+        for b in 0..B {
+            _mm512_storeu_ps(out[r][b].as_mut_ptr(), acc[r][b]);
+        }
+    }
+    out
+}
+
 /// Stores a whole `tile_f32_batch` result (`R <= 16` rows by `B` blocks of
 /// 16 tokens) token by token: token `t0 + 16 * b + t`'s `R` results go to
 /// `out[(t0 + 16 * b + t) * ld + col..][..R]`. Each block's rows are

@@ -480,17 +480,126 @@ fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
                     store(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
                     continue;
                 }
-                for (r, row) in v.iter().enumerate().take(rows.end - j0) {
-                    for (i, lanes) in row.iter().enumerate().take(nb - b0) {
-                        let t0 = (b0 + i) * TOKEN_BLOCK;
-                        for (t, &value) in lanes.iter().enumerate().take(n - t0) {
-                            out[(t0 + t) * ld + j0 + r - rows.start] = value;
-                        }
-                    }
-                }
+                store_tile_part(&v, (out, ld), (j0 - rows.start, rows.end - j0), (b0, n));
             }
         }
     })
+}
+
+/// Stores the part of a tile inside the output: its first `rows_left`
+/// rows (from output column `col`) and its tokens below `n` (the tile's
+/// first block is `b0`).
+fn store_tile_part<const R: usize, const B: usize>(
+    v: &[[[f32; TOKEN_BLOCK]; B]; R],
+    (out, ld): (&mut [f32], usize),
+    (col, rows_left): (usize, usize),
+    (b0, n): (usize, usize),
+) {
+    for (r, row) in v.iter().enumerate().take(rows_left) {
+        for (i, lanes) in row.iter().enumerate() {
+            let t0 = (b0 + i) * TOKEN_BLOCK;
+            for (t, &value) in lanes.iter().enumerate().take(n.saturating_sub(t0)) {
+                out[(t0 + t) * ld + col + r] = value;
+            }
+        }
+    }
+}
+
+/// `out[t * ld + j - rows.start] = sum over k of w[j + k * w_ld] * x(t, k)`
+/// for `j` in `rows`: a batch in token blocks against a float matrix
+/// stored by columns (the transpose of a row-major one), read in place by
+/// the level's by-columns tile. Partial row tiles read a copy of their
+/// rows, so no tile reads past `w`.
+#[allow(clippy::too_many_arguments)]
+pub fn f32_columns(
+    isa: Isa,
+    (w, w_ld): (&[f32], usize),
+    x: &TokenBlocks,
+    (cols, n): (usize, usize),
+    rows: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
+    if !takes_token_blocks(isa, n) || cols == 0 || rows.is_empty() {
+        return false;
+    }
+    assert!(x.n == n && x.cols == cols && rows.end <= w_ld);
+    assert!((cols - 1) * w_ld + rows.end <= w.len());
+    match float_level(isa) {
+        Level::Avx512 => {
+            // SAFETY: AVX-512 was confirmed (caller's `Isa`); `columns_outer`
+            // passes pointers to `R` rows by `cols` columns inside `w` (or
+            // its copy) and blocks of `cols * 16`.
+            let tile = |w, w_ld, xt, cols| unsafe {
+                avx512::tile_f32_batch_by_columns::<12, 2>(w, w_ld, xt, cols)
+            };
+            let store = |v: &_, out: &mut [f32], ld: usize, (col, t0): (usize, usize)| {
+                assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
+                // SAFETY: AVX-512 was confirmed; the last position written
+                // is inside `out`, as asserted.
+                unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
+            };
+            columns_outer((w, w_ld), x, (cols, n), rows, (out, ld), (tile, store));
+        }
+        Level::Avx2 => {
+            // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); as above.
+            let tile = |w, w_ld, xt, cols| unsafe {
+                avx2::tile_f32_batch_by_columns::<6>(w, w_ld, xt, cols)
+            };
+            columns_outer(
+                (w, w_ld),
+                x,
+                (cols, n),
+                rows,
+                (out, ld),
+                (tile, store_full_tile),
+            );
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// `rows_outer` for a matrix stored by columns (`f32_columns`).
+fn columns_outer<const R: usize, const B: usize>(
+    (w, w_ld): (&[f32], usize),
+    x: &TokenBlocks,
+    (cols, n): (usize, usize),
+    rows: Range<usize>,
+    (out, ld): (&mut [f32], usize),
+    (tile, store): (
+        impl Fn(*const f32, usize, [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
+        impl Fn(&[[[f32; TOKEN_BLOCK]; B]; R], &mut [f32], usize, (usize, usize)),
+    ),
+) {
+    let nb = n.div_ceil(TOKEN_BLOCK);
+    let mut edge = Vec::new();
+    for j0 in rows.clone().step_by(R) {
+        let whole_rows = j0 + R <= rows.end;
+        let (base, base_ld) = if whole_rows {
+            (w[j0..].as_ptr(), w_ld)
+        } else {
+            edge.clear();
+            for k in 0..cols {
+                edge.extend((0..R).map(|r| w[(j0 + r).min(rows.end - 1) + k * w_ld]));
+            }
+            (edge.as_ptr(), R)
+        };
+        for b0 in (0..nb).step_by(B) {
+            let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
+            let v = tile(base, base_ld, xt, cols);
+            if whole_rows && (b0 + B) * TOKEN_BLOCK <= n {
+                store(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
+            } else {
+                store_tile_part(
+                    &v,
+                    (out, ld),
+                    (j0 - rows.start, rows.end.min(j0 + R) - j0),
+                    (b0, n),
+                );
+            }
+        }
+    }
 }
 
 /// Stores a tile that lies wholly inside the output, token by token: each
