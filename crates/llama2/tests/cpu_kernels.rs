@@ -320,6 +320,31 @@ fn float_products_match_reference() {
     }
 }
 
+/// One token block packed from strided rows, at every level, against the
+/// plain transposition: column tails, fewer than 16 rows, wide strides.
+#[test]
+fn token_blocks_pack_as_the_plain_loop() {
+    let mut rng = Rng::new(10);
+    for isa in Isa::all() {
+        for _ in 0..20 {
+            let (tokens, cols) = (below(&mut rng, 17), 1 + below(&mut rng, 70));
+            let stride = cols + below(&mut rng, 5);
+            let x = random_vec(&mut rng, tokens.max(1) * stride);
+            let mut got = vec![f32::NAN; cols * 16];
+            kernels::pack_token_block(isa, &x, (stride, tokens, cols), &mut got);
+            for k in 0..cols {
+                for t in 0..16 {
+                    let want = if t < tokens { x[t * stride + k] } else { 0.0 };
+                    assert_eq!(
+                        got[k * 16 + t], want,
+                        "{isa:?} {tokens} rows of {cols} ({stride} apart): first mismatch at column {k} token {t}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The by-columns float product (a transposed matrix read in place, as
 /// training uses it) against the plain loop in f64, on row ranges that
 /// start anywhere and end in partial tiles, at every level.

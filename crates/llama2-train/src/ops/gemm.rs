@@ -89,7 +89,7 @@ impl<'a> View<'a> {
     /// Rows `rows` and columns `cols` laid out as the float tiles read a
     /// batch (`TokenBlocks`: blocks of 16 rows, one column of a block
     /// contiguous, rows past the end zero), straight from the view.
-    fn pack_blocks(&self, rows: Range<usize>, cols: Range<usize>, out: &mut TokenBlocks) {
+    fn pack_blocks(&self, isa: Isa, rows: Range<usize>, cols: Range<usize>, out: &mut TokenBlocks) {
         let (n, width) = (rows.len(), cols.len());
         (out.n, out.cols) = (n, width);
         let per_block = width * TOKEN_BLOCK;
@@ -108,16 +108,10 @@ impl<'a> View<'a> {
                     column[tokens..].fill(0.0);
                 }
             } else {
-                for t in 0..TOKEN_BLOCK {
-                    if t < tokens {
-                        let start = (t0 + t) * self.rs + cols.start * self.cs;
-                        for (k, column) in block.chunks_exact_mut(TOKEN_BLOCK).enumerate() {
-                            column[t] = self.data[start + k * self.cs];
-                        }
-                    } else {
-                        block.chunks_exact_mut(TOKEN_BLOCK).for_each(|c| c[t] = 0.0);
-                    }
-                }
+                // Row-major storage (the only other kind of view): a
+                // transpose of up to 16 rows.
+                let rows_here = &self.data[t0 * self.rs + cols.start..];
+                kernels::pack_token_block(isa, rows_here, (self.rs, tokens, width), block);
             }
         }
     }
@@ -240,7 +234,7 @@ fn product_rows(
         };
         let plain;
         let x = if blocked {
-            b.pack_blocks(rows.clone(), range.clone(), &mut blocks);
+            b.pack_blocks(isa, rows.clone(), range.clone(), &mut blocks);
             (&[][..], Some(&blocks))
         } else {
             plain = b.block(rows.clone(), range.clone());

@@ -491,6 +491,29 @@ impl TokenBlocks {
     }
 }
 
+/// One block of `TokenBlocks` from up to 16 activation rows `stride`
+/// apart in `x`: `block[k * 16 + t] = x[t * stride + k]` for `t < tokens`
+/// and `k < cols`, zero for the rows past `tokens`. A register transpose at
+/// the AVX-512 level, the plain loop (the reference) elsewhere.
+pub fn pack_token_block(
+    isa: Isa,
+    x: &[f32],
+    (stride, tokens, cols): (usize, usize, usize),
+    block: &mut [f32],
+) {
+    if simd::pack_token_block(isa, x, (stride, tokens, cols), block) {
+        return;
+    }
+    for (k, column) in block[..cols * TOKEN_BLOCK]
+        .chunks_exact_mut(TOKEN_BLOCK)
+        .enumerate()
+    {
+        for (t, v) in column.iter_mut().enumerate() {
+            *v = if t < tokens { x[t * stride + k] } else { 0.0 };
+        }
+    }
+}
+
 /// Whether `isa` multiplies `n`-token float batches from `TokenBlocks`.
 pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
     simd::takes_token_blocks(isa, n)

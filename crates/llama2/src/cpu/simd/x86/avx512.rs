@@ -232,6 +232,39 @@ pub unsafe fn store_tile_by_token<const R: usize, const B: usize>(
     }
 }
 
+/// `block[k * 16 + t] = x[t * stride + k]` for `t < tokens` and `k < cols`,
+/// zero for `tokens <= t < 16`: up to 16 activation rows laid out as one
+/// block of `TokenBlocks`, 16 columns at a time through `transpose16`.
+///
+/// # Safety
+/// AVX-512F is available; `tokens <= 16`, `x` holds `(tokens - 1) * stride
+/// + cols` values when `tokens > 0`, and `block` `cols * 16`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn pack_token_block(
+    x: &[f32],
+    stride: usize,
+    tokens: usize,
+    cols: usize,
+    block: &mut [f32],
+) {
+    let (xp, bp) = (x.as_ptr(), block.as_mut_ptr());
+    for k0 in (0..cols).step_by(16) {
+        let width = (cols - k0).min(16);
+        let m = mask16(width);
+        let rows: [__m512; 16] = std::array::from_fn(|t| {
+            if t < tokens {
+                _mm512_maskz_loadu_ps(m, xp.add(t * stride + k0))
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        let columns = transpose16(rows);
+        for (c, v) in columns.iter().enumerate().take(width) {
+            _mm512_storeu_ps(bp.add((k0 + c) * 16), *v);
+        }
+    }
+}
+
 /// The transpose of a 16 x 16 matrix held as 16 row vectors: element `c`
 /// of result `r` is element `r` of input `c`. Pairs of rows interleave,
 /// then quads, then 128-bit lanes twice.

@@ -505,6 +505,24 @@ fn store_tile_part<const R: usize, const B: usize>(
     }
 }
 
+/// One block of `TokenBlocks` from up to 16 rows `stride` apart, at the
+/// AVX-512 level (a register transpose); `false` elsewhere.
+pub fn pack_token_block(
+    isa: Isa,
+    x: &[f32],
+    (stride, tokens, cols): (usize, usize, usize),
+    block: &mut [f32],
+) -> bool {
+    if float_level(isa) != Level::Avx512 {
+        return false;
+    }
+    assert!(tokens <= TOKEN_BLOCK && block.len() >= cols * TOKEN_BLOCK);
+    assert!(tokens == 0 || (tokens - 1) * stride + cols <= x.len());
+    // SAFETY: AVX-512 was confirmed (the `Isa`); the bounds were asserted.
+    unsafe { avx512::pack_token_block(x, stride, tokens, cols, block) };
+    true
+}
+
 /// `out[t * ld + j - rows.start] = sum over k of w[j + k * w_ld] * x(t, k)`
 /// for `j` in `rows`: a batch in token blocks against a float matrix
 /// stored by columns (the transpose of a row-major one), read in place by
