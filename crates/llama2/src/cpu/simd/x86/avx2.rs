@@ -380,24 +380,34 @@ unsafe fn exp8(x: __m256) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn softmax(x: &mut [f32]) {
     let (n, p) = (x.len(), x.as_mut_ptr());
-    let chunks = (0..n).step_by(8).map(|k| (k, lanes(n - k)));
+    // Plain index loops, as at the AVX-512 level (a cloned iterator kept
+    // its state on the stack).
     let low = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut max = low;
-    for (k, m) in chunks.clone() {
+    let mut k = 0;
+    while k < n {
+        let m = lanes(n - k);
         let v = _mm256_blendv_ps(low, _mm256_maskload_ps(p.add(k), m), _mm256_castsi256_ps(m));
         max = _mm256_max_ps(max, v);
+        k += 8;
     }
     let max = _mm256_set1_ps(hmax(max));
     let mut sum = _mm256_setzero_ps();
-    for (k, m) in chunks.clone() {
+    k = 0;
+    while k < n {
+        let m = lanes(n - k);
         let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(k), m), max));
         _mm256_maskstore_ps(p.add(k), m, e);
         sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+        k += 8;
     }
     let sum = _mm256_set1_ps(hsum(sum));
-    for (k, m) in chunks {
+    k = 0;
+    while k < n {
+        let m = lanes(n - k);
         let v = _mm256_div_ps(_mm256_maskload_ps(p.add(k), m), sum);
         _mm256_maskstore_ps(p.add(k), m, v);
+        k += 8;
     }
 }
 
