@@ -1,7 +1,8 @@
 //! Keeping freed memory in the process between training steps.
 //!
-//! A step allocates about a gigabyte of activations at the stories15M shape
-//! (the logits and their gradient alone are `[B*T][32000]` each) and frees
+//! A step allocates most of a gigabyte of activations at the stories15M
+//! shape (the logits alone, which become their own gradient, are
+//! `[B*T][32000]`) and frees
 //! it at the end. glibc hands every block above 32 MB back to the kernel,
 //! so the next step faults each page in again, zeroed, and the unmaps cost
 //! TLB shootdowns on every core: 22% of a stories15M step was spent in the

@@ -133,14 +133,15 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
 /// row's weight is broadcast once and multiplied into both token vectors,
 /// so the tile needs no horizontal sums and loads `R + 2` values per `2R`
 /// multiply-adds (6 rows: 12 accumulators of the 16 registers). Result
-/// `[r][0][t]`: row `r` for token `t` of the block.
+/// `[r][0][t]`: row `r` for token `t` of the block. The weights are rows
+/// (`[*const f32; R]`) or a matrix stored by columns (`super::ByColumns`).
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; each `w[r]` has `cols` readable
-/// values and `xt[0]` `cols * 16`.
+/// AVX2, FMA and F16C are available; `w` has `cols` readable values for
+/// each of its `R` rows and `xt[0]` has `cols * 16`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_f32_batch<const R: usize>(
-    w: [*const f32; R],
+pub unsafe fn tile_f32_batch<W: super::TileWeights<R>, const R: usize>(
+    w: W,
     xt: [*const f32; 1],
     cols: usize,
 ) -> [[[f32; 16]; 1]; R] {
@@ -150,40 +151,7 @@ pub unsafe fn tile_f32_batch<const R: usize>(
         let x0 = _mm256_loadu_ps(xt.add(k * 16));
         let x1 = _mm256_loadu_ps(xt.add(k * 16 + 8));
         for r in 0..R {
-            let b = _mm256_broadcast_ss(&*w[r].add(k));
-            acc[r][0] = _mm256_fmadd_ps(b, x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
-        }
-    }
-    let mut out = [[[0f32; 16]; 1]; R];
-    for r in 0..R {
-        _mm256_storeu_ps(out[r][0].as_mut_ptr(), acc[r][0]);
-        _mm256_storeu_ps(out[r][0].as_mut_ptr().add(8), acc[r][1]);
-    }
-    out
-}
-
-/// `tile_f32_batch` for weights stored by columns: row `r`'s value `k` at
-/// `w[r + k * ld]`.
-///
-/// # Safety
-/// AVX2, FMA and F16C are available; `w + r + k * ld` is readable for
-/// `r < R` and `k < cols`; `xt[0]` has `cols * 16` values.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_f32_batch_by_columns<const R: usize>(
-    w: *const f32,
-    ld: usize,
-    xt: [*const f32; 1],
-    cols: usize,
-) -> [[[f32; 16]; 1]; R] {
-    let xt = xt[0];
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for k in 0..cols {
-        let x0 = _mm256_loadu_ps(xt.add(k * 16));
-        let x1 = _mm256_loadu_ps(xt.add(k * 16 + 8));
-        let wk = w.add(k * ld);
-        for r in 0..R {
-            let b = _mm256_broadcast_ss(&*wk.add(r));
+            let b = _mm256_broadcast_ss(&*w.at(r, k));
             acc[r][0] = _mm256_fmadd_ps(b, x0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
         }

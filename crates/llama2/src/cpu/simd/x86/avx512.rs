@@ -133,14 +133,15 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
 /// per column, each row's weight is broadcast once and multiplied into
 /// every block's token vector, so no horizontal sums; 12 rows by 2 blocks
 /// keep 24 accumulators and load 14 values per 24 multiply-adds. Result
-/// `[r][b][t]`: row `r` for token `t` of block `b`.
+/// `[r][b][t]`: row `r` for token `t` of block `b`. The weights are rows
+/// (`[*const f32; R]`) or a matrix stored by columns (`super::ByColumns`).
 ///
 /// # Safety
-/// AVX-512F is available; each `w[r]` has `cols` readable values and each
-/// `xt[b]` `cols * 16`.
+/// AVX-512F is available; `w` has `cols` readable values for each of its
+/// `R` rows and each `xt[b]` has `cols * 16`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn tile_f32_batch<const R: usize, const B: usize>(
-    w: [*const f32; R],
+pub unsafe fn tile_f32_batch<W: super::TileWeights<R>, const R: usize, const B: usize>(
+    w: W,
     xt: [*const f32; B],
     cols: usize,
 ) -> [[[f32; 16]; B]; R] {
@@ -148,41 +149,7 @@ pub unsafe fn tile_f32_batch<const R: usize, const B: usize>(
     for k in 0..cols {
         let x: [__m512; B] = std::array::from_fn(|b| _mm512_loadu_ps(xt[b].add(k * 16)));
         for r in 0..R {
-            let v = _mm512_set1_ps(*w[r].add(k));
-            for b in 0..B {
-                acc[r][b] = _mm512_fmadd_ps(v, x[b], acc[r][b]);
-            }
-        }
-    }
-    let mut out = [[[0f32; 16]; B]; R];
-    for r in 0..R {
-        for b in 0..B {
-            _mm512_storeu_ps(out[r][b].as_mut_ptr(), acc[r][b]);
-        }
-    }
-    out
-}
-
-/// `tile_f32_batch` for weights stored by columns: row `r`'s value `k` at
-/// `w[r + k * ld]`, so one step's `R` broadcasts read consecutive values
-/// (a transposed matrix multiplied in place, as training's gradients do).
-///
-/// # Safety
-/// AVX-512F is available; `w + r + k * ld` is readable for `r < R` and
-/// `k < cols`; each `xt[b]` has `cols * 16` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn tile_f32_batch_by_columns<const R: usize, const B: usize>(
-    w: *const f32,
-    ld: usize,
-    xt: [*const f32; B],
-    cols: usize,
-) -> [[[f32; 16]; B]; R] {
-    let mut acc = [[_mm512_setzero_ps(); B]; R];
-    for k in 0..cols {
-        let x: [__m512; B] = std::array::from_fn(|b| _mm512_loadu_ps(xt[b].add(k * 16)));
-        let wk = w.add(k * ld);
-        for r in 0..R {
-            let v = _mm512_set1_ps(*wk.add(r));
+            let v = _mm512_set1_ps(*w.at(r, k));
             for b in 0..B {
                 acc[r][b] = _mm512_fmadd_ps(v, x[b], acc[r][b]);
             }

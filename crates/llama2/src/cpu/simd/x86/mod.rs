@@ -325,7 +325,7 @@ fn rows512<W: avx512::Wide + avx2::Wide>(
     if n >= OUTER_TOKENS {
         // SAFETY: AVX-512 was confirmed (caller's `Isa`); `rows_outer`
         // passes pointers with `cols` values and blocks of `cols * 16`.
-        let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<12, 2>(w, xt, cols) };
+        let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, 12, 2>(w, xt, cols) };
         let store = |v: &_, out: &mut [f32], ld: usize, (col, t0): (usize, usize)| {
             assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
             // SAFETY: AVX-512 was confirmed (caller's `Isa`); the last
@@ -397,7 +397,7 @@ fn rows256<W: avx2::Wide>(
         // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`);
         // `rows_outer` passes pointers with `cols` values and blocks of
         // `cols * 16`.
-        let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<6>(w, xt, cols) };
+        let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, 6>(w, xt, cols) };
         rows_outer(
             w,
             (x, blocks),
@@ -429,6 +429,37 @@ fn rows256<W: avx2::Wide>(
                 )
             }
         })
+    }
+}
+
+/// Where a batch tile (`tile_f32_batch` of a level) reads value `k` of its
+/// weight row `r`: `R` row pointers, or one matrix stored by columns.
+pub trait TileWeights<const R: usize>: Copy {
+    /// # Safety
+    /// `r < R` and `k` below the tile's `cols`, inside what the caller
+    /// promised the tile.
+    unsafe fn at(self, r: usize, k: usize) -> *const f32;
+}
+
+impl<const R: usize> TileWeights<R> for [*const f32; R] {
+    #[inline(always)]
+    unsafe fn at(self, r: usize, k: usize) -> *const f32 {
+        self[r].add(k)
+    }
+}
+
+/// A matrix stored by columns: row `r`'s value `k` at `base + r + k * ld`,
+/// so one step's `R` broadcasts read adjacent values.
+#[derive(Clone, Copy)]
+pub struct ByColumns {
+    pub base: *const f32,
+    pub ld: usize,
+}
+
+impl<const R: usize> TileWeights<R> for ByColumns {
+    #[inline(always)]
+    unsafe fn at(self, r: usize, k: usize) -> *const f32 {
+        self.base.add(k * self.ld + r)
     }
 }
 
@@ -548,9 +579,7 @@ pub fn f32_columns(
             // SAFETY: AVX-512 was confirmed (caller's `Isa`); `columns_outer`
             // passes pointers to `R` rows by `cols` columns inside `w` (or
             // its copy) and blocks of `cols * 16`.
-            let tile = |w, w_ld, xt, cols| unsafe {
-                avx512::tile_f32_batch_by_columns::<12, 2>(w, w_ld, xt, cols)
-            };
+            let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, 12, 2>(w, xt, cols) };
             let store = |v: &_, out: &mut [f32], ld: usize, (col, t0): (usize, usize)| {
                 assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
                 // SAFETY: AVX-512 was confirmed; the last position written
@@ -561,9 +590,7 @@ pub fn f32_columns(
         }
         Level::Avx2 => {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); as above.
-            let tile = |w, w_ld, xt, cols| unsafe {
-                avx2::tile_f32_batch_by_columns::<6>(w, w_ld, xt, cols)
-            };
+            let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, 6>(w, xt, cols) };
             columns_outer(
                 (w, w_ld),
                 x,
@@ -586,7 +613,7 @@ fn columns_outer<const R: usize, const B: usize>(
     rows: Range<usize>,
     (out, ld): (&mut [f32], usize),
     (tile, store): (
-        impl Fn(*const f32, usize, [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
+        impl Fn(ByColumns, [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
         impl Fn(&[[[f32; TOKEN_BLOCK]; B]; R], &mut [f32], usize, (usize, usize)),
     ),
 ) {
@@ -594,18 +621,24 @@ fn columns_outer<const R: usize, const B: usize>(
     let mut edge = Vec::new();
     for j0 in rows.clone().step_by(R) {
         let whole_rows = j0 + R <= rows.end;
-        let (base, base_ld) = if whole_rows {
-            (w[j0..].as_ptr(), w_ld)
+        let weights = if whole_rows {
+            ByColumns {
+                base: w[j0..].as_ptr(),
+                ld: w_ld,
+            }
         } else {
             edge.clear();
             for k in 0..cols {
                 edge.extend((0..R).map(|r| w[(j0 + r).min(rows.end - 1) + k * w_ld]));
             }
-            (edge.as_ptr(), R)
+            ByColumns {
+                base: edge.as_ptr(),
+                ld: R,
+            }
         };
         for b0 in (0..nb).step_by(B) {
             let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
-            let v = tile(base, base_ld, xt, cols);
+            let v = tile(weights, xt, cols);
             if whole_rows && (b0 + B) * TOKEN_BLOCK <= n {
                 store(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
             } else {
