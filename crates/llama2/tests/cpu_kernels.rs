@@ -320,6 +320,40 @@ fn float_products_match_reference() {
     }
 }
 
+/// The triangle product (attention backward's key and value gradients)
+/// against the plain loop in f64, at every level: triangles not a multiple
+/// of the vector width, widths not a multiple of 8, strided rows.
+#[test]
+fn triangle_products_match_reference() {
+    let mut rng = Rng::new(11);
+    for isa in Isa::all() {
+        for _ in 0..12 {
+            let (t_len, width) = (1 + below(&mut rng, 40), 1 + below(&mut rng, 20));
+            let stride = width + below(&mut rng, 4);
+            let ld = t_len + below(&mut rng, 3);
+            let tri = random_vec(&mut rng, kernels::triangle_row(t_len));
+            let a_data = random_vec(&mut rng, t_len * stride);
+            let a = Rows::new(&a_data, stride, width, t_len);
+            let start = random_vec(&mut rng, width * ld);
+            let mut got = start.clone();
+            kernels::triangle_product_add(isa, &tri, a, &mut got, ld);
+            for d in 0..width {
+                for j in 0..t_len {
+                    let terms = (j..t_len)
+                        .map(|t| a.row(t)[d] as f64 * tri[kernels::triangle_row(t) + j] as f64);
+                    let (sum, size) = terms.fold((0f64, 0f64), |(s, m), v| (s + v, m + v.abs()));
+                    let want = start[d * ld + j] as f64 + sum;
+                    let g = got[d * ld + j] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-6 * (size + want.abs()) + 1e-30,
+                        "{isa:?} T {t_len} width {width}: first mismatch at [{d}][{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// One token block packed from strided rows, at every level, against the
 /// plain transposition: column tails, fewer than 16 rows, wide strides.
 #[test]

@@ -59,7 +59,7 @@ impl AttentionShape {
 /// Entries in rows `0..t` of a causal triangle (row `i` holds `i + 1`):
 /// where row `t` starts, and with `t = T` the size of a whole one.
 fn triangle(t: usize) -> usize {
-    t * (t + 1) / 2
+    kernels::triangle_row(t)
 }
 
 /// `q` `[B][T][Hq * hs]`, `k` and `v` `[B][T][Hkv * hs]` -> the attention
@@ -125,6 +125,11 @@ fn sequence_forward(
             dots(ot, p, values);
         }
     }
+}
+
+/// Query head `h`'s columns of `x` `[T][Hq * hs]` as `T` rows.
+fn head_rows(x: &[f32], s: AttentionShape, h: usize) -> Rows<'_> {
+    Rows::new(&x[h * s.head_size..], s.q_width(), s.head_size, s.seq_len)
 }
 
 /// Copies kv head `s.kv_offset(h)` of `x` `[T][Hkv * hs]` into `out`
@@ -195,9 +200,9 @@ struct SequenceGrads<'a> {
 
 /// One sequence of `attention_backward`, shapes and layout as
 /// `sequence_forward`: per query, a weighted sum of the head's transposed
-/// value rows (`dP`), dot products with its key rows (`dq`), and rank-one
-/// updates of the key and value gradients gathered transposed (`[hs][T]`)
-/// before they are added back.
+/// value rows (`dP`) and dot products with its key rows (`dq`); then per
+/// head the key and value gradients, gathered transposed (`[hs][T]`), as
+/// two triangle products before they are added back.
 fn sequence_backward(
     g: SequenceGrads,
     dout: &[f32],
@@ -210,8 +215,8 @@ fn sequence_backward(
     let (hs, qw, t_len) = (s.head_size, s.q_width(), s.seq_len);
     let scale = 1.0 / (hs as f32).sqrt();
     let [mut kt, mut vt, mut dkt, mut dvt] = [(); 4].map(|_| vec![0f32; hs * t_len]);
-    // dS of one row of scores, `[t + 1]`, reused across rows.
-    let mut dscore = vec![0f32; t_len];
+    // dS of one head, laid out as its probabilities.
+    let mut dscores = vec![0f32; triangle(t_len)];
     for (h, head_probs) in probs.chunks_exact(triangle(t_len)).enumerate() {
         transpose_head(k, s, h, &mut kt);
         transpose_head(v, s, h, &mut vt);
@@ -222,21 +227,18 @@ fn sequence_backward(
             let (keys, values) = (Rows::new(&kt, t_len, n, hs), Rows::new(&vt, t_len, n, hs));
             let p = &head_probs[triangle(t)..][..n];
             let dot_t = &dout[t * qw + h * hs..][..hs];
-            let ds = &mut dscore[..n];
+            let ds = &mut dscores[triangle(t)..][..n];
             kernels::weighted_sum(isa(), ds, dot_t, values);
-            for (d, &gd) in dot_t.iter().enumerate() {
-                axpy(&mut dvt[d * t_len..][..n], gd, p);
-            }
             let weighted = dot(p, ds);
             for (d, &a) in ds.iter_mut().zip(p) {
                 *d = a * (*d - weighted) * scale;
             }
             dots(&mut g.dq[t * qw + h * hs..][..hs], ds, keys);
-            let qt = &q[t * qw + h * hs..][..hs];
-            for (d, &qd) in qt.iter().enumerate() {
-                axpy(&mut dkt[d * t_len..][..n], qd, ds);
-            }
         }
+        // dv^T += dout^T P and dk^T += q^T dS: one sweep of each triangle.
+        let (dout_h, q_h) = (head_rows(dout, s, h), head_rows(q, s, h));
+        kernels::triangle_product_add(isa(), head_probs, dout_h, &mut dvt, t_len);
+        kernels::triangle_product_add(isa(), &dscores, q_h, &mut dkt, t_len);
         add_head(&dkt, s, h, g.dk);
         add_head(&dvt, s, h, g.dv);
     }
@@ -253,11 +255,6 @@ fn dots(out: &mut [f32], a: &[f32], rows: Rows) {
 /// `a · b` at the kernels' level.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     kernels::dot_f32(isa(), a, b)
-}
-
-/// `acc += alpha * x` at the kernels' level.
-fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
-    kernels::axpy(isa(), acc, alpha, x)
 }
 
 #[cfg(test)]

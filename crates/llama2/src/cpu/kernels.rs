@@ -271,6 +271,40 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) {
     }
 }
 
+/// Where row `t` of a causal triangle starts: rows `0..t` hold `1..=t`
+/// values each (row `i` is positions `0..=i`).
+pub fn triangle_row(t: usize) -> usize {
+    t * (t + 1) / 2
+}
+
+/// `out[d * ld + j] += sum over t in j..T of a.row(t)[d] * tri(t, j)` for
+/// every `d < a.width()` and `j < T = a.count()`, where `tri(t, j)` is
+/// entry `j` of row `t` of the causal triangle `tri` (rows stored one after
+/// the other, `triangle_row`): the transposed product of a triangle with a
+/// block of rows, as attention's backward forms the key and value
+/// gradients (`[hs][T]`) from the probabilities or their gradient. The
+/// vector levels sweep the triangle's columns 16 or 8 at a time with the
+/// sums in registers; the plain loop is the reference.
+pub fn triangle_product_add(isa: Isa, tri: &[f32], a: Rows, out: &mut [f32], ld: usize) {
+    let (t_len, width) = (a.count(), a.width());
+    assert!(
+        tri.len() >= triangle_row(t_len),
+        "the triangle has fewer than {t_len} rows"
+    );
+    assert!(ld >= t_len && (width == 0 || out.len() >= (width - 1) * ld + t_len));
+    if simd::triangle_product_add(isa, tri, a, out, ld) {
+        return;
+    }
+    for t in 0..t_len {
+        let (row, coeffs) = (&tri[triangle_row(t)..][..t + 1], a.row(t));
+        for (d, &c) in coeffs.iter().enumerate() {
+            for (o, &v) in out[d * ld..][..t + 1].iter_mut().zip(row) {
+                *o += c * v;
+            }
+        }
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Activation quantization
 

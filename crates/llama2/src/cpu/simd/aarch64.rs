@@ -236,6 +236,10 @@ pub fn takes_token_blocks(_: Isa, _: usize) -> bool {
     false
 }
 
+pub fn triangle_product_add(_: Isa, _: &[f32], _: Rows, _: &mut [f32], _: usize) -> bool {
+    false
+}
+
 pub fn pack_token_block(_: Isa, _: &[f32], _: (usize, usize, usize), _: &mut [f32]) -> bool {
     false
 }

@@ -340,6 +340,40 @@ unsafe fn exp8(x: __m256) -> __m256 {
     _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(_mm256_sub_epi32(n, n1)))
 }
 
+/// `kernels::triangle_product_add` eight columns of the triangle at a
+/// time (the AVX-512 version's sweep in 256-bit registers).
+///
+/// # Safety
+/// AVX2 and FMA are available; sizes as `avx512::triangle_product_add`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: usize) {
+    const D: usize = 8;
+    let (t_len, width, stride) = (a.count(), a.width(), a.stride());
+    let (tp, ap, op) = (tri.as_ptr(), a.data().as_ptr(), out.as_mut_ptr());
+    for j0 in (0..t_len).step_by(8) {
+        let cols = lanes(t_len - j0);
+        for d0 in (0..width).step_by(D) {
+            let ds: [usize; D] = std::array::from_fn(|i| (d0 + i).min(width - 1));
+            let mut acc = [_mm256_setzero_ps(); D];
+            for t in j0..t_len {
+                let m = _mm256_and_si256(cols, lanes(t + 1 - j0));
+                let v = _mm256_maskload_ps(
+                    tp.add(super::super::super::kernels::triangle_row(t) + j0),
+                    m,
+                );
+                let row = ap.add(t * stride);
+                for i in 0..D {
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*row.add(ds[i])), v, acc[i]);
+                }
+            }
+            for (i, &sum) in acc.iter().enumerate().take(width - d0) {
+                let o = op.add((d0 + i) * ld + j0);
+                _mm256_maskstore_ps(o, cols, _mm256_add_ps(_mm256_maskload_ps(o, cols), sum));
+            }
+        }
+    }
+}
+
 /// In-place softmax: maximum, `e^(x - max)` and their sum eight lanes at a
 /// time, then a true division by the sum as the reference does.
 ///

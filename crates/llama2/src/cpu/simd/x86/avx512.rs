@@ -416,6 +416,44 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// `kernels::triangle_product_add`: for each 16 columns `j0..j0 + 16` of
+/// the triangle and 8 of `a`'s columns at a time, one pass down the rows
+/// `t >= j0` with the 8 sums in registers (rows shorter than the chunk are
+/// masked to their length).
+///
+/// # Safety
+/// AVX-512F is available; `tri` holds `triangle_row(T)` values, `a` has
+/// `T` rows and `out` `(width - 1) * ld + T` values, `width > 0`.
+#[target_feature(enable = "avx512f,fma")]
+pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: usize) {
+    const D: usize = 8;
+    let (t_len, width, stride) = (a.count(), a.width(), a.stride());
+    let (tp, ap, op) = (tri.as_ptr(), a.data().as_ptr(), out.as_mut_ptr());
+    for j0 in (0..t_len).step_by(16) {
+        let cols = mask16((t_len - j0).min(16));
+        for d0 in (0..width).step_by(D) {
+            // Columns past `width` repeat the last one; their sums are dropped.
+            let ds: [usize; D] = std::array::from_fn(|i| (d0 + i).min(width - 1));
+            let mut acc = [_mm512_setzero_ps(); D];
+            for t in j0..t_len {
+                let m = cols & mask16((t + 1 - j0).min(16));
+                let v = _mm512_maskz_loadu_ps(
+                    m,
+                    tp.add(super::super::super::kernels::triangle_row(t) + j0),
+                );
+                let row = ap.add(t * stride);
+                for i in 0..D {
+                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(ds[i])), v, acc[i]);
+                }
+            }
+            for (i, &sum) in acc.iter().enumerate().take(width - d0) {
+                let o = op.add((d0 + i) * ld + j0);
+                _mm512_mask_storeu_ps(o, cols, _mm512_add_ps(_mm512_maskz_loadu_ps(cols, o), sum));
+            }
+        }
+    }
+}
+
 /// In-place softmax: maximum, `e^(x - max)` and their sum sixteen lanes at
 /// a time, then a true division by the sum as the reference does.
 ///

@@ -213,6 +213,21 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> boo
     true
 }
 
+/// `kernels::triangle_product_add` at the AVX-512 or AVX2 level.
+pub fn triangle_product_add(isa: Isa, tri: &[f32], a: Rows, out: &mut [f32], ld: usize) -> bool {
+    if a.width() == 0 || a.count() == 0 {
+        return false;
+    }
+    // SAFETY (both): the level was confirmed (the `Isa`); the caller
+    // asserted the triangle's and `out`'s sizes, and `Rows` its rows.
+    match float_level(isa) {
+        Level::Avx512 => unsafe { avx512::triangle_product_add(tri, a, out, ld) },
+        Level::Avx2 => unsafe { avx2::triangle_product_add(tri, a, out, ld) },
+        _ => return false,
+    }
+    true
+}
+
 /// In-place softmax with vector exponentials.
 pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
     if x.is_empty() {
