@@ -6,9 +6,11 @@
 //!
 //! Only the causal half of the probabilities exists: row `t` of a head has
 //! the `t + 1` entries for positions `0..=t`, rows stored one after the
-//! other (`triangle`), which halves the largest activation training keeps.
+//! other (`kernels::triangle_row` gives where a row starts, and with `T`
+//! a whole head's size), which halves the largest activation training
+//! keeps.
 
-use llama2::cpu::kernels::{self, Rows};
+use llama2::cpu::kernels::{self, triangle_row, Rows};
 use rayon::prelude::*;
 
 use super::isa;
@@ -47,7 +49,7 @@ impl AttentionShape {
     /// Entries of one sequence's attention probabilities (`Hq` triangles
     /// of `T` rows).
     fn probs_per_sequence(&self) -> usize {
-        self.n_heads * triangle(self.seq_len)
+        self.n_heads * triangle_row(self.seq_len)
     }
 
     /// Entries of the probabilities of a whole batch.
@@ -56,14 +58,8 @@ impl AttentionShape {
     }
 }
 
-/// Entries in rows `0..t` of a causal triangle (row `i` holds `i + 1`):
-/// where row `t` starts, and with `t = T` the size of a whole one.
-fn triangle(t: usize) -> usize {
-    kernels::triangle_row(t)
-}
-
 /// `q` `[B][T][Hq * hs]`, `k` and `v` `[B][T][Hkv * hs]` -> the attention
-/// output `[B][T][Hq * hs]` and the probabilities `[B][Hq][triangle(T)]`,
+/// output `[B][T][Hq * hs]` and the probabilities `[B][Hq][triangle_row(T)]`,
 /// which the backward needs.
 pub fn attention_forward(
     q: &[f32],
@@ -86,7 +82,7 @@ pub fn attention_forward(
 }
 
 /// One sequence of `attention_forward`: `out` `[T][Hq * hs]`, `probs`
-/// `[Hq][triangle(T)]`, `q` `[T][Hq * hs]`, `k` and `v` `[T][Hkv * hs]`.
+/// `[Hq][triangle_row(T)]`, `q` `[T][Hq * hs]`, `k` and `v` `[T][Hkv * hs]`.
 ///
 /// Heads are narrow (8 values in stories260K), so the vector work runs
 /// along positions instead: with a head's keys and values transposed to
@@ -105,7 +101,7 @@ fn sequence_forward(
     let scale = 1.0 / (hs as f32).sqrt();
     let (mut kt, mut vt) = (vec![0f32; hs * t_len], vec![0f32; hs * t_len]);
     let mut scaled_q = vec![0f32; hs];
-    for (h, head_probs) in probs.chunks_exact_mut(triangle(t_len)).enumerate() {
+    for (h, head_probs) in probs.chunks_exact_mut(triangle_row(t_len)).enumerate() {
         if h == 0 || s.kv_offset(h) != s.kv_offset(h - 1) {
             transpose_head(k, s, h, &mut kt);
             transpose_head(v, s, h, &mut vt);
@@ -113,7 +109,7 @@ fn sequence_forward(
         for t in 0..t_len {
             let n = t + 1;
             let (keys, values) = (Rows::new(&kt, t_len, n, hs), Rows::new(&vt, t_len, n, hs));
-            let p = &mut head_probs[triangle(t)..][..n];
+            let p = &mut head_probs[triangle_row(t)..][..n];
             let qt = &q[t * qw + h * hs..][..hs];
             scaled_q
                 .iter_mut()
@@ -216,8 +212,8 @@ fn sequence_backward(
     let scale = 1.0 / (hs as f32).sqrt();
     let [mut kt, mut vt, mut dkt, mut dvt] = [(); 4].map(|_| vec![0f32; hs * t_len]);
     // dS of one head, laid out as its probabilities.
-    let mut dscores = vec![0f32; triangle(t_len)];
-    for (h, head_probs) in probs.chunks_exact(triangle(t_len)).enumerate() {
+    let mut dscores = vec![0f32; triangle_row(t_len)];
+    for (h, head_probs) in probs.chunks_exact(triangle_row(t_len)).enumerate() {
         transpose_head(k, s, h, &mut kt);
         transpose_head(v, s, h, &mut vt);
         dkt.fill(0.0);
@@ -225,9 +221,9 @@ fn sequence_backward(
         for t in 0..t_len {
             let n = t + 1;
             let (keys, values) = (Rows::new(&kt, t_len, n, hs), Rows::new(&vt, t_len, n, hs));
-            let p = &head_probs[triangle(t)..][..n];
+            let p = &head_probs[triangle_row(t)..][..n];
             let dot_t = &dout[t * qw + h * hs..][..hs];
-            let ds = &mut dscores[triangle(t)..][..n];
+            let ds = &mut dscores[triangle_row(t)..][..n];
             kernels::weighted_sum(isa(), ds, dot_t, values);
             let weighted = dot(p, ds);
             for (d, &a) in ds.iter_mut().zip(p) {

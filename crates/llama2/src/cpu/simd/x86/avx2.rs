@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::super::super::kernels::Rows;
+use super::super::super::kernels::{triangle_row, Rows};
 use super::Q8Tokens;
 
 /// A weight element type widened to f32 eight at a time.
@@ -357,10 +357,7 @@ pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: us
             let mut acc = [_mm256_setzero_ps(); D];
             for t in j0..t_len {
                 let m = _mm256_and_si256(cols, lanes(t + 1 - j0));
-                let v = _mm256_maskload_ps(
-                    tp.add(super::super::super::kernels::triangle_row(t) + j0),
-                    m,
-                );
+                let v = _mm256_maskload_ps(tp.add(triangle_row(t) + j0), m);
                 let row = ap.add(t * stride);
                 for i in 0..D {
                     acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*row.add(ds[i])), v, acc[i]);

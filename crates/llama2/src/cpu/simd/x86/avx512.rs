@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::super::super::kernels::Rows;
+use super::super::super::kernels::{triangle_row, Rows};
 use super::super::super::packed::BLOCK_ROWS;
 use super::Q8Tokens;
 
@@ -182,7 +182,7 @@ pub unsafe fn store_tile_by_token<const R: usize, const B: usize>(
     (col, t0): (usize, usize),
 ) {
     const { assert!(R <= 16) };
-    let mask: __mmask16 = ((1u32 << R) - 1) as __mmask16;
+    let mask = mask16(R);
     for b in 0..B {
         let rows: [__m512; 16] = std::array::from_fn(|r| {
             if r < R {
@@ -437,10 +437,7 @@ pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: us
             let mut acc = [_mm512_setzero_ps(); D];
             for t in j0..t_len {
                 let m = cols & mask16((t + 1 - j0).min(16));
-                let v = _mm512_maskz_loadu_ps(
-                    m,
-                    tp.add(super::super::super::kernels::triangle_row(t) + j0),
-                );
+                let v = _mm512_maskz_loadu_ps(m, tp.add(triangle_row(t) + j0));
                 let row = ap.add(t * stride);
                 for i in 0..D {
                     acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(ds[i])), v, acc[i]);

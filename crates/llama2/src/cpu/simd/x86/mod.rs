@@ -341,12 +341,8 @@ fn rows512<W: avx512::Wide + avx2::Wide>(
         // SAFETY: AVX-512 was confirmed (caller's `Isa`); `rows_outer`
         // passes pointers with `cols` values and blocks of `cols * 16`.
         let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, 12, 2>(w, xt, cols) };
-        let store = |v: &_, out: &mut [f32], ld: usize, (col, t0): (usize, usize)| {
-            assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
-            // SAFETY: AVX-512 was confirmed (caller's `Isa`); the last
-            // position written is inside `out`, as asserted.
-            unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
-        };
+        // SAFETY: AVX-512 was confirmed (caller's `Isa`).
+        let store = |v: &_, out: &mut _, ld, at| unsafe { store512(v, out, ld, at) };
         rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
     } else if n == 1 && cols <= SHORT_ROW {
         sweep::<16, 1>(rows, n, out, ld, |j, t| unsafe {
@@ -501,7 +497,6 @@ fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
             own.pack(x, n, cols);
             own
         });
-        let nb = n.div_ceil(TOKEN_BLOCK);
         if !W::IS_F32 {
             wide.resize(R * cols, 0.0);
         }
@@ -519,17 +514,55 @@ fn rows_outer<W: avx2::Wide, const R: usize, const B: usize>(
                 }
                 std::array::from_fn(|r| wide[r * cols..].as_ptr())
             };
-            for b0 in (0..nb).step_by(B) {
-                let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
-                let v = tile(ptrs, xt, cols);
-                if j0 + R <= rows.end && (b0 + B) * TOKEN_BLOCK <= n {
-                    store(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
-                    continue;
-                }
-                store_tile_part(&v, (out, ld), (j0 - rows.start, rows.end - j0), (b0, n));
-            }
+            let at = (j0 - rows.start, (rows.end - j0).min(R));
+            sweep_blocks(ptrs, (x, n, cols), at, (out, ld), (&tile, &store));
         }
     })
+}
+
+/// One row tile of `rows_outer` or `columns_outer` (weights `w`) against
+/// every block of `x` (`n` tokens of `cols` values), `B` blocks a tile.
+/// Its results go to `out` from column `col`, for its first `rows_left`
+/// rows: whole tiles through `store`, partial ones through
+/// `store_tile_part`.
+fn sweep_blocks<Wt: Copy, const R: usize, const B: usize>(
+    w: Wt,
+    (x, n, cols): (&TokenBlocks, usize, usize),
+    (col, rows_left): (usize, usize),
+    (out, ld): (&mut [f32], usize),
+    (tile, store): (
+        &impl Fn(Wt, [*const f32; B], usize) -> [[[f32; TOKEN_BLOCK]; B]; R],
+        &impl Fn(&[[[f32; TOKEN_BLOCK]; B]; R], &mut [f32], usize, (usize, usize)),
+    ),
+) {
+    let nb = n.div_ceil(TOKEN_BLOCK);
+    for b0 in (0..nb).step_by(B) {
+        let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
+        let v = tile(w, xt, cols);
+        if rows_left == R && (b0 + B) * TOKEN_BLOCK <= n {
+            store(&v, out, ld, (col, b0 * TOKEN_BLOCK));
+        } else {
+            store_tile_part(&v, (out, ld), (col, rows_left), (b0, n));
+        }
+    }
+}
+
+/// Stores a whole AVX-512 float tile (12 rows by 2 blocks) token by token
+/// at `(col, t0)` of `out`, `ld` apart per token, through the register
+/// transpose; panics if it does not lie inside `out`.
+///
+/// # Safety
+/// AVX-512F is available.
+unsafe fn store512(
+    v: &[[[f32; TOKEN_BLOCK]; 2]; 12],
+    out: &mut [f32],
+    ld: usize,
+    (col, t0): (usize, usize),
+) {
+    assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
+    // SAFETY: AVX-512 is available (the caller's promise); the last
+    // position written is inside `out`, as asserted.
+    unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
 }
 
 /// Stores the part of a tile inside the output: its first `rows_left`
@@ -595,12 +628,8 @@ pub fn f32_columns(
             // passes pointers to `R` rows by `cols` columns inside `w` (or
             // its copy) and blocks of `cols * 16`.
             let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, 12, 2>(w, xt, cols) };
-            let store = |v: &_, out: &mut [f32], ld: usize, (col, t0): (usize, usize)| {
-                assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
-                // SAFETY: AVX-512 was confirmed; the last position written
-                // is inside `out`, as asserted.
-                unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
-            };
+            // SAFETY: AVX-512 was confirmed (caller's `Isa`).
+            let store = |v: &_, out: &mut _, ld, at| unsafe { store512(v, out, ld, at) };
             columns_outer((w, w_ld), x, (cols, n), rows, (out, ld), (tile, store));
         }
         Level::Avx2 => {
@@ -632,11 +661,10 @@ fn columns_outer<const R: usize, const B: usize>(
         impl Fn(&[[[f32; TOKEN_BLOCK]; B]; R], &mut [f32], usize, (usize, usize)),
     ),
 ) {
-    let nb = n.div_ceil(TOKEN_BLOCK);
     let mut edge = Vec::new();
     for j0 in rows.clone().step_by(R) {
-        let whole_rows = j0 + R <= rows.end;
-        let weights = if whole_rows {
+        let rows_left = (rows.end - j0).min(R);
+        let weights = if rows_left == R {
             ByColumns {
                 base: w[j0..].as_ptr(),
                 ld: w_ld,
@@ -651,20 +679,8 @@ fn columns_outer<const R: usize, const B: usize>(
                 ld: R,
             }
         };
-        for b0 in (0..nb).step_by(B) {
-            let xt = std::array::from_fn(|i| x.block((b0 + i).min(nb - 1)).as_ptr());
-            let v = tile(weights, xt, cols);
-            if whole_rows && (b0 + B) * TOKEN_BLOCK <= n {
-                store(&v, out, ld, (j0 - rows.start, b0 * TOKEN_BLOCK));
-            } else {
-                store_tile_part(
-                    &v,
-                    (out, ld),
-                    (j0 - rows.start, rows.end.min(j0 + R) - j0),
-                    (b0, n),
-                );
-            }
-        }
+        let at = (j0 - rows.start, rows_left);
+        sweep_blocks(weights, (x, n, cols), at, (out, ld), (&tile, &store));
     }
 }
 
@@ -672,7 +688,7 @@ fn columns_outer<const R: usize, const B: usize>(
 /// token's `R` results are one contiguous run of `out`, and one bounds
 /// check covers it (the scatter of a full tile was 14% of a training step).
 /// The reference for `avx512::store_tile_by_token`.
-pub fn store_full_tile<const R: usize, const B: usize>(
+fn store_full_tile<const R: usize, const B: usize>(
     v: &[[[f32; TOKEN_BLOCK]; B]; R],
     out: &mut [f32],
     ld: usize,
