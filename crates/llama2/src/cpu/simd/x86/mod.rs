@@ -203,10 +203,10 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> boo
             (2, true) => avx512::weighted_sum::<2>(out, att, values),
             (3, true) => avx512::weighted_sum::<3>(out, att, values),
             (4, true) => avx512::weighted_sum::<4>(out, att, values),
-            (1, false) => avx2::weighted_sum::<1>(out, att, values),
-            (2, false) => avx2::weighted_sum::<2>(out, att, values),
-            (3, false) => avx2::weighted_sum::<3>(out, att, values),
-            (4, false) => avx2::weighted_sum::<4>(out, att, values),
+            (1, false) => avx2::weighted_sum::<1, 8>(out, att, values),
+            (2, false) => avx2::weighted_sum::<2, 4>(out, att, values),
+            (3, false) => avx2::weighted_sum::<3, 2>(out, att, values),
+            (4, false) => avx2::weighted_sum::<4, 2>(out, att, values),
             _ => return false,
         }
     }
