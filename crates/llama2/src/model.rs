@@ -146,6 +146,9 @@ impl<B: Backend> State<B> {
 /// Which logits a forward step computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
+    /// None: a chunk of a prompt that more chunks follow (the classifier
+    /// is the largest matrix of a small model, read for nothing).
+    None,
     /// Only the last token's of each segment (generation).
     Last,
     /// Every token's (perplexity, chat parity, checks).
@@ -204,6 +207,7 @@ fn forward<B: Backend>(
     }
     let classifier = &mut [(w.classifier(), &mut s.logits)];
     match want {
+        Logits::None => Ok(()),
         Logits::All => b.norm_matmul(&s.x, &w.rms_final, n, &mut s.xb, classifier),
         Logits::Last => {
             for (i, seg) in segments.iter().enumerate() {
@@ -498,8 +502,14 @@ impl<B: Backend> LanguageModel for Transformer<B> {
         self.check_range(tokens, pos0)?;
         let v = self.config.vocab_size;
         let mut pos = pos0;
+        let end = pos0 + tokens.len();
         for chunk in tokens.chunks(self.batch) {
-            self.run_chunk(chunk, pos, Logits::Last)?;
+            let want = if pos + chunk.len() == end {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            self.run_chunk(chunk, pos, want)?;
             pos += chunk.len();
         }
         self.logits.resize(v, 0.0);

@@ -694,6 +694,32 @@ fn batched_forward_matches_one_token_at_a_time() {
     }
 }
 
+/// A prompt longer than the backend's batch runs in several steps, only
+/// the last of which computes logits: its logits (and every position's,
+/// through `forward_all`) equal feeding the tokens one at a time.
+#[test]
+fn prompts_longer_than_a_batch_match_one_token_at_a_time() {
+    let c = Config::llama2c(48, 100, 2, 6, 3, 67, 600, true);
+    let weights = llama2::synth::random_weights(&c, DType::F32, 5);
+    let backend = CpuBackend::with_dtype(2, None).unwrap();
+    let mut batched = Transformer::new(backend, &weights).unwrap();
+    let n = batched.max_batch() + 37;
+    assert!(n <= c.seq_len);
+    let tokens: Vec<u32> = (0..n).map(|i| (i * 17 + 3) as u32 % 67).collect();
+    let last = batched.forward(&tokens, 0).unwrap().to_vec();
+    let all = batched.forward_all(&tokens, 0).unwrap().to_vec();
+    let backend = CpuBackend::with_dtype(1, None).unwrap();
+    let mut single = Transformer::new(backend, &weights).unwrap();
+    let v = c.vocab_size;
+    for (pos, &t) in tokens.iter().enumerate() {
+        let want = single.forward(&[t], pos).unwrap();
+        assert_close(&format!("pos {pos}"), &all[pos * v..][..v], want, 1e-4);
+        if pos == n - 1 {
+            assert_close("last logits", &last, want, 1e-4);
+        }
+    }
+}
+
 #[test]
 fn model_from_inconsistent_weights_is_an_error() {
     let bad = Config {

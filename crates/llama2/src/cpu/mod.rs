@@ -39,11 +39,15 @@ const TILE_ROWS: usize = 16;
 /// Most CPU threads a backend starts. Machines today have at most a few
 /// hundred cores; each thread costs a stack and a share of every product.
 pub const MAX_THREADS: usize = 1024;
-/// Prompt tokens processed together in one batched step.
-const CPU_BATCH: usize = 64;
+/// Prompt tokens processed together in one batched step. Each step reads
+/// every weight once (from memory, for models beyond the caches), so longer
+/// steps read less per token: 256-token prompts of stories15M/42M/110M f32
+/// prefilled 1.4-1.6x / 1.2-1.3x / 1.1-1.4x faster in one step than in
+/// four of 64 on a Zen 3 EPYC, Q8 about the same.
+const CPU_BATCH: usize = 256;
 /// Most sequences one step holds: a server's running requests, each a row
 /// or more of the batch.
-const MAX_SEQUENCES: usize = CPU_BATCH;
+const MAX_SEQUENCES: usize = 64;
 
 /// Host-memory backend.
 pub struct CpuBackend {
