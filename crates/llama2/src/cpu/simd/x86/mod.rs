@@ -409,14 +409,9 @@ fn rows256<W: avx2::Wide>(
         // `rows_outer` passes pointers with `cols` values and blocks of
         // `cols * 16`.
         let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, 6>(w, xt, cols) };
-        rows_outer(
-            w,
-            (x, blocks),
-            (cols, n),
-            rows,
-            (out, ld),
-            (tile, store_full_tile),
-        );
+        // SAFETY: AVX2 was confirmed (caller's `Isa`).
+        let store = |v: &_, out: &mut _, ld, at| unsafe { store256(v, out, ld, at) };
+        rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
     } else if n == 1 {
         sweep::<8, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); rows and
@@ -565,6 +560,22 @@ unsafe fn store512(
     unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
 }
 
+/// `store512` for the AVX2 tile (6 rows by 1 block).
+///
+/// # Safety
+/// AVX2 is available.
+unsafe fn store256(
+    v: &[[[f32; TOKEN_BLOCK]; 1]; 6],
+    out: &mut [f32],
+    ld: usize,
+    (col, t0): (usize, usize),
+) {
+    assert!((t0 + TOKEN_BLOCK - 1) * ld + col + 6 <= out.len());
+    // SAFETY: AVX2 is available (the caller's promise); the last position
+    // written is inside `out`, as asserted.
+    unsafe { avx2::store_tile_by_token::<6>(v, out.as_mut_ptr(), ld, (col, t0)) }
+}
+
 /// Stores the part of a tile inside the output: its first `rows_left`
 /// rows (from output column `col`) and its tokens below `n` (the tile's
 /// first block is `b0`).
@@ -635,14 +646,9 @@ pub fn f32_columns(
         Level::Avx2 => {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); as above.
             let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, 6>(w, xt, cols) };
-            columns_outer(
-                (w, w_ld),
-                x,
-                (cols, n),
-                rows,
-                (out, ld),
-                (tile, store_full_tile),
-            );
+            // SAFETY: AVX2 was confirmed (caller's `Isa`).
+            let store = |v: &_, out: &mut _, ld, at| unsafe { store256(v, out, ld, at) };
+            columns_outer((w, w_ld), x, (cols, n), rows, (out, ld), (tile, store));
         }
         _ => return false,
     }
@@ -681,26 +687,6 @@ fn columns_outer<const R: usize, const B: usize>(
         };
         let at = (j0 - rows.start, rows_left);
         sweep_blocks(weights, (x, n, cols), at, (out, ld), (&tile, &store));
-    }
-}
-
-/// Stores a tile that lies wholly inside the output, token by token: each
-/// token's `R` results are one contiguous run of `out`, and one bounds
-/// check covers it (the scatter of a full tile was 14% of a training step).
-/// The reference for `avx512::store_tile_by_token`.
-fn store_full_tile<const R: usize, const B: usize>(
-    v: &[[[f32; TOKEN_BLOCK]; B]; R],
-    out: &mut [f32],
-    ld: usize,
-    (col, t0): (usize, usize),
-) {
-    for i in 0..B {
-        for t in 0..TOKEN_BLOCK {
-            let dst = &mut out[(t0 + i * TOKEN_BLOCK + t) * ld + col..][..R];
-            for (r, d) in dst.iter_mut().enumerate() {
-                *d = v[r][i][t];
-            }
-        }
     }
 }
 
@@ -931,6 +917,57 @@ fn store_block_rows(
         if t < n && first < last {
             let dst = &mut out[t * ld + first - rows.start..][..last - first];
             dst.copy_from_slice(&v[first - b * BLOCK_ROWS..last - b * BLOCK_ROWS]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stores a tile that lies wholly inside the output, token by token:
+    /// the reference for the levels' register-transposing stores.
+    fn store_full_tile<const R: usize, const B: usize>(
+        v: &[[[f32; TOKEN_BLOCK]; B]; R],
+        out: &mut [f32],
+        ld: usize,
+        (col, t0): (usize, usize),
+    ) {
+        for i in 0..B {
+            for t in 0..TOKEN_BLOCK {
+                let dst = &mut out[(t0 + i * TOKEN_BLOCK + t) * ld + col..][..R];
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = v[r][i][t];
+                }
+            }
+        }
+    }
+
+    /// A tile of distinct values, and an output with room around it.
+    fn tile<const R: usize, const B: usize>() -> [[[f32; TOKEN_BLOCK]; B]; R] {
+        std::array::from_fn(|r| {
+            std::array::from_fn(|b| std::array::from_fn(|t| (r * 1000 + b * 100 + t) as f32))
+        })
+    }
+
+    #[test]
+    fn tile_stores_match_the_reference() {
+        let (ld, col, t0) = (37, 5, 3);
+        if supported(Level::Avx2) {
+            let v = tile::<6, 1>();
+            let (mut got, mut want) = (vec![-1.0; 64 * ld], vec![-1.0; 64 * ld]);
+            // SAFETY: AVX2 was detected.
+            unsafe { store256(&v, &mut got, ld, (col, t0)) };
+            store_full_tile(&v, &mut want, ld, (col, t0));
+            assert_eq!(got, want, "AVX2 tile store");
+        }
+        if supported(Level::Avx512) {
+            let v = tile::<12, 2>();
+            let (mut got, mut want) = (vec![-1.0; 64 * ld], vec![-1.0; 64 * ld]);
+            // SAFETY: AVX-512 was detected.
+            unsafe { store512(&v, &mut got, ld, (col, t0)) };
+            store_full_tile(&v, &mut want, ld, (col, t0));
+            assert_eq!(got, want, "AVX-512 tile store");
         }
     }
 }
