@@ -484,9 +484,11 @@ pub struct TokenBlocks {
 
 impl TokenBlocks {
     /// Lays out `n` rows of `x` `[n][cols]`, the blocks in parts that `run`
-    /// hands to `f` (block index, its values) in any order and on any thread.
+    /// hands to `f` (block index, its values) in any order and on any
+    /// thread, with `isa`'s `pack_token_block`.
     pub fn pack_split(
         &mut self,
+        isa: Isa,
         x: &[f32],
         (n, cols): (usize, usize),
         run: impl FnOnce(&mut [f32], usize, &(dyn Fn(usize, &mut [f32]) + Sync)),
@@ -497,22 +499,14 @@ impl TokenBlocks {
         let fill = |b: usize, block: &mut [f32]| {
             let t0 = b * TOKEN_BLOCK;
             let tokens = (n - t0).min(TOKEN_BLOCK);
-            for (k, column) in block.chunks_exact_mut(TOKEN_BLOCK).enumerate() {
-                for (t, v) in column.iter_mut().enumerate() {
-                    *v = if t < tokens {
-                        x[(t0 + t) * cols + k]
-                    } else {
-                        0.0
-                    };
-                }
-            }
+            pack_token_block(isa, &x[t0 * cols..], (cols, tokens, cols), block);
         };
         run(&mut self.data[..len], cols * TOKEN_BLOCK, &fill);
     }
 
-    /// `pack_split` on this thread.
+    /// `pack_split` on this thread, by the plain loop.
     pub fn pack(&mut self, x: &[f32], n: usize, cols: usize) {
-        self.pack_split(x, (n, cols), |data, per, f| {
+        self.pack_split(Isa::scalar(), x, (n, cols), |data, per, f| {
             for (b, block) in data.chunks_exact_mut(per).enumerate() {
                 f(b, block)
             }

@@ -187,8 +187,9 @@ impl CpuBackend {
             return false;
         }
         let team = &self.team;
+        let cols = outs[0].0.cols();
         self.blocks
-            .pack_split(x, (n, outs[0].0.cols()), |data, per, f| {
+            .pack_split(self.isa, x, (n, cols), |data, per, f| {
                 team.for_each_chunk(data, per, f)
             });
         true

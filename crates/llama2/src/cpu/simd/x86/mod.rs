@@ -595,21 +595,28 @@ fn store_tile_part<const R: usize, const B: usize>(
     }
 }
 
-/// One block of `TokenBlocks` from up to 16 rows `stride` apart, at the
-/// AVX-512 level (a register transpose); `false` elsewhere.
+/// One block of `TokenBlocks` from up to 16 rows `stride` apart, through
+/// register transposes at the AVX2 and AVX-512 levels; `false` elsewhere.
 pub fn pack_token_block(
     isa: Isa,
     x: &[f32],
     (stride, tokens, cols): (usize, usize, usize),
     block: &mut [f32],
 ) -> bool {
-    if float_level(isa) != Level::Avx512 {
+    let level = float_level(isa);
+    if !matches!(level, Level::Avx2 | Level::Avx512) {
         return false;
     }
     assert!(tokens <= TOKEN_BLOCK && block.len() >= cols * TOKEN_BLOCK);
     assert!(tokens == 0 || (tokens - 1) * stride + cols <= x.len());
-    // SAFETY: AVX-512 was confirmed (the `Isa`); the bounds were asserted.
-    unsafe { avx512::pack_token_block(x, stride, tokens, cols, block) };
+    // SAFETY: the level was confirmed (the `Isa`); the bounds were asserted.
+    unsafe {
+        if level == Level::Avx512 {
+            avx512::pack_token_block(x, stride, tokens, cols, block)
+        } else {
+            avx2::pack_token_block(x, stride, tokens, cols, block)
+        }
+    };
     true
 }
 
