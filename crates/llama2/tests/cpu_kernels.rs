@@ -445,7 +445,8 @@ fn q8_products_match_reference() {
     for isa in Isa::all() {
         for &(gs, cols) in &cases {
             for n in [1, 3, 4, 9] {
-                let mut rows = 1 + below(&mut rng, 40);
+                // Up to 8 blocks of 16 rows: decoding's 4-, 2- and 1-block tiles.
+                let mut rows = 1 + below(&mut rng, 128);
                 while !(rows * cols).is_multiple_of(gs) {
                     rows += 1;
                 }

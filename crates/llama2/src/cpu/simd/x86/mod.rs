@@ -844,8 +844,9 @@ pub fn q8_packed_rows(
 /// The 256-bit part of `q8_packed_rows` (AVX2 on signed bytes, AVX-VNNI on
 /// offset ones when `vnni`; the caller checked the bytes match the level):
 /// decoding runs four blocks (64 rows, four weight streams in flight: 6%
-/// faster than two on stories110M) per tile, batches one block by four
-/// tokens, as many as 16 registers hold.
+/// faster than two on stories110M) per tile, then two, then one (a task's
+/// share is often 2 or 6 blocks: stories42M's `wo` and `w2` have 2 per
+/// task); batches one block by four tokens, as many as 16 registers hold.
 fn q8_packed_rows256(
     w: &PackedQ8,
     x: &Q8Tokens,
@@ -868,6 +869,11 @@ fn q8_packed_rows256(
             let v = unsafe { tile256::<4, 1>(vnni, q, s, dims, x, 0) };
             store(b, 0, v.as_flattened(), 1);
             b += 4;
+        } else if n == 1 && b + 2 <= blocks.end {
+            // SAFETY: as above, for blocks `b..b + 2`.
+            let v = unsafe { tile256::<2, 1>(vnni, q, s, dims, x, 0) };
+            store(b, 0, v.as_flattened(), 1);
+            b += 2;
         } else if n == 1 {
             // SAFETY: as above, for block `b`.
             let v = unsafe { tile256::<1, 1>(vnni, q, s, dims, x, 0) };
