@@ -84,6 +84,37 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Lane `i` of the result is `hsum(v[i])`, with the same additions in the
+/// same order, but for eight vectors at once: 22 operations where eight
+/// `hsum`s take 48 (a tile of 8 short dots, such as attention's 64-value
+/// ones, spends about as long reducing as multiplying).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum8(v: [__m256; 8]) -> __m256 {
+    // p[i] = [lo + hi of v[2i] | lo + hi of v[2i + 1]]: `hsum`'s first add.
+    let p: [__m256; 4] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    });
+    // Lanes 0 + 2 and 1 + 3 of each sum: its second.
+    let u: [__m256; 2] = std::array::from_fn(|i| {
+        let (a, b) = (p[2 * i], p[2 * i + 1]);
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(a, b),
+            _mm256_shuffle_ps::<0xEE>(a, b),
+        )
+    });
+    // The two halves of each: its third, leaving sums 0, 2, 4, 6, 1, 3, 5, 7.
+    let f = _mm256_add_ps(
+        _mm256_shuffle_ps::<0x88>(u[0], u[1]),
+        _mm256_shuffle_ps::<0xDD>(u[0], u[1]),
+    );
+    _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
 /// `out[r][t] = w[r] · x[t]` over `cols` elements.
 ///
 /// # Safety
@@ -112,9 +143,20 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
         k += 8;
     }
     let mut out = [[0f32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = hsum(acc[r][t]);
+    if R * T == 8 {
+        let sums = hsum8(std::array::from_fn(|i| acc[i / T][i % T]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = lanes[r * T + t];
+            }
+        }
+    } else {
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = hsum(acc[r][t]);
+            }
         }
     }
     for i in k..cols {
