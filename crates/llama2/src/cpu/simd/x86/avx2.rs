@@ -206,27 +206,26 @@ pub unsafe fn tile_f32_batch<W: super::TileWeights<R>, const R: usize>(
     out
 }
 
-/// Stores a whole `tile_f32_batch` result (`R` rows, `4 < R <= 8`, by 16
-/// tokens) token by token: token `t0 + t`'s `R` results go to
-/// `out[(t0 + t) * ld + col..][..R]`. Each half of the block is transposed
-/// in registers (8 x 8, missing rows zero), so a token's results leave in
-/// two stores instead of `R` scalar ones (which were 4% of a stories42M
+/// Stores a whole 6-row `tile_f32_batch` result (6 rows by 16 tokens)
+/// token by token: token `t0 + t`'s 6 results go to `out[(t0 + t) * ld +
+/// col..][..6]`. Each half of the block is transposed in registers (8 x 8,
+/// the two missing rows zero), so a token's results leave in two stores (4
+/// values and 2) instead of 6 scalar ones (which were 4% of a stories42M
 /// prefill on a Zen 3 EPYC). Masked stores are avoided: slow on AMD.
 ///
 /// # Safety
 /// AVX2 is available; every position written lies inside `out`'s
 /// allocation at `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn store_tile_by_token<const R: usize>(
-    v: &[[[f32; 16]; 1]; R],
+pub unsafe fn store_tile_by_token(
+    v: &[[[f32; 16]; 1]; 6],
     out: *mut f32,
     ld: usize,
     (col, t0): (usize, usize),
 ) {
-    const { assert!(R > 4 && R <= 8) };
     for half in 0..2 {
         let rows: [__m256; 8] = std::array::from_fn(|r| {
-            if r < R {
+            if r < 6 {
                 _mm256_loadu_ps(v[r][0].as_ptr().add(8 * half))
             } else {
                 _mm256_setzero_ps()
@@ -235,16 +234,8 @@ pub unsafe fn store_tile_by_token<const R: usize>(
         for (t, c) in transpose8(rows).iter().enumerate() {
             let dst = out.add((t0 + 8 * half + t) * ld + col);
             _mm_storeu_ps(dst, _mm256_castps256_ps128(*c));
-            let high = _mm256_extractf128_ps::<1>(*c);
-            match R - 4 {
-                4 => _mm_storeu_ps(dst.add(4), high),
-                3 => {
-                    _mm_storel_epi64(dst.add(4) as *mut __m128i, _mm_castps_si128(high));
-                    _mm_store_ss(dst.add(6), _mm_movehl_ps(high, high));
-                }
-                2 => _mm_storel_epi64(dst.add(4) as *mut __m128i, _mm_castps_si128(high)),
-                _ => _mm_store_ss(dst.add(4), high),
-            }
+            let high = _mm_castps_si128(_mm256_extractf128_ps::<1>(*c));
+            _mm_storel_epi64(dst.add(4) as *mut __m128i, high);
         }
     }
 }

@@ -578,7 +578,7 @@ unsafe fn store256(
     assert!((t0 + TOKEN_BLOCK - 1) * ld + col + 6 <= out.len());
     // SAFETY: AVX2 is available (the caller's promise); the last position
     // written is inside `out`, as asserted.
-    unsafe { avx2::store_tile_by_token::<6>(v, out.as_mut_ptr(), ld, (col, t0)) }
+    unsafe { avx2::store_tile_by_token(v, out.as_mut_ptr(), ld, (col, t0)) }
 }
 
 /// Stores the part of a tile inside the output: its first `rows_left`
@@ -961,31 +961,35 @@ mod tests {
         }
     }
 
-    /// A tile of distinct values, and an output with room around it.
-    fn tile<const R: usize, const B: usize>() -> [[[f32; TOKEN_BLOCK]; B]; R] {
-        std::array::from_fn(|r| {
+    /// A tile of distinct values, stored by `store` and by the reference
+    /// into outputs with room around it: the two must agree everywhere.
+    fn assert_store_matches<const R: usize, const B: usize>(
+        what: &str,
+        store: impl Fn(&[[[f32; TOKEN_BLOCK]; B]; R], &mut [f32], usize, (usize, usize)),
+    ) {
+        let (ld, col, t0) = (37, 5, 3);
+        let v: [[[f32; TOKEN_BLOCK]; B]; R] = std::array::from_fn(|r| {
             std::array::from_fn(|b| std::array::from_fn(|t| (r * 1000 + b * 100 + t) as f32))
-        })
+        });
+        let (mut got, mut want) = (vec![-1.0; 64 * ld], vec![-1.0; 64 * ld]);
+        store(&v, &mut got, ld, (col, t0));
+        store_full_tile(&v, &mut want, ld, (col, t0));
+        assert_eq!(got, want, "{what}");
     }
 
     #[test]
     fn tile_stores_match_the_reference() {
-        let (ld, col, t0) = (37, 5, 3);
         if supported(Level::Avx2) {
-            let v = tile::<6, 1>();
-            let (mut got, mut want) = (vec![-1.0; 64 * ld], vec![-1.0; 64 * ld]);
             // SAFETY: AVX2 was detected.
-            unsafe { store256(&v, &mut got, ld, (col, t0)) };
-            store_full_tile(&v, &mut want, ld, (col, t0));
-            assert_eq!(got, want, "AVX2 tile store");
+            assert_store_matches("AVX2 tile store", |v, out, ld, at| unsafe {
+                store256(v, out, ld, at)
+            });
         }
         if supported(Level::Avx512) {
-            let v = tile::<12, 2>();
-            let (mut got, mut want) = (vec![-1.0; 64 * ld], vec![-1.0; 64 * ld]);
             // SAFETY: AVX-512 was detected.
-            unsafe { store512(&v, &mut got, ld, (col, t0)) };
-            store_full_tile(&v, &mut want, ld, (col, t0));
-            assert_eq!(got, want, "AVX-512 tile store");
+            assert_store_matches("AVX-512 tile store", |v, out, ld, at| unsafe {
+                store512(v, out, ld, at)
+            });
         }
     }
 }
