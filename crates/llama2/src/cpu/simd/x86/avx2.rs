@@ -347,6 +347,37 @@ unsafe fn lanes(left: usize) -> __m256i {
     )
 }
 
+/// The 8 values at `p`, or its first `left` with zeros after when fewer
+/// remain: whole vectors load unmasked, since a masked move costs several
+/// times a plain one on AMD (a masked store in softmax's last pass was a
+/// quarter of that pass on a Zen 3 EPYC).
+///
+/// # Safety
+/// AVX2 is available; `p..p + left.min(8)` is readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_upto(p: *const f32, left: usize) -> __m256 {
+    if left >= 8 {
+        _mm256_loadu_ps(p)
+    } else {
+        _mm256_maskload_ps(p, lanes(left))
+    }
+}
+
+/// Stores the first `left.min(8)` lanes of `v` at `p`, as `load_upto` reads.
+///
+/// # Safety
+/// AVX2 is available; `p..p + left.min(8)` is writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_upto(p: *mut f32, left: usize, v: __m256) {
+    if left >= 8 {
+        _mm256_storeu_ps(p, v)
+    } else {
+        _mm256_maskstore_ps(p, lanes(left), v)
+    }
+}
+
 /// `y += a * x` for equal lengths, with fused multiply-adds in every lane
 /// (the end of a row too, masked), so `weighted_sum` equals one call per key.
 ///
@@ -359,10 +390,8 @@ pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     let (yp, xp) = (y.as_mut_ptr(), x.as_ptr());
     let mut k = 0;
     while k < n {
-        let m = lanes(n - k);
-        let yv = _mm256_maskload_ps(yp.add(k), m);
-        let xv = _mm256_maskload_ps(xp.add(k), m);
-        _mm256_maskstore_ps(yp.add(k), m, _mm256_fmadd_ps(av, xv, yv));
+        let (yv, xv) = (load_upto(yp.add(k), n - k), load_upto(xp.add(k), n - k));
+        store_upto(yp.add(k), n - k, _mm256_fmadd_ps(av, xv, yv));
         k += 8;
     }
 }
@@ -544,30 +573,92 @@ pub unsafe fn softmax(x: &mut [f32]) {
     let low = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut max = low;
     let mut k = 0;
-    while k < n {
+    while k + 8 <= n {
+        max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(k)));
+        k += 8;
+    }
+    if k < n {
         let m = lanes(n - k);
         let v = _mm256_blendv_ps(low, _mm256_maskload_ps(p.add(k), m), _mm256_castsi256_ps(m));
         max = _mm256_max_ps(max, v);
-        k += 8;
     }
     let max = _mm256_set1_ps(hmax(max));
     let mut sum = _mm256_setzero_ps();
     k = 0;
     while k < n {
-        let m = lanes(n - k);
-        let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(k), m), max));
-        _mm256_maskstore_ps(p.add(k), m, e);
-        sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+        let m = _mm256_castsi256_ps(lanes(n - k));
+        let e = exp8(_mm256_sub_ps(load_upto(p.add(k), n - k), max));
+        store_upto(p.add(k), n - k, e);
+        sum = _mm256_add_ps(sum, _mm256_and_ps(e, m));
         k += 8;
     }
     let sum = _mm256_set1_ps(hsum(sum));
     k = 0;
     while k < n {
-        let m = lanes(n - k);
-        let v = _mm256_div_ps(_mm256_maskload_ps(p.add(k), m), sum);
-        _mm256_maskstore_ps(p.add(k), m, v);
+        let v = _mm256_div_ps(load_upto(p.add(k), n - k), sum);
+        store_upto(p.add(k), n - k, v);
         k += 8;
     }
+}
+
+/// `kernels::softmax_by_block`: a key's 16 lanes are two vectors, so each
+/// lane's maximum, exponentials and sum run down its column with no
+/// horizontal step. Keys past `first` are masked off in the lanes of the
+/// queries before them.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `att.len()` is a multiple of 16.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn softmax_by_block(att: &mut [f32], first: usize, scale: f32) {
+    let (n, p) = (att.len() / 16, att.as_mut_ptr());
+    let (scale, low) = (_mm256_set1_ps(scale), _mm256_set1_ps(f32::NEG_INFINITY));
+    let mut max = [low; 2];
+    for j in 0..n {
+        for h in 0..2 {
+            let at = p.add(j * 16 + 8 * h);
+            // A true division: the scaled scores feed `exp`, which turns
+            // a rounding of a large score into a large relative error.
+            let mut s = _mm256_div_ps(_mm256_loadu_ps(at), scale);
+            if j > first {
+                s = _mm256_blendv_ps(low, s, lanes_from(j - first, h));
+            }
+            _mm256_storeu_ps(at, s);
+            max[h] = _mm256_max_ps(max[h], s);
+        }
+    }
+    let mut sum = [_mm256_setzero_ps(); 2];
+    for j in 0..n {
+        for h in 0..2 {
+            let at = p.add(j * 16 + 8 * h);
+            let mut e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), max[h]));
+            if j > first {
+                e = _mm256_and_ps(e, lanes_from(j - first, h));
+            }
+            _mm256_storeu_ps(at, e);
+            sum[h] = _mm256_add_ps(sum[h], e);
+        }
+    }
+    let one = _mm256_set1_ps(1.0);
+    let inv_sum = [_mm256_div_ps(one, sum[0]), _mm256_div_ps(one, sum[1])];
+    for j in 0..n {
+        for h in 0..2 {
+            let at = p.add(j * 16 + 8 * h);
+            _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), inv_sum[h]));
+        }
+    }
+}
+
+/// Lanes `t >= from` of half `h` (lanes `8h..8h + 8`) of a 16-lane block:
+/// the queries of a block that see a key `from` positions past its first.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lanes_from(from: usize, h: usize) -> __m256 {
+    let index = _mm256_add_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(8 * h as i32),
+    );
+    let below = _mm256_set1_epi32(from.min(16) as i32 - 1);
+    _mm256_castsi256_ps(_mm256_cmpgt_epi32(index, below))
 }
 
 /// Largest of the 8 lanes.
@@ -590,12 +681,11 @@ pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let (n, g, u) = (gate.len(), gate.as_mut_ptr(), up.as_ptr());
     let one = _mm256_set1_ps(1.0);
     for k in (0..n).step_by(8) {
-        let m = lanes(n - k);
-        let x = _mm256_maskload_ps(g.add(k), m);
+        let x = load_upto(g.add(k), n - k);
         let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
         let sig = _mm256_div_ps(one, _mm256_add_ps(one, e));
-        let v = _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_maskload_ps(u.add(k), m));
-        _mm256_maskstore_ps(g.add(k), m, v);
+        let v = _mm256_mul_ps(_mm256_mul_ps(x, sig), load_upto(u.add(k), n - k));
+        store_upto(g.add(k), n - k, v);
     }
 }
 
