@@ -350,17 +350,20 @@ unsafe fn lanes(left: usize) -> __m256i {
 /// The 8 values at `p`, or its first `left` with zeros after when fewer
 /// remain: whole vectors load unmasked, since a masked move costs several
 /// times a plain one on AMD (a masked store in softmax's last pass was a
-/// quarter of that pass on a Zen 3 EPYC).
+/// quarter of that pass on a Zen 3 EPYC). Without features of its own and
+/// always inlined, so it becomes part of its AVX2 caller: as a
+/// `#[target_feature]` function LLVM left it a call in a hot loop, which
+/// spilled every accumulator around it.
 ///
 /// # Safety
-/// AVX2 is available; `p..p + left.min(8)` is readable.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+/// AVX2 is available (call it from AVX2 functions only); `p..p +
+/// left.min(8)` is readable.
+#[inline(always)]
 unsafe fn load_upto(p: *const f32, left: usize) -> __m256 {
     if left >= 8 {
         _mm256_loadu_ps(p)
     } else {
-        _mm256_maskload_ps(p, lanes(left))
+        _mm256_maskload_ps(p, tail_lanes(left))
     }
 }
 
@@ -368,14 +371,23 @@ unsafe fn load_upto(p: *const f32, left: usize) -> __m256 {
 ///
 /// # Safety
 /// AVX2 is available; `p..p + left.min(8)` is writable.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn store_upto(p: *mut f32, left: usize, v: __m256) {
     if left >= 8 {
         _mm256_storeu_ps(p, v)
     } else {
-        _mm256_maskstore_ps(p, lanes(left), v)
+        _mm256_maskstore_ps(p, tail_lanes(left), v)
     }
+}
+
+/// `lanes` for `left < 8`, always inlined as `load_upto` is.
+///
+/// # Safety
+/// AVX2 is available (call it from AVX2 functions only).
+#[inline(always)]
+unsafe fn tail_lanes(left: usize) -> __m256i {
+    let index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), index)
 }
 
 /// `y += a * x` for equal lengths, with fused multiply-adds in every lane
@@ -476,7 +488,11 @@ pub unsafe fn weighted_sum<const T: usize, const V: usize>(
         for t in 0..T {
             let o = out.as_mut_ptr().add(t * hs + k);
             for i in 0..V {
-                _mm256_maskstore_ps(o.wrapping_add(8 * i), m[i], acc[t][i]);
+                if whole {
+                    _mm256_storeu_ps(o.add(8 * i), acc[t][i]);
+                } else {
+                    _mm256_maskstore_ps(o.wrapping_add(8 * i), m[i], acc[t][i]);
+                }
             }
         }
         k += 8 * V;
@@ -540,21 +556,29 @@ pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: us
     let (t_len, width, stride) = (a.count(), a.width(), a.stride());
     let (tp, ap, op) = (tri.as_ptr(), a.data().as_ptr(), out.as_mut_ptr());
     for j0 in (0..t_len).step_by(8) {
-        let cols = lanes(t_len - j0);
         for d0 in (0..width).step_by(D) {
+            // Whole groups of `D` columns broadcast at fixed offsets; the
+            // last, partial one repeats its last column (dropped below).
             let ds: [usize; D] = std::array::from_fn(|i| (d0 + i).min(width - 1));
+            let whole = d0 + D <= width;
             let mut acc = [_mm256_setzero_ps(); D];
             for t in j0..t_len {
-                let m = _mm256_and_si256(cols, lanes(t + 1 - j0));
-                let v = _mm256_maskload_ps(tp.add(triangle_row(t) + j0), m);
+                let v = load_upto(tp.add(triangle_row(t) + j0), (t + 1 - j0).min(t_len - j0));
                 let row = ap.add(t * stride);
-                for i in 0..D {
-                    acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*row.add(ds[i])), v, acc[i]);
+                if whole {
+                    let row = row.add(d0);
+                    for i in 0..D {
+                        acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*row.add(i)), v, acc[i]);
+                    }
+                } else {
+                    for i in 0..D {
+                        acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*row.add(ds[i])), v, acc[i]);
+                    }
                 }
             }
             for (i, &sum) in acc.iter().enumerate().take(width - d0) {
-                let o = op.add((d0 + i) * ld + j0);
-                _mm256_maskstore_ps(o, cols, _mm256_add_ps(_mm256_maskload_ps(o, cols), sum));
+                let (o, left) = (op.add((d0 + i) * ld + j0), t_len - j0);
+                store_upto(o, left, _mm256_add_ps(load_upto(o, left), sum));
             }
         }
     }
