@@ -216,7 +216,7 @@ fn block_attention_kernels_match_scalar() {
 }
 
 #[test]
-fn softmax_and_silu_match_reference() {
+fn softmax_sigmoid_and_silu_match_reference() {
     let mut rng = Rng::new(12);
     for isa in Isa::all() {
         for len in [1, 2, 15, 16, 17, 64, 100, 257] {
@@ -240,6 +240,10 @@ fn softmax_and_silu_match_reference() {
                     .map(|v| v * spread)
                     .collect();
                 let up = random_vec(&mut rng, len);
+                let mut got = gate.clone();
+                kernels::sigmoid(isa, &mut got);
+                let want: Vec<f32> = gate.iter().map(|&g| 1.0 / (1.0 + (-g).exp())).collect();
+                assert_close_each(&format!("sigmoid {isa:?} len {len}"), &got, &want, 1e-6);
                 let mut got = gate.clone();
                 kernels::silu_mul(isa, &mut got, &up);
                 for (i, ((&g, &u), &o)) in gate.iter().zip(&up).zip(&got).enumerate() {

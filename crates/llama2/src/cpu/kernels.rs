@@ -179,6 +179,18 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `x[i] = 1 / (1 + e^-x[i])` in place: the reference's formula (as
+/// `reference::silu` uses it) at the scalar level, with vector
+/// exponentials (within 2 ulp of `f32::exp`) otherwise. Training's SwiGLU
+/// backward needs the sigmoid itself.
+pub fn sigmoid(isa: Isa, x: &mut [f32]) {
+    if !simd::sigmoid(isa, x) {
+        for v in x.iter_mut() {
+            *v = 1.0 / (1.0 + (-*v).exp());
+        }
+    }
+}
+
 /// `count` rows of `width` values, row `i` at `data[i * stride..][..width]`:
 /// one head's queries for a block of tokens, or its keys or values in the
 /// KV cache. The constructor checks that every row lies in `data`, which

@@ -44,6 +44,10 @@ pub fn silu_mul(_: Isa, _: &mut [f32], _: &[f32]) -> bool {
     false
 }
 
+pub fn sigmoid(_: Isa, _: &mut [f32]) -> bool {
+    false
+}
+
 pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
     None
 }

@@ -695,6 +695,21 @@ unsafe fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// `x = 1 / (1 + e^-x)`, the reference's operations, eight lanes at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn sigmoid(x: &mut [f32]) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let one = _mm256_set1_ps(1.0);
+    for k in (0..n).step_by(8) {
+        let v = load_upto(p.add(k), n - k);
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        store_upto(p.add(k), n - k, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+    }
+}
+
 /// `gate = gate * (1 / (1 + e^-gate)) * up`, the reference's operations in
 /// its order, eight lanes at a time.
 ///

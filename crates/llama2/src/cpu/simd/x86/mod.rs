@@ -289,6 +289,18 @@ pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) -> 
     true
 }
 
+/// `x = sigmoid(x)` with vector exponentials. The AVX2 kernel serves the
+/// AVX-512 levels too (training's one use is a small share of a step).
+pub fn sigmoid(isa: Isa, x: &mut [f32]) -> bool {
+    match float_level(isa) {
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`; AVX-512 levels
+        // are only confirmed on CPUs that have AVX2 too).
+        Level::Avx2 | Level::Avx512 => unsafe { avx2::sigmoid(x) },
+        _ => return false,
+    }
+    true
+}
+
 /// `gate = silu(gate) * up` with vector exponentials (equal lengths).
 pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) -> bool {
     assert!(up.len() >= gate.len());
