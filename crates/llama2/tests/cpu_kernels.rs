@@ -216,7 +216,7 @@ fn block_attention_kernels_match_scalar() {
 }
 
 #[test]
-fn softmax_sigmoid_and_silu_match_reference() {
+fn softmax_log_sum_exp_sigmoid_and_silu_match_reference() {
     let mut rng = Rng::new(12);
     for isa in Isa::all() {
         for len in [1, 2, 15, 16, 17, 64, 100, 257] {
@@ -231,6 +231,13 @@ fn softmax_sigmoid_and_silu_match_reference() {
                 kernels::softmax(isa, &mut got);
                 let what = format!("softmax {isa:?} len {len} spread {spread}");
                 assert_close_each(&what, &got, &want, 1e-6);
+                let lse = kernels::log_sum_exp(isa, &x);
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let exact = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                assert!(
+                    (lse as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0),
+                    "log_sum_exp {what}: got {lse} want {exact}"
+                );
             }
         }
         for len in [1, 15, 16, 17, 100] {

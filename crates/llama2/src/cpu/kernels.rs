@@ -179,6 +179,20 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `ln(sum of e^x)` over `x`, as `max + ln(sum of e^(x - max))` with
+/// `max` its largest value (so no exponential overflows): softmax's first
+/// two passes, without its stores, for a cross-entropy loss (this minus
+/// the target's logit). The plain loops at the scalar level, vector
+/// exponentials and lane-wise sums otherwise. Empty: negative infinity.
+pub fn log_sum_exp(isa: Isa, x: &[f32]) -> f32 {
+    if let Some(v) = simd::log_sum_exp(isa, x) {
+        return v;
+    }
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = x.iter().map(|&v| (v - max).exp()).sum();
+    max + sum.ln()
+}
+
 /// `x[i] = 1 / (1 + e^-x[i])` in place: the reference's formula (as
 /// `reference::silu` uses it) at the scalar level, with vector
 /// exponentials (within 2 ulp of `f32::exp`) otherwise. Training's SwiGLU

@@ -141,6 +141,10 @@ pub fn sigmoid(_: Isa, _: &mut [f32]) -> bool {
     false
 }
 
+pub fn log_sum_exp(_: Isa, _: &[f32]) -> Option<f32> {
+    None
+}
+
 pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
     None
 }

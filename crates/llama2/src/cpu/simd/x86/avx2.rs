@@ -592,6 +592,37 @@ pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: us
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn softmax(x: &mut [f32]) {
     let (n, p) = (x.len(), x.as_mut_ptr());
+    let max = _mm256_set1_ps(max_of(x));
+    let sum = _mm256_set1_ps(exp_sum::<true>(p, n, max));
+    let mut k = 0;
+    while k < n {
+        let v = _mm256_div_ps(load_upto(p.add(k), n - k), sum);
+        store_upto(p.add(k), n - k, v);
+        k += 8;
+    }
+}
+
+/// `max + ln(sum of e^(x - max))` over `x` (not empty), `max` its largest
+/// value: `softmax`'s first two passes without its stores.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = max_of(x);
+    // `exp_sum` only writes through its pointer when it stores.
+    let sum = exp_sum::<false>(x.as_ptr() as *mut f32, x.len(), _mm256_set1_ps(max));
+    max + sum.ln()
+}
+
+/// The largest value of `x` (NaN when one is).
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn max_of(x: &[f32]) -> f32 {
+    let (n, p) = (x.len(), x.as_ptr());
     // Plain index loops, as at the AVX-512 level (a cloned iterator kept
     // its state on the stack).
     let low = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -606,23 +637,30 @@ pub unsafe fn softmax(x: &mut [f32]) {
         let v = _mm256_blendv_ps(low, _mm256_maskload_ps(p.add(k), m), _mm256_castsi256_ps(m));
         max = _mm256_max_ps(max, v);
     }
-    let max = _mm256_set1_ps(hmax(max));
+    hmax(max)
+}
+
+/// The sum of `e^(x - max)` over the `n` values at `p`, storing each in
+/// place of its `x` when `STORE`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `p..p + n` is readable, and
+/// writable when `STORE`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_sum<const STORE: bool>(p: *mut f32, n: usize, max: __m256) -> f32 {
     let mut sum = _mm256_setzero_ps();
-    k = 0;
+    let mut k = 0;
     while k < n {
         let m = _mm256_castsi256_ps(lanes(n - k));
         let e = exp8(_mm256_sub_ps(load_upto(p.add(k), n - k), max));
-        store_upto(p.add(k), n - k, e);
+        if STORE {
+            store_upto(p.add(k), n - k, e);
+        }
         sum = _mm256_add_ps(sum, _mm256_and_ps(e, m));
         k += 8;
     }
-    let sum = _mm256_set1_ps(hsum(sum));
-    k = 0;
-    while k < n {
-        let v = _mm256_div_ps(load_upto(p.add(k), n - k), sum);
-        store_upto(p.add(k), n - k, v);
-        k += 8;
-    }
+    hsum(sum)
 }
 
 /// `kernels::softmax_by_block`: a key's 16 lanes are two vectors, so each

@@ -289,6 +289,17 @@ pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) -> 
     true
 }
 
+/// `max + ln(sum of e^(x - max))` with vector exponentials. The AVX2
+/// kernel serves the AVX-512 levels too, as `sigmoid`'s does.
+pub fn log_sum_exp(isa: Isa, x: &[f32]) -> Option<f32> {
+    match float_level(isa) {
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`; AVX-512 levels
+        // are only confirmed on CPUs that have AVX2 too).
+        Level::Avx2 | Level::Avx512 if !x.is_empty() => Some(unsafe { avx2::log_sum_exp(x) }),
+        _ => None,
+    }
+}
+
 /// `x = sigmoid(x)` with vector exponentials. The AVX2 kernel serves the
 /// AVX-512 levels too (training's one use is a small share of a step).
 pub fn sigmoid(isa: Isa, x: &mut [f32]) -> bool {
