@@ -154,6 +154,68 @@ fn assert_close_each(what: &str, got: &[f32], want: &[f32], rel: f32) {
 }
 
 #[test]
+fn block_attention_kernels_match_scalar() {
+    use kernels::TOKEN_BLOCK;
+    let mut rng = Rng::new(13);
+    for isa in Isa::all() {
+        for hs in [1, 7, 8, 48, 64, 100] {
+            for (count, first) in [(16, 0), (9, 0), (16, 5), (11, 37), (16, 250)] {
+                let n = first + count;
+                let stride = hs + below(&mut rng, 3) * 8;
+                let keys = random_vec(&mut rng, (n - 1) * stride + hs);
+                let keys = Rows::new(&keys, stride, hs, n);
+                let qs = random_vec(&mut rng, (count - 1) * stride + hs);
+                let mut block = vec![0f32; hs * TOKEN_BLOCK];
+                kernels::pack_token_block(Isa::scalar(), &qs, (stride, count, hs), &mut block);
+                let what = format!("{isa:?} hs {hs} queries {count} from {first}");
+
+                let mut got = vec![f32::NAN; n * TOKEN_BLOCK];
+                kernels::scores_by_block(isa, &mut got, &block, keys);
+                let mut want = vec![f32::NAN; n * TOKEN_BLOCK];
+                kernels::scores_by_block(Isa::scalar(), &mut want, &block, keys);
+                assert_same(&format!("block scores {what}"), &got, &want);
+                // And close to one dot per (query, key).
+                let dots: Vec<f32> = (0..n * TOKEN_BLOCK)
+                    .map(|i| {
+                        let (j, t) = (i / TOKEN_BLOCK, i % TOKEN_BLOCK);
+                        match t < count {
+                            true => kernels::dot_f32_scalar(&qs[t * stride..][..hs], keys.row(j)),
+                            false => 0.0,
+                        }
+                    })
+                    .collect();
+                assert_close(&format!("block scores as dots {what}"), &got, &dots, 1e-4);
+
+                for spread in [1.0, 30.0] {
+                    let scores: Vec<f32> = want.iter().map(|v| v * spread).collect();
+                    let scale = (hs as f32).sqrt();
+                    let (mut got, mut want) = (scores.clone(), scores.clone());
+                    kernels::softmax_by_block(isa, &mut got, first, scale);
+                    kernels::softmax_by_block(Isa::scalar(), &mut want, first, scale);
+                    assert_close_each(
+                        &format!("block softmax {what} x{spread}"),
+                        &got,
+                        &want,
+                        1e-6,
+                    );
+                    // The reference's softmax down each query's lane.
+                    for t in 0..TOKEN_BLOCK {
+                        let seen = (first + t + 1).min(n);
+                        let mut lane: Vec<f32> = (0..seen)
+                            .map(|j| scores[j * TOKEN_BLOCK + t] / scale)
+                            .collect();
+                        reference::softmax(&mut lane);
+                        lane.resize(n, 0.0);
+                        let column: Vec<f32> = (0..n).map(|j| want[j * TOKEN_BLOCK + t]).collect();
+                        assert_same(&format!("block softmax lane {t} {what}"), &column, &lane);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn softmax_log_sum_exp_sigmoid_and_silu_match_reference() {
     let mut rng = Rng::new(12);
     for isa in Isa::all() {
@@ -669,7 +731,7 @@ fn backend_rmsnorm_rope_attention_match_reference() {
         let mut cache = b.kv_cache(&c, c.seq_len).unwrap();
         let (mut keys, mut values) = (vec![0f32; c.seq_len * kv], vec![0f32; c.seq_len * kv]);
         let mut out = b.buffer(c.seq_len * d).unwrap();
-        // The last batch is longer than the CPU's batch tiles.
+        // The last batch is long enough to be attended by blocks.
         for (pos, n) in [(0, 1), (1, pos0 - 1), (pos0, rows), (pos0 + rows, 21)] {
             let (q, k, v) = (
                 random_vec(&mut rng, n * d),

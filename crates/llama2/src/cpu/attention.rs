@@ -2,22 +2,33 @@
 //! with the sequence in blocks of `KV_BLOCK` positions, and rotary embedding
 //! plus causal attention for a batch of segments (one sequence's prompt, or
 //! one row per running sequence of a server). A batch's attention is split
-//! into (segment, block of queries, head) tasks that run across the team.
+//! into (segment, block of queries, head) tasks that run across the team:
+//! blocks of a prompt's 16 queries as whole-block products where the level
+//! has them (`kernels::attends_by_blocks`), else blocks of up to four in
+//! dot form.
+//!
+//! The dot form rounds every query exactly as decoding one token does; the
+//! block form does not (its sums run in another order). So blocks are
+//! only for models whose products are float: their batched products round
+//! differently from one token's already. An int8 model's products are
+//! exact integer sums, and with the dot form its prompt's logits are the
+//! same bits whether the prompt is fed at once, in chunks or token by
+//! token (the golden tests hold it to that).
 //!
 //! It is deliberately not a shared page table: CPU attention reads each
 //! sequence's keys as one contiguous `[positions][KV]` run, which the
 //! vector kernels stream at full speed; growing a sequence's run is a
 //! `Vec` growth, amortized like any other.
 
-use super::kernels::{self, Isa, Rows};
+use super::kernels::{self, Isa, Rows, TokenBlocks, TOKEN_BLOCK};
 use super::team::Team;
 use super::{grow_to, PARALLEL_WORK};
 use crate::backend::Segment;
 use crate::config::Config;
 use crate::error::{Error, Result};
 
-/// Queries of one head scored together in batched attention, so each key
-/// and value row is loaded once per block (the vector kernels' widest).
+/// Queries of one head scored together in dot form, so each key and value
+/// row is loaded once per block (the vector kernels' widest).
 const QUERY_BLOCK: usize = 4;
 /// Positions a cache grows by at least: the unit a server counts KV memory
 /// in.
@@ -165,8 +176,9 @@ fn rotate(v: &mut [f32], f: &[(f32, f32)]) {
 // ----------------------------------------------------------------------------
 // Attention
 
-/// One task of a batch's attention: one head of a block of at most
-/// `QUERY_BLOCK` consecutive rows of one segment.
+/// One task of a batch's attention: one head of a block of consecutive
+/// rows of one segment, at most `TOKEN_BLOCK` attended by blocks or
+/// `QUERY_BLOCK` in dot form.
 #[derive(Clone)]
 struct Task {
     segment: usize,
@@ -183,10 +195,12 @@ pub(super) struct Inputs<'a> {
 
 /// Stores each segment's keys and values in its cache, then computes
 /// causal attention of every row over its own sequence's positions
-/// `0..=pos` into `out` `[rows][D]`. `scratch` is reused between calls.
+/// `0..=pos` into `out` `[rows][D]`, by blocks where `by_blocks` allows it
+/// (see the module's comment). `scratch` is reused between calls.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend(
     (team, threads, isa): (&Team, usize, Isa),
+    by_blocks: bool,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
     inputs: Inputs<'_>,
@@ -200,7 +214,7 @@ pub(super) fn attend(
         let rows = s.rows.start * kv..s.rows.end * kv;
         cache.store(layer, s.pos0, &inputs.k[rows.clone()], &inputs.v[rows])?;
     }
-    let tasks = tasks(segments, c.n_heads);
+    let tasks = tasks(segments, c.n_heads, isa, by_blocks);
     let span = segments.iter().map(|s| s.pos0 + s.rows.len()).max();
     let span = span.unwrap_or(0);
     let work: usize = segments
@@ -210,9 +224,10 @@ pub(super) fn attend(
         * c.n_heads
         * hs
         * 2;
-    // Each task's scores `[QUERY_BLOCK][span]`, then its outputs
-    // `[QUERY_BLOCK][hs]`.
-    let task_len = QUERY_BLOCK * (span + hs);
+    // Each task's outputs `[rows][hs]`, then (in dot form) its scores
+    // `[QUERY_BLOCK][span]`.
+    let out_len = TOKEN_BLOCK * hs;
+    let task_len = out_len + QUERY_BLOCK * span;
     let scratch = grow_to(scratch, tasks.len() * task_len);
     let caches = &*caches;
     let scale = (hs as f32).sqrt();
@@ -231,17 +246,15 @@ pub(super) fn attend(
         let n = first + rows.len();
         let kv_off = (head / c.kv_group()) * hs;
         let queries = Rows::new(&inputs.q[rows.start * d + head * hs..], d, hs, rows.len());
-        let (att, o) = s.split_at_mut(QUERY_BLOCK * span);
-        let att = &mut att[..rows.len() * n];
         let keys = Rows::new(&cache.keys[kv_off..], kv, hs, n);
-        kernels::attention_scores(isa, att, queries, keys, scale);
-        for (r, att) in att.chunks_exact_mut(n).enumerate() {
-            let (seen, later) = att.split_at_mut(first + r + 1);
-            kernels::softmax(isa, seen);
-            later.fill(0.0);
-        }
         let values = Rows::new(&cache.values[kv_off..], kv, hs, n);
-        kernels::weighted_sum(isa, &mut o[..rows.len() * hs], att, values);
+        let (o, att) = s.split_at_mut(out_len);
+        let o = &mut o[..rows.len() * hs];
+        if rows.len() > QUERY_BLOCK {
+            attend_block(isa, o, (queries, keys, values), first, scale);
+        } else {
+            attend_dots(isa, (o, att), (queries, keys, values), first, scale);
+        }
     };
     if work < PARALLEL_WORK || threads == 1 {
         for (i, s) in scratch.chunks_mut(task_len).enumerate() {
@@ -251,7 +264,7 @@ pub(super) fn attend(
         team.for_each_chunk(scratch, task_len, run);
     }
     for (t, s) in tasks.iter().zip(scratch.chunks(task_len)) {
-        let outs = s[QUERY_BLOCK * span..].chunks_exact(hs);
+        let outs = s[..out_len].chunks_exact(hs);
         for (r, o) in t.rows.clone().zip(outs) {
             out[r * d + t.head * hs..][..hs].copy_from_slice(o);
         }
@@ -259,15 +272,75 @@ pub(super) fn attend(
     Ok(())
 }
 
+thread_local! {
+    /// Per worker, for `attend_block`: its queries as one token block
+    /// `[hs][TOKEN_BLOCK]`, and its scores, then probabilities, as one
+    /// block whose columns are the keys `[keys][TOKEN_BLOCK]`.
+    static BLOCK_SCRATCH: std::cell::RefCell<(Vec<f32>, TokenBlocks)> = Default::default();
+}
+
+/// One head's attention for a block of up to `TOKEN_BLOCK` queries, the
+/// first at position `first`, over the keys and values of positions
+/// `0..first + queries`, into `out` `[queries][hs]`: the scores and the
+/// weighted sum of the values as batch products, the causal softmax down
+/// each query's lane in between.
+fn attend_block(
+    isa: Isa,
+    out: &mut [f32],
+    (queries, keys, values): (Rows, Rows, Rows),
+    first: usize,
+    scale: f32,
+) {
+    let (hs, count, n) = (queries.width(), queries.count(), keys.count());
+    BLOCK_SCRATCH.with_borrow_mut(|(q, probs)| {
+        let q = grow_to(q, hs * TOKEN_BLOCK);
+        let layout = (queries.stride(), count, hs);
+        kernels::pack_token_block(isa, queries.data(), layout, q);
+        (probs.n, probs.cols) = (count, n);
+        let att = grow_to(&mut probs.data, n * TOKEN_BLOCK);
+        kernels::scores_by_block(isa, att, q, keys);
+        kernels::softmax_by_block(isa, att, first, scale);
+        let values_by_columns = (values.data(), values.stride());
+        kernels::float_product_by_columns(isa, values_by_columns, probs, 0..hs, out, hs);
+    })
+}
+
+/// `attend_block` for up to `QUERY_BLOCK` queries in dot form, their
+/// scores `[queries][keys]` in `att`.
+fn attend_dots(
+    isa: Isa,
+    (out, att): (&mut [f32], &mut [f32]),
+    (queries, keys, values): (Rows, Rows, Rows),
+    first: usize,
+    scale: f32,
+) {
+    let n = keys.count();
+    let att = &mut att[..queries.count() * n];
+    kernels::attention_scores(isa, att, queries, keys, scale);
+    for (r, att) in att.chunks_exact_mut(n).enumerate() {
+        let (seen, later) = att.split_at_mut(first + r + 1);
+        kernels::softmax(isa, seen);
+        later.fill(0.0);
+    }
+    kernels::weighted_sum(isa, out, att, values);
+}
+
 /// The tasks of a batch, those that see the most keys first so the cheap
 /// ones even out the end.
-fn tasks(segments: &[Segment], heads: usize) -> Vec<Task> {
+fn tasks(segments: &[Segment], heads: usize, isa: Isa, by_blocks: bool) -> Vec<Task> {
     let mut blocks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
     for (i, s) in segments.iter().enumerate() {
-        for start in s.rows.clone().step_by(QUERY_BLOCK) {
-            let rows = start..s.rows.end.min(start + QUERY_BLOCK);
+        let mut start = s.rows.start;
+        while start < s.rows.end {
+            let left = (s.rows.end - start).min(TOKEN_BLOCK);
+            let size = match by_blocks && kernels::attends_by_blocks(isa, left) {
+                true => left,
+                false => left.min(QUERY_BLOCK),
+            };
+            let rows = start..start + size;
             let seen = s.pos0 + rows.end - s.rows.start;
-            blocks.push((seen, i, rows));
+            blocks.push((seen, i, rows.clone()));
+            start = rows.end;
         }
     }
     blocks.sort_by_key(|b| std::cmp::Reverse(b.0));

@@ -297,6 +297,77 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) {
     }
 }
 
+/// Whether `isa` attends a block of `queries` consecutive queries of one
+/// head as whole-block products (`scores_by_block`, `softmax_by_block`,
+/// then the values by `float_product_by_columns`) rather than by blocks
+/// of up to four in dot form (`attention_scores`, `softmax`,
+/// `weighted_sum`). The block form runs the batch tiles, several times
+/// the dot form's speed on long prompts; the dot form serves decode and
+/// levels without it.
+pub fn attends_by_blocks(isa: Isa, queries: usize) -> bool {
+    simd::attends_by_blocks(isa, queries)
+}
+
+/// Attention scores of one head for a block of up to `TOKEN_BLOCK`
+/// queries, laid out as a block of `TokenBlocks` whose columns are the
+/// keys: `att[j * TOKEN_BLOCK + t] = q(t) · keys.row(j)` for each of the
+/// `n` keys, where `q(t)` is lane `t` of `queries` `[hs][TOKEN_BLOCK]` (a
+/// block as `pack_token_block` lays one out). So the probabilities made
+/// from them multiply the values as a batch does a matrix stored by
+/// columns. Each score is one chain of fused multiply-adds in `k` order,
+/// as the batch tiles compute it, so every level gives the same bits.
+pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) {
+    let (n, hs) = (keys.count(), keys.width());
+    assert!(
+        att.len() >= n * TOKEN_BLOCK,
+        "scores are [keys][TOKEN_BLOCK]"
+    );
+    assert!(
+        queries.len() >= hs * TOKEN_BLOCK,
+        "queries are [hs][TOKEN_BLOCK]"
+    );
+    if simd::scores_by_block(isa, att, queries, keys) {
+        return;
+    }
+    for (j, scores) in att.chunks_exact_mut(TOKEN_BLOCK).take(n).enumerate() {
+        for (t, score) in scores.iter_mut().enumerate() {
+            let lane = queries[t..].iter().step_by(TOKEN_BLOCK);
+            *score = keys
+                .row(j)
+                .iter()
+                .zip(lane)
+                .fold(0f32, |s, (&k, &q)| k.mul_add(q, s));
+        }
+    }
+}
+
+/// Causal softmax of a block of scores `att` `[n][TOKEN_BLOCK]`
+/// (`scores_by_block`): lane `t`, the query at position `first + t`,
+/// takes its scores for keys `0..=first + t` divided by `scale`, as
+/// `reference::softmax` does, and 0 for the later keys. Vector levels use
+/// vector exponentials and multiply by the reciprocal of each lane's sum,
+/// so they differ from this loop by a few ulp.
+pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) {
+    assert_eq!(att.len() % TOKEN_BLOCK, 0, "scores are [keys][TOKEN_BLOCK]");
+    if simd::softmax_by_block(isa, att, first, scale) {
+        return;
+    }
+    let n = att.len() / TOKEN_BLOCK;
+    if n == 0 {
+        return;
+    }
+    let mut lane = Vec::with_capacity(n);
+    for t in 0..TOKEN_BLOCK {
+        let seen = (first + t + 1).min(n);
+        lane.clear();
+        lane.extend((0..seen).map(|j| att[j * TOKEN_BLOCK + t] / scale));
+        super::reference::softmax(&mut lane);
+        for j in 0..n {
+            att[j * TOKEN_BLOCK + t] = lane.get(j).copied().unwrap_or(0.0);
+        }
+    }
+}
+
 /// Where row `t` of a causal triangle starts: rows `0..t` hold `1..=t`
 /// values each (row `i` is positions `0..=i`).
 pub fn triangle_row(t: usize) -> usize {

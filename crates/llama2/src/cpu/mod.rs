@@ -56,6 +56,9 @@ pub struct CpuBackend {
     isa: Isa,
     /// Storage type matrices are converted to on upload; `None` keeps the file's.
     dtype: Option<DType>,
+    /// Whether an int8 matrix was uploaded: then a prompt's attention keeps
+    /// the dot form, which rounds as one token's does (see `attention`).
+    int8_products: bool,
     /// The input of the current product quantized for each Q8 group size in
     /// use (usually one), reused between calls.
     acts: Vec<Q8Acts>,
@@ -106,6 +109,7 @@ impl CpuBackend {
             team,
             isa,
             dtype,
+            int8_products: false,
             acts: Vec::new(),
             blocks: TokenBlocks::default(),
             scratch: Vec::new(),
@@ -130,7 +134,18 @@ impl CpuBackend {
         c: &Config,
     ) -> Result<()> {
         let run = (&self.team, self.threads, self.isa);
-        attention::attend(run, &mut self.att, out, inputs, caches, layer, segments, c)
+        let by_blocks = !self.int8_products;
+        attention::attend(
+            run,
+            by_blocks,
+            &mut self.att,
+            out,
+            inputs,
+            caches,
+            layer,
+            segments,
+            c,
+        )
     }
 
     /// The instruction set the kernels use.
@@ -307,7 +322,9 @@ impl Backend for CpuBackend {
             Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols))?,
             None => m.clone(),
         };
-        Ok(CpuMatrix::new(self.isa, m))
+        let m = CpuMatrix::new(self.isa, m);
+        self.int8_products |= m.q8_group_size().is_some();
+        Ok(m)
     }
 
     fn step(

@@ -28,6 +28,18 @@ pub fn softmax(_: Isa, _: &mut [f32]) -> bool {
     false
 }
 
+pub fn attends_by_blocks(_: Isa, _: usize) -> bool {
+    false
+}
+
+pub fn scores_by_block(_: Isa, _: &mut [f32], _: &[f32], _: Rows) -> bool {
+    false
+}
+
+pub fn softmax_by_block(_: Isa, _: &mut [f32], _: usize, _: f32) -> bool {
+    false
+}
+
 pub fn silu_mul(_: Isa, _: &mut [f32], _: &[f32]) -> bool {
     false
 }

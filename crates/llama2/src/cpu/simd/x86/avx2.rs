@@ -663,6 +663,66 @@ unsafe fn exp_sum<const STORE: bool>(p: *mut f32, n: usize, max: __m256) -> f32 
     hsum(sum)
 }
 
+/// `kernels::softmax_by_block`: a key's 16 lanes are two vectors, so each
+/// lane's maximum, exponentials and sum run down its column with no
+/// horizontal step. Keys past `first` are masked off in the lanes of the
+/// queries before them.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `att.len()` is a multiple of 16.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn softmax_by_block(att: &mut [f32], first: usize, scale: f32) {
+    let (n, p) = (att.len() / 16, att.as_mut_ptr());
+    let (scale, low) = (_mm256_set1_ps(scale), _mm256_set1_ps(f32::NEG_INFINITY));
+    let mut max = [low; 2];
+    for j in 0..n {
+        for h in 0..2 {
+            let at = p.add(j * 16 + 8 * h);
+            // A true division: the scaled scores feed `exp`, which turns
+            // a rounding of a large score into a large relative error.
+            let mut s = _mm256_div_ps(_mm256_loadu_ps(at), scale);
+            if j > first {
+                s = _mm256_blendv_ps(low, s, lanes_from(j - first, h));
+            }
+            _mm256_storeu_ps(at, s);
+            max[h] = _mm256_max_ps(max[h], s);
+        }
+    }
+    let mut sum = [_mm256_setzero_ps(); 2];
+    for j in 0..n {
+        for h in 0..2 {
+            let at = p.add(j * 16 + 8 * h);
+            let mut e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), max[h]));
+            if j > first {
+                e = _mm256_and_ps(e, lanes_from(j - first, h));
+            }
+            _mm256_storeu_ps(at, e);
+            sum[h] = _mm256_add_ps(sum[h], e);
+        }
+    }
+    let one = _mm256_set1_ps(1.0);
+    let inv_sum = [_mm256_div_ps(one, sum[0]), _mm256_div_ps(one, sum[1])];
+    for j in 0..n {
+        for h in 0..2 {
+            let at = p.add(j * 16 + 8 * h);
+            _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), inv_sum[h]));
+        }
+    }
+}
+
+/// Lanes `t >= from` of half `h` (lanes `8h..8h + 8`) of a 16-lane block:
+/// the queries of a block that see a key `from` positions past its first.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lanes_from(from: usize, h: usize) -> __m256 {
+    let index = _mm256_add_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(8 * h as i32),
+    );
+    let below = _mm256_set1_epi32(from.min(16) as i32 - 1);
+    _mm256_castsi256_ps(_mm256_cmpgt_epi32(index, below))
+}
+
 /// Largest of the 8 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -248,6 +248,47 @@ pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
     true
 }
 
+/// Block attention runs at the AVX2 level, from as many queries as the
+/// batch tiles take. AVX-512 keeps the dot form: its 32-token tiles would
+/// compute a 16-query block twice, and no AVX-512 machine has measured a
+/// 16-token variant yet.
+pub fn attends_by_blocks(isa: Isa, queries: usize) -> bool {
+    float_level(isa) == Level::Avx2 && queries >= OUTER_TOKENS
+}
+
+/// `kernels::scores_by_block` by the AVX2 batch tile, the keys as its
+/// weight rows: six keys against the 16 queries at a time.
+pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) -> bool {
+    if float_level(isa) != Level::Avx2 || keys.width() == 0 {
+        return false;
+    }
+    let (n, hs) = (keys.count(), keys.width());
+    for j0 in (0..n).step_by(6) {
+        let rows = (n - j0).min(6);
+        // A partial tile repeats its last key; those results are dropped.
+        let w: [*const f32; 6] = std::array::from_fn(|r| keys.row(j0 + r.min(rows - 1)).as_ptr());
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); each key row
+        // has `hs` values (`Rows`) and `queries` `hs * 16` (the caller
+        // asserted it).
+        let v = unsafe { avx2::tile_f32_batch::<_, 6>(w, [queries.as_ptr()], hs) };
+        for (r, scores) in v.iter().take(rows).enumerate() {
+            att[(j0 + r) * TOKEN_BLOCK..][..TOKEN_BLOCK].copy_from_slice(&scores[0]);
+        }
+    }
+    true
+}
+
+/// `kernels::softmax_by_block` sixteen lanes (two vectors) a key.
+pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) -> bool {
+    if float_level(isa) != Level::Avx2 {
+        return false;
+    }
+    // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); `att` holds whole
+    // rows of 16 (the caller asserted it).
+    unsafe { avx2::softmax_by_block(att, first, scale) };
+    true
+}
+
 /// `max + ln(sum of e^(x - max))` with vector exponentials. The AVX2
 /// kernel serves the AVX-512 levels too, as `sigmoid`'s does.
 pub fn log_sum_exp(isa: Isa, x: &[f32]) -> Option<f32> {
