@@ -83,7 +83,7 @@ fn dot_and_axpy_match_scalar() {
 fn attention_kernels_match_scalar() {
     let mut rng = Rng::new(11);
     for isa in Isa::all() {
-        for hs in [1, 7, 16, 24, 48, 64, 72, 100] {
+        for hs in [1, 7, 16, 24, 32, 48, 64, 72, 96, 100, 128] {
             // Blocks of 1 to 4 queries take the vector kernels; 5 takes
             // the per-query loop.
             for tokens in 1..=5 {

@@ -208,14 +208,31 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> boo
             (2, true) => avx512::weighted_sum::<2>(out, att, values),
             (3, true) => avx512::weighted_sum::<3>(out, att, values),
             (4, true) => avx512::weighted_sum::<4>(out, att, values),
-            (1, false) => avx2::weighted_sum::<1, 8>(out, att, values),
-            (2, false) => avx2::weighted_sum::<2, 4>(out, att, values),
+            (1, false) => match whole_passes(values.width(), [8, 6, 4]) {
+                6 => avx2::weighted_sum::<1, 6>(out, att, values),
+                4 => avx2::weighted_sum::<1, 4>(out, att, values),
+                _ => avx2::weighted_sum::<1, 8>(out, att, values),
+            },
+            (2, false) => match whole_passes(values.width(), [4, 3, 2]) {
+                3 => avx2::weighted_sum::<2, 3>(out, att, values),
+                2 => avx2::weighted_sum::<2, 2>(out, att, values),
+                _ => avx2::weighted_sum::<2, 4>(out, att, values),
+            },
             (3, false) => avx2::weighted_sum::<3, 2>(out, att, values),
             (4, false) => avx2::weighted_sum::<4, 2>(out, att, values),
             _ => return false,
         }
     }
     true
+}
+
+/// The first of `vectors` (widest first, for one pass of an AVX2 value
+/// sum) whose passes cover a head of `hs` values exactly, so no pass ends
+/// in masked loads: a 48-value head (stories15M) in 8-vector passes took
+/// 8 masked loads per key, and the masks spilled; the widest otherwise.
+fn whole_passes(hs: usize, vectors: [usize; 3]) -> usize {
+    let fits = vectors.into_iter().find(|v| hs.is_multiple_of(8 * v));
+    fits.unwrap_or(vectors[0])
 }
 
 /// `kernels::triangle_product_add` at the AVX-512 or AVX2 level.
