@@ -158,7 +158,7 @@ fn block_attention_kernels_match_scalar() {
     use kernels::TOKEN_BLOCK;
     let mut rng = Rng::new(13);
     for isa in Isa::all() {
-        for hs in [1, 7, 8, 48, 64, 100] {
+        for hs in [1, 7, 8, 16, 48, 64, 100, 128] {
             for (count, first) in [(16, 0), (9, 0), (16, 5), (11, 37), (16, 250)] {
                 let n = first + count;
                 let stride = hs + below(&mut rng, 3) * 8;
@@ -169,45 +169,52 @@ fn block_attention_kernels_match_scalar() {
                 kernels::pack_token_block(Isa::scalar(), &qs, (stride, count, hs), &mut block);
                 let what = format!("{isa:?} hs {hs} queries {count} from {first}");
 
+                // Every level gives the same bits as the scalar twin, and
+                // where the level attends by blocks, those of its dot form:
+                // one `dot_f32` per (query, key).
+                let blocks = kernels::attends_by_blocks(isa, TOKEN_BLOCK, hs);
                 let mut got = vec![f32::NAN; n * TOKEN_BLOCK];
                 kernels::scores_by_block(isa, &mut got, &block, keys);
                 let mut want = vec![f32::NAN; n * TOKEN_BLOCK];
                 kernels::scores_by_block(Isa::scalar(), &mut want, &block, keys);
                 assert_same(&format!("block scores {what}"), &got, &want);
-                // And close to one dot per (query, key).
-                let dots: Vec<f32> = (0..n * TOKEN_BLOCK)
-                    .map(|i| {
-                        let (j, t) = (i / TOKEN_BLOCK, i % TOKEN_BLOCK);
-                        match t < count {
-                            true => kernels::dot_f32_scalar(&qs[t * stride..][..hs], keys.row(j)),
-                            false => 0.0,
-                        }
-                    })
-                    .collect();
-                assert_close(&format!("block scores as dots {what}"), &got, &dots, 1e-4);
+                // Lanes past the block's queries hold zeros, so score 0.
+                let dots = |dot: &dyn Fn(&[f32], &[f32]) -> f32| -> Vec<f32> {
+                    (0..n * TOKEN_BLOCK)
+                        .map(|i| match (i / TOKEN_BLOCK, i % TOKEN_BLOCK) {
+                            (j, t) if t < count => dot(&qs[t * stride..][..hs], keys.row(j)),
+                            _ => 0.0,
+                        })
+                        .collect()
+                };
+                let exact = dots(&|q, k| kernels::dot_f32_scalar(q, k));
+                assert_close(&format!("block scores as dots {what}"), &got, &exact, 1e-4);
+                if blocks {
+                    let dot_form = dots(&|q, k| kernels::dot_f32(isa, q, k));
+                    assert_same(&format!("block scores as dot_f32 {what}"), &got, &dot_form);
+                }
 
                 for spread in [1.0, 30.0] {
                     let scores: Vec<f32> = want.iter().map(|v| v * spread).collect();
                     let scale = (hs as f32).sqrt();
-                    let (mut got, mut want) = (scores.clone(), scores.clone());
+                    let mut got = scores.clone();
                     kernels::softmax_by_block(isa, &mut got, first, scale);
-                    kernels::softmax_by_block(Isa::scalar(), &mut want, first, scale);
-                    assert_close_each(
-                        &format!("block softmax {what} x{spread}"),
-                        &got,
-                        &want,
-                        1e-6,
-                    );
-                    // The reference's softmax down each query's lane.
+                    // Down each query's lane: the level's softmax of that
+                    // query alone where it attends by blocks, else the
+                    // reference's.
                     for t in 0..TOKEN_BLOCK {
                         let seen = (first + t + 1).min(n);
                         let mut lane: Vec<f32> = (0..seen)
                             .map(|j| scores[j * TOKEN_BLOCK + t] / scale)
                             .collect();
-                        reference::softmax(&mut lane);
+                        match kernels::attends_by_blocks(isa, TOKEN_BLOCK, 8) {
+                            true => kernels::softmax(isa, &mut lane),
+                            false => reference::softmax(&mut lane),
+                        }
                         lane.resize(n, 0.0);
-                        let column: Vec<f32> = (0..n).map(|j| want[j * TOKEN_BLOCK + t]).collect();
-                        assert_same(&format!("block softmax lane {t} {what}"), &column, &lane);
+                        let column: Vec<f32> = (0..n).map(|j| got[j * TOKEN_BLOCK + t]).collect();
+                        let what = format!("block softmax lane {t} {what} x{spread}");
+                        assert_same(&what, &column, &lane);
                     }
                 }
             }

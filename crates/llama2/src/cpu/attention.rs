@@ -7,13 +7,10 @@
 //! has them (`kernels::attends_by_blocks`), else blocks of up to four in
 //! dot form.
 //!
-//! The dot form rounds every query exactly as decoding one token does; the
-//! block form does not (its sums run in another order). So blocks are
-//! only for models whose products are float: their batched products round
-//! differently from one token's already. An int8 model's products are
-//! exact integer sums, and with the dot form its prompt's logits are the
-//! same bits whether the prompt is fed at once, in chunks or token by
-//! token (the golden tests hold it to that).
+//! Both forms round every value as decoding one token does, so a prompt's
+//! attention is the same bits however it is batched: an int8 model's
+//! prompt logits are the same fed at once or one token at a time (its
+//! products are exact integer sums; the golden tests hold it to that).
 //!
 //! It is deliberately not a shared page table: CPU attention reads each
 //! sequence's keys as one contiguous `[positions][KV]` run, which the
@@ -195,12 +192,10 @@ pub(super) struct Inputs<'a> {
 
 /// Stores each segment's keys and values in its cache, then computes
 /// causal attention of every row over its own sequence's positions
-/// `0..=pos` into `out` `[rows][D]`, by blocks where `by_blocks` allows it
-/// (see the module's comment). `scratch` is reused between calls.
+/// `0..=pos` into `out` `[rows][D]`. `scratch` is reused between calls.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend(
     (team, threads, isa): (&Team, usize, Isa),
-    by_blocks: bool,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
     inputs: Inputs<'_>,
@@ -214,7 +209,7 @@ pub(super) fn attend(
         let rows = s.rows.start * kv..s.rows.end * kv;
         cache.store(layer, s.pos0, &inputs.k[rows.clone()], &inputs.v[rows])?;
     }
-    let tasks = tasks(segments, c.n_heads, isa, by_blocks);
+    let tasks = tasks(segments, (c.n_heads, hs), isa);
     let span = segments.iter().map(|s| s.pos0 + s.rows.len()).max();
     let span = span.unwrap_or(0);
     let work: usize = segments
@@ -327,13 +322,13 @@ fn attend_dots(
 
 /// The tasks of a batch, those that see the most keys first so the cheap
 /// ones even out the end.
-fn tasks(segments: &[Segment], heads: usize, isa: Isa, by_blocks: bool) -> Vec<Task> {
+fn tasks(segments: &[Segment], (heads, hs): (usize, usize), isa: Isa) -> Vec<Task> {
     let mut blocks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
     for (i, s) in segments.iter().enumerate() {
         let mut start = s.rows.start;
         while start < s.rows.end {
             let left = (s.rows.end - start).min(TOKEN_BLOCK);
-            let size = match by_blocks && kernels::attends_by_blocks(isa, left) {
+            let size = match kernels::attends_by_blocks(isa, left, hs) {
                 true => left,
                 false => left.min(QUERY_BLOCK),
             };

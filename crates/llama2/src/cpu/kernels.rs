@@ -298,14 +298,16 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) {
 }
 
 /// Whether `isa` attends a block of `queries` consecutive queries of one
-/// head as whole-block products (`scores_by_block`, `softmax_by_block`,
-/// then the values by `float_product_by_columns`) rather than by blocks
-/// of up to four in dot form (`attention_scores`, `softmax`,
-/// `weighted_sum`). The block form runs the batch tiles, several times
-/// the dot form's speed on long prompts; the dot form serves decode and
+/// head of `hs` values as whole-block products (`scores_by_block`,
+/// `softmax_by_block`, then the values by `float_product_by_columns`)
+/// rather than by blocks of up to four in dot form (`attention_scores`,
+/// `softmax`, `weighted_sum`). The block form runs the batch tiles and
+/// needs no horizontal sums, yet rounds every value exactly as the dot
+/// form does, so a prompt's attention is the same bits either way (and as
+/// decoding its tokens one at a time); the dot form serves decode and the
 /// levels without it.
-pub fn attends_by_blocks(isa: Isa, queries: usize) -> bool {
-    simd::attends_by_blocks(isa, queries)
+pub fn attends_by_blocks(isa: Isa, queries: usize, hs: usize) -> bool {
+    simd::attends_by_blocks(isa, queries, hs)
 }
 
 /// Attention scores of one head for a block of up to `TOKEN_BLOCK`
@@ -314,8 +316,8 @@ pub fn attends_by_blocks(isa: Isa, queries: usize) -> bool {
 /// `n` keys, where `q(t)` is lane `t` of `queries` `[hs][TOKEN_BLOCK]` (a
 /// block as `pack_token_block` lays one out). So the probabilities made
 /// from them multiply the values as a batch does a matrix stored by
-/// columns. Each score is one chain of fused multiply-adds in `k` order,
-/// as the batch tiles compute it, so every level gives the same bits.
+/// columns. Each score rounds as the AVX2 `dot_f32` computes it
+/// (`dot_in_lanes`), the dot form's scores at that level, at every level.
 pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) {
     let (n, hs) = (keys.count(), keys.width());
     assert!(
@@ -329,24 +331,43 @@ pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) {
     if simd::scores_by_block(isa, att, queries, keys) {
         return;
     }
-    for (j, scores) in att.chunks_exact_mut(TOKEN_BLOCK).take(n).enumerate() {
-        for (t, score) in scores.iter_mut().enumerate() {
-            let lane = queries[t..].iter().step_by(TOKEN_BLOCK);
-            *score = keys
-                .row(j)
-                .iter()
-                .zip(lane)
-                .fold(0f32, |s, (&k, &q)| k.mul_add(q, s));
+    let mut q = vec![0f32; hs];
+    for t in 0..TOKEN_BLOCK {
+        for (c, v) in q.iter_mut().enumerate() {
+            *v = queries[c * TOKEN_BLOCK + t];
+        }
+        for j in 0..n {
+            att[j * TOKEN_BLOCK + t] = dot_in_lanes(&q, keys.row(j));
         }
     }
 }
 
+/// `a · b` as the AVX2 `dot_f32` rounds it: eight lane sums, lane `l` a
+/// chain of fused multiply-adds over `l, l + 8, ...` of the whole groups
+/// of 8, added as its horizontal sum adds them, then the values past the
+/// last whole group, each product rounded before it is added.
+pub fn dot_in_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let whole = a.len().min(b.len()) / 8 * 8;
+    let mut lanes = [0f32; 8];
+    for (a, b) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+        }
+    }
+    let v = lanes;
+    let mut sum = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+    for (a, b) in a[whole..].iter().zip(&b[whole..]) {
+        sum += a * b;
+    }
+    sum
+}
+
 /// Causal softmax of a block of scores `att` `[n][TOKEN_BLOCK]`
 /// (`scores_by_block`): lane `t`, the query at position `first + t`,
-/// takes its scores for keys `0..=first + t` divided by `scale`, as
-/// `reference::softmax` does, and 0 for the later keys. Vector levels use
-/// vector exponentials and multiply by the reciprocal of each lane's sum,
-/// so they differ from this loop by a few ulp.
+/// takes its scores for keys `0..=first + t` divided by `scale`, and 0
+/// for the later keys. Each lane's values are those of `softmax` at the
+/// same level on that query's scores (the scalar loop: `reference::softmax`),
+/// to the bit.
 pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) {
     assert_eq!(att.len() % TOKEN_BLOCK, 0, "scores are [keys][TOKEN_BLOCK]");
     if simd::softmax_by_block(isa, att, first, scale) {

@@ -56,9 +56,6 @@ pub struct CpuBackend {
     isa: Isa,
     /// Storage type matrices are converted to on upload; `None` keeps the file's.
     dtype: Option<DType>,
-    /// Whether an int8 matrix was uploaded: then a prompt's attention keeps
-    /// the dot form, which rounds as one token's does (see `attention`).
-    int8_products: bool,
     /// The input of the current product quantized for each Q8 group size in
     /// use (usually one), reused between calls.
     acts: Vec<Q8Acts>,
@@ -109,7 +106,6 @@ impl CpuBackend {
             team,
             isa,
             dtype,
-            int8_products: false,
             acts: Vec::new(),
             blocks: TokenBlocks::default(),
             scratch: Vec::new(),
@@ -134,18 +130,7 @@ impl CpuBackend {
         c: &Config,
     ) -> Result<()> {
         let run = (&self.team, self.threads, self.isa);
-        let by_blocks = !self.int8_products;
-        attention::attend(
-            run,
-            by_blocks,
-            &mut self.att,
-            out,
-            inputs,
-            caches,
-            layer,
-            segments,
-            c,
-        )
+        attention::attend(run, &mut self.att, out, inputs, caches, layer, segments, c)
     }
 
     /// The instruction set the kernels use.
@@ -322,9 +307,7 @@ impl Backend for CpuBackend {
             Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols))?,
             None => m.clone(),
         };
-        let m = CpuMatrix::new(self.isa, m);
-        self.int8_products |= m.q8_group_size().is_some();
-        Ok(m)
+        Ok(CpuMatrix::new(self.isa, m))
     }
 
     fn step(

@@ -28,7 +28,7 @@ pub fn softmax(_: Isa, _: &mut [f32]) -> bool {
     false
 }
 
-pub fn attends_by_blocks(_: Isa, _: usize) -> bool {
+pub fn attends_by_blocks(_: Isa, _: usize, _: usize) -> bool {
     false
 }
 

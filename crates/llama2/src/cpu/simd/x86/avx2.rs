@@ -664,9 +664,12 @@ unsafe fn exp_sum<const STORE: bool>(p: *mut f32, n: usize, max: __m256) -> f32 
 }
 
 /// `kernels::softmax_by_block`: a key's 16 lanes are two vectors, so each
-/// lane's maximum, exponentials and sum run down its column with no
-/// horizontal step. Keys past `first` are masked off in the lanes of the
-/// queries before them.
+/// query's maximum, exponentials and sum run down its lane with no
+/// horizontal step, and round as `softmax` does on that query alone: the
+/// exponentials are the same `exp8`, the sum is kept as eight lane sums
+/// (key `j` into sum `j % 8`, as `exp_sum` adds a row's keys) added as
+/// `hsum` adds them, and the division is a true one. Keys past `first`
+/// are masked off in the lanes of the queries before them.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; `att.len()` is a multiple of 16.
@@ -674,40 +677,89 @@ unsafe fn exp_sum<const STORE: bool>(p: *mut f32, n: usize, max: __m256) -> f32 
 pub unsafe fn softmax_by_block(att: &mut [f32], first: usize, scale: f32) {
     let (n, p) = (att.len() / 16, att.as_mut_ptr());
     let (scale, low) = (_mm256_set1_ps(scale), _mm256_set1_ps(f32::NEG_INFINITY));
-    let mut max = [low; 2];
-    for j in 0..n {
-        for h in 0..2 {
-            let at = p.add(j * 16 + 8 * h);
+    // One half (8 queries) at a time: its eight lane sums fill half the
+    // registers.
+    for h in 0..2 {
+        let at = |j: usize| p.add(j * 16 + 8 * h);
+        let mut max = low;
+        for j in 0..n {
             // A true division: the scaled scores feed `exp`, which turns
             // a rounding of a large score into a large relative error.
-            let mut s = _mm256_div_ps(_mm256_loadu_ps(at), scale);
+            let mut s = _mm256_div_ps(_mm256_loadu_ps(at(j)), scale);
             if j > first {
                 s = _mm256_blendv_ps(low, s, lanes_from(j - first, h));
             }
-            _mm256_storeu_ps(at, s);
-            max[h] = _mm256_max_ps(max[h], s);
+            _mm256_storeu_ps(at(j), s);
+            max = _mm256_max_ps(max, s);
         }
-    }
-    let mut sum = [_mm256_setzero_ps(); 2];
-    for j in 0..n {
-        for h in 0..2 {
-            let at = p.add(j * 16 + 8 * h);
-            let mut e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), max[h]));
-            if j > first {
-                e = _mm256_and_ps(e, lanes_from(j - first, h));
+        let mut sums = [_mm256_setzero_ps(); 8];
+        for j0 in (0..n).step_by(8) {
+            for (l, sum) in sums.iter_mut().enumerate().take(n - j0) {
+                let j = j0 + l;
+                let mut e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at(j)), max));
+                if j > first {
+                    e = _mm256_and_ps(e, lanes_from(j - first, h));
+                }
+                _mm256_storeu_ps(at(j), e);
+                *sum = _mm256_add_ps(*sum, e);
             }
-            _mm256_storeu_ps(at, e);
-            sum[h] = _mm256_add_ps(sum[h], e);
+        }
+        let sum = hsum_tree(sums);
+        for j in 0..n {
+            _mm256_storeu_ps(at(j), _mm256_div_ps(_mm256_loadu_ps(at(j)), sum));
         }
     }
-    let one = _mm256_set1_ps(1.0);
-    let inv_sum = [_mm256_div_ps(one, sum[0]), _mm256_div_ps(one, sum[1])];
-    for j in 0..n {
+}
+
+/// Lane by lane, `hsum`'s additions of eight values `v[0..8]`: `((v0 +
+/// v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_tree(v: [__m256; 8]) -> __m256 {
+    let add = |a, b| _mm256_add_ps(a, b);
+    add(
+        add(add(v[0], v[4]), add(v[2], v[6])),
+        add(add(v[1], v[5]), add(v[3], v[7])),
+    )
+}
+
+/// Attention scores of `R` keys against a block of 16 queries `q`
+/// `[hs][16]`, each rounded as `dot_f32` rounds that query-key pair: the
+/// eight lane sums of `tile_f32` (lane `l` a chain of fused multiply-adds
+/// over values `l, l + 8, ...`) kept apart, one pass per lane over its
+/// values of the head, then added as `hsum` adds them. Result `[r][t]`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; each key has `hs` readable values,
+/// `hs` a multiple of 8, and `q` `hs * 16`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scores_by_lanes<const R: usize>(
+    keys: [*const f32; R],
+    q: *const f32,
+    hs: usize,
+) -> [[f32; 16]; R] {
+    let mut lanes = [[[_mm256_setzero_ps(); 2]; R]; 8];
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for c in (l..hs).step_by(8) {
+            let x0 = _mm256_loadu_ps(q.add(c * 16));
+            let x1 = _mm256_loadu_ps(q.add(c * 16 + 8));
+            for r in 0..R {
+                let k = _mm256_broadcast_ss(&*keys[r].add(c));
+                acc[r][0] = _mm256_fmadd_ps(k, x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(k, x1, acc[r][1]);
+            }
+        }
+        *lane = acc;
+    }
+    let mut out = [[0f32; 16]; R];
+    for (r, o) in out.iter_mut().enumerate() {
         for h in 0..2 {
-            let at = p.add(j * 16 + 8 * h);
-            _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), inv_sum[h]));
+            let sum = hsum_tree(std::array::from_fn(|l| lanes[l][r][h]));
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), sum);
         }
     }
+    out
 }
 
 /// Lanes `t >= from` of half `h` (lanes `8h..8h + 8`) of a 16-lane block:
