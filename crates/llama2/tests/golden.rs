@@ -107,8 +107,8 @@ fn check_prompt_paths(model_name: &str) {
 /// one-token path does, so its two are the same bits: greedy text never
 /// depends on how a prompt was batched, and a near-tie flipped by a
 /// rounding change fails here rather than behind a lucky prompt. A float
-/// model's batched products and prompt attention round differently, so
-/// its two agree to a few ulp.
+/// model's batched products round differently from one token's, so its
+/// two agree to a few ulp.
 fn assert_prefill_logits_match(model_name: &str, w: &ModelWeights, ids: &[u32]) {
     let batched = cpu_model(w).forward(ids, 0).unwrap().to_vec();
     let mut model = cpu_model(w);

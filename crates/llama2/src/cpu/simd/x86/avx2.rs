@@ -726,8 +726,10 @@ unsafe fn hsum_tree(v: [__m256; 8]) -> __m256 {
 /// Attention scores of `R` keys against a block of 16 queries `q`
 /// `[hs][16]`, each rounded as `dot_f32` rounds that query-key pair: the
 /// eight lane sums of `tile_f32` (lane `l` a chain of fused multiply-adds
-/// over values `l, l + 8, ...`) kept apart, one pass per lane over its
-/// values of the head, then added as `hsum` adds them. Result `[r][t]`.
+/// over values `l, l + 8, ...`) kept apart, then added as `hsum` adds
+/// them. One pass over the head takes lanes `l` and `l + 4` together and
+/// adds them at once (`hsum`'s first step), so four passes leave four
+/// partial sums per score for the rest of the tree. Result `[r][t]`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; each key has `hs` readable values,
@@ -738,24 +740,40 @@ pub unsafe fn scores_by_lanes<const R: usize>(
     q: *const f32,
     hs: usize,
 ) -> [[f32; 16]; R] {
-    let mut lanes = [[[_mm256_setzero_ps(); 2]; R]; 8];
-    for (l, lane) in lanes.iter_mut().enumerate() {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // `pairs[l][r][h]`: lanes `l` and `l + 4` of key `r`, queries `8h..`.
+    let mut pairs = [[[_mm256_setzero_ps(); 2]; R]; 4];
+    for (l, pair) in pairs.iter_mut().enumerate() {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; R];
         for c in (l..hs).step_by(8) {
-            let x0 = _mm256_loadu_ps(q.add(c * 16));
-            let x1 = _mm256_loadu_ps(q.add(c * 16 + 8));
+            let x = [
+                [
+                    _mm256_loadu_ps(q.add(c * 16)),
+                    _mm256_loadu_ps(q.add(c * 16 + 8)),
+                ],
+                [
+                    _mm256_loadu_ps(q.add((c + 4) * 16)),
+                    _mm256_loadu_ps(q.add((c + 4) * 16 + 8)),
+                ],
+            ];
             for r in 0..R {
-                let k = _mm256_broadcast_ss(&*keys[r].add(c));
-                acc[r][0] = _mm256_fmadd_ps(k, x0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(k, x1, acc[r][1]);
+                for (i, x) in x.iter().enumerate() {
+                    let k = _mm256_broadcast_ss(&*keys[r].add(c + 4 * i));
+                    acc[r][i][0] = _mm256_fmadd_ps(k, x[0], acc[r][i][0]);
+                    acc[r][i][1] = _mm256_fmadd_ps(k, x[1], acc[r][i][1]);
+                }
             }
         }
-        *lane = acc;
+        for r in 0..R {
+            for h in 0..2 {
+                pair[r][h] = _mm256_add_ps(acc[r][0][h], acc[r][1][h]);
+            }
+        }
     }
     let mut out = [[0f32; 16]; R];
     for (r, o) in out.iter_mut().enumerate() {
         for h in 0..2 {
-            let sum = hsum_tree(std::array::from_fn(|l| lanes[l][r][h]));
+            let p = |l: usize| pairs[l][r][h];
+            let sum = _mm256_add_ps(_mm256_add_ps(p(0), p(2)), _mm256_add_ps(p(1), p(3)));
             _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), sum);
         }
     }

@@ -274,21 +274,21 @@ pub fn attends_by_blocks(isa: Isa, queries: usize, hs: usize) -> bool {
     float_level(isa) == Level::Avx2 && queries >= OUTER_TOKENS && hs > 0 && hs.is_multiple_of(8)
 }
 
-/// `kernels::scores_by_block` six keys against the 16 queries at a time
+/// `kernels::scores_by_block` two keys against the 16 queries at a time
 /// (`avx2::scores_by_lanes`), for heads of whole groups of 8.
 pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) -> bool {
     let (n, hs) = (keys.count(), keys.width());
     if !attends_by_blocks(isa, OUTER_TOKENS, hs) {
         return false;
     }
-    for j0 in (0..n).step_by(6) {
-        let rows = (n - j0).min(6);
+    for j0 in (0..n).step_by(2) {
+        let rows = (n - j0).min(2);
         // A partial tile repeats its last key; those results are dropped.
-        let w: [*const f32; 6] = std::array::from_fn(|r| keys.row(j0 + r.min(rows - 1)).as_ptr());
+        let w: [*const f32; 2] = std::array::from_fn(|r| keys.row(j0 + r.min(rows - 1)).as_ptr());
         // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); each key row
         // has `hs` values (`Rows`), a multiple of 8, and `queries` `hs *
         // 16` (the caller asserted it).
-        let v = unsafe { avx2::scores_by_lanes::<6>(w, queries.as_ptr(), hs) };
+        let v = unsafe { avx2::scores_by_lanes::<2>(w, queries.as_ptr(), hs) };
         for (r, scores) in v.iter().take(rows).enumerate() {
             att[(j0 + r) * TOKEN_BLOCK..][..TOKEN_BLOCK].copy_from_slice(scores);
         }
