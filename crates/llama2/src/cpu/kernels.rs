@@ -348,13 +348,12 @@ pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) {
 /// last whole group, each product rounded before it is added.
 pub fn dot_in_lanes(a: &[f32], b: &[f32]) -> f32 {
     let whole = a.len().min(b.len()) / 8 * 8;
-    let mut lanes = [0f32; 8];
+    let mut v = [0f32; 8];
     for (a, b) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
         for l in 0..8 {
-            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+            v[l] = a[l].mul_add(b[l], v[l]);
         }
     }
-    let v = lanes;
     let mut sum = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
     for (a, b) in a[whole..].iter().zip(&b[whole..]) {
         sum += a * b;
