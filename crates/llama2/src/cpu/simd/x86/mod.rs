@@ -271,14 +271,19 @@ pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
 /// 32-token tiles would compute a 16-query block twice, and no AVX-512
 /// machine has measured a 16-token variant yet.
 pub fn attends_by_blocks(isa: Isa, queries: usize, hs: usize) -> bool {
-    float_level(isa) == Level::Avx2 && queries >= OUTER_TOKENS && hs > 0 && hs.is_multiple_of(8)
+    scores_by_lanes_fit(isa, hs) && queries >= OUTER_TOKENS
+}
+
+/// Whether `avx2::scores_by_lanes` serves `isa` for heads of `hs` values.
+fn scores_by_lanes_fit(isa: Isa, hs: usize) -> bool {
+    float_level(isa) == Level::Avx2 && hs > 0 && hs.is_multiple_of(8)
 }
 
 /// `kernels::scores_by_block` two keys against the 16 queries at a time
 /// (`avx2::scores_by_lanes`), for heads of whole groups of 8.
 pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) -> bool {
     let (n, hs) = (keys.count(), keys.width());
-    if !attends_by_blocks(isa, OUTER_TOKENS, hs) {
+    if !scores_by_lanes_fit(isa, hs) {
         return false;
     }
     for j0 in (0..n).step_by(2) {
