@@ -118,6 +118,8 @@ pub struct Activations {
     inv_rms_final: Vec<f32>,
     /// Classifier output `[N][V]`.
     pub logits: Vec<f32>,
+    /// `logsumexp` of each row of the logits `[N]`.
+    log_sum_exp: Vec<f32>,
     /// Mean cross-entropy over the targets that are not `-1`.
     pub loss: f32,
 }
@@ -168,12 +170,13 @@ pub fn forward(p: &Params, batch: &Batch) -> Activations {
     let logits = matmul_forward(&xn_final, &p.tok_embeddings, dims.d, dims.vocab);
     let loss = cross_entropy_forward(&logits, &batch.targets, dims.vocab);
     Activations {
+        log_sum_exp: loss.log_sum_exp,
+        loss: loss.mean,
         layers,
         x_final: x,
         xn_final,
         inv_rms_final,
         logits,
-        loss,
     }
 }
 
@@ -227,9 +230,10 @@ pub fn backward(p: &Params, batch: &Batch, acts: Activations) -> Params {
         xn_final,
         inv_rms_final,
         logits: mut dlogits,
+        log_sum_exp,
         ..
     } = acts;
-    cross_entropy_backward(&mut dlogits, &batch.targets, dims.vocab);
+    cross_entropy_backward(&mut dlogits, &log_sum_exp, &batch.targets, dims.vocab);
     let mut dxn = vec![0f32; xn_final.len()];
     matmul_backward(
         &dlogits,

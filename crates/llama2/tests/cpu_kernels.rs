@@ -223,7 +223,7 @@ fn block_attention_kernels_match_scalar() {
 }
 
 #[test]
-fn softmax_log_sum_exp_sigmoid_and_silu_match_reference() {
+fn softmax_log_sum_exp_exp_shifted_sigmoid_and_silu_match_reference() {
     let mut rng = Rng::new(12);
     for isa in Isa::all() {
         for len in [1, 2, 15, 16, 17, 64, 100, 257] {
@@ -245,6 +245,11 @@ fn softmax_log_sum_exp_sigmoid_and_silu_match_reference() {
                     (lse as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0),
                     "log_sum_exp {what}: got {lse} want {exact}"
                 );
+                let scale = 0.25;
+                let mut got = x.clone();
+                kernels::exp_shifted(isa, &mut got, lse, scale);
+                let want: Vec<f32> = x.iter().map(|&v| (v - lse).exp() * scale).collect();
+                assert_close_each(&format!("exp_shifted {what}"), &got, &want, 1e-6);
             }
         }
         for len in [1, 15, 16, 17, 100] {

@@ -193,6 +193,20 @@ pub fn log_sum_exp(isa: Isa, x: &[f32]) -> f32 {
     max + sum.ln()
 }
 
+/// `x[i] = e^(x[i] - shift) * scale` in place: with `shift` a row's
+/// `log_sum_exp` and `scale` `1 / count`, the cross-entropy gradient's
+/// softmax in one pass and without a division (training keeps the
+/// forward's log-sum-exp, so its backward does not find the row's maximum
+/// and sum again). The plain loop at the scalar level, vector exponentials
+/// (within 2 ulp of `f32::exp`) otherwise.
+pub fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32, scale: f32) {
+    if !simd::exp_shifted(isa, x, shift, scale) {
+        for v in x.iter_mut() {
+            *v = (*v - shift).exp() * scale;
+        }
+    }
+}
+
 /// `x[i] = 1 / (1 + e^-x[i])` in place: the reference's formula (as
 /// `reference::silu` uses it) at the scalar level, with vector
 /// exponentials (within 2 ulp of `f32::exp`) otherwise. Training's SwiGLU

@@ -52,6 +52,10 @@ pub fn log_sum_exp(_: Isa, _: &[f32]) -> Option<f32> {
     None
 }
 
+pub fn exp_shifted(_: Isa, _: &mut [f32], _: f32, _: f32) -> bool {
+    false
+}
+
 pub fn quantize_group(_: Isa, _: &[f32], _: &mut [i8]) -> Option<(f32, i32)> {
     None
 }

@@ -615,6 +615,26 @@ pub unsafe fn log_sum_exp(x: &[f32]) -> f32 {
     max + sum.ln()
 }
 
+/// `x = e^(x - shift) * scale`, eight lanes at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn exp_shifted(x: &mut [f32], shift: f32, scale: f32) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let (shift, scale) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
+    let mut k = 0;
+    while k + 8 <= n {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(k)), shift));
+        _mm256_storeu_ps(p.add(k), _mm256_mul_ps(e, scale));
+        k += 8;
+    }
+    if k < n {
+        let e = exp8(_mm256_sub_ps(load_upto(p.add(k), n - k), shift));
+        store_upto(p.add(k), n - k, _mm256_mul_ps(e, scale));
+    }
+}
+
 /// The largest value of `x` (NaN when one is).
 ///
 /// # Safety

@@ -323,6 +323,18 @@ pub fn log_sum_exp(isa: Isa, x: &[f32]) -> Option<f32> {
     }
 }
 
+/// `x = e^(x - shift) * scale` with vector exponentials; the AVX2 kernel
+/// serves the AVX-512 levels too, as `log_sum_exp`'s does.
+pub fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32, scale: f32) -> bool {
+    match float_level(isa) {
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`; AVX-512 levels
+        // are only confirmed on CPUs that have AVX2 too).
+        Level::Avx2 | Level::Avx512 => unsafe { avx2::exp_shifted(x, shift, scale) },
+        _ => return false,
+    }
+    true
+}
+
 /// `x = sigmoid(x)` with vector exponentials. The AVX2 kernel serves the
 /// AVX-512 levels too (training's one use is a small share of a step).
 pub fn sigmoid(isa: Isa, x: &mut [f32]) -> bool {
