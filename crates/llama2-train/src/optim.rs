@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::params::Params;
+use rayon::prelude::*;
 
 /// AdamW's hyper-parameters (train.py's names in the comments).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,7 +98,8 @@ impl AdamW {
     /// single-tensor AdamW: `p *= 1 - lr * wd` first (decoupled decay), then
     /// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`, and
     /// `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. The
-    /// bias corrections are computed in f64, as Python floats are.
+    /// bias corrections are computed in f64, as Python floats are. Each
+    /// element's update is independent, so chunks of it run in parallel.
     pub fn step(&mut self, params: &mut Params, grads: &Params) {
         self.step += 1;
         let c = self.config;
@@ -113,35 +115,53 @@ impl AdamW {
             .zip(&mut self.exp_avg_sq)
             .zip(&self.decayed);
         for ((p, g), ((m, v), &decayed)) in tensors.zip(state) {
-            if decayed {
-                let keep = 1.0 - c.lr * c.weight_decay;
-                p.iter_mut().for_each(|x| *x *= keep);
-            }
-            for i in 0..p.len() {
-                m[i] += (g[i] - m[i]) * (1.0 - c.beta1);
-                v[i] = v[i] * c.beta2 + g[i] * g[i] * (1.0 - c.beta2);
-                let denom = v[i].sqrt() / bias2_sqrt + c.eps;
-                p[i] -= step_size * m[i] / denom;
-            }
+            let keep = if decayed {
+                1.0 - c.lr * c.weight_decay
+            } else {
+                1.0
+            };
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                        *p *= keep;
+                        *m += (g - *m) * (1.0 - c.beta1);
+                        *v = *v * c.beta2 + g * g * (1.0 - c.beta2);
+                        let denom = v.sqrt() / bias2_sqrt + c.eps;
+                        *p -= step_size * *m / denom;
+                    }
+                });
         }
     }
 }
 
+/// Values per parallel task of the optimizer and the clipping: enough
+/// that a task's work dwarfs its scheduling, few enough that stories15M's
+/// embedding splits into a hundred.
+const CHUNK: usize = 1 << 16;
+
 /// Scales every gradient by `max_norm / (norm + 1e-6)` when their global L2
 /// norm exceeds `max_norm`, as `clip_grad_norm_`; returns the norm before
-/// clipping. The norm is summed in f64.
+/// clipping. The norm is summed in f64, in parallel chunks.
 pub fn clip_grad_norm(grads: &mut Params, max_norm: f32) -> f32 {
-    let sum_sq: f64 = grads
+    // Each chunk's sum, then their sum in order: the same norm whatever
+    // thread ran which chunk.
+    let partial: Vec<f64> = grads
         .tensors()
         .iter()
-        .flat_map(|t| t.iter())
-        .map(|&g| g as f64 * g as f64)
-        .sum();
-    let norm = sum_sq.sqrt() as f32;
+        .flat_map(|t| t.chunks(CHUNK))
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
+        .collect();
+    let norm = partial.iter().sum::<f64>().sqrt() as f32;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for t in grads.tensors_mut() {
-            t.iter_mut().for_each(|g| *g *= coef);
+            t.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
         }
     }
     norm
