@@ -13,6 +13,7 @@ use crate::ops::residual::{accumulate, residual_forward};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use crate::ops::zeroed;
 use crate::params::{LayerParams, Params};
 
 /// A batch of token ids and their targets, both `[B][T]` row-major.
@@ -234,7 +235,7 @@ pub fn backward(p: &Params, batch: &Batch, acts: Activations) -> Params {
         ..
     } = acts;
     cross_entropy_backward(&mut dlogits, &log_sum_exp, &batch.targets, dims.vocab);
-    let mut dxn = vec![0f32; xn_final.len()];
+    let mut dxn = zeroed(xn_final.len());
     matmul_backward(
         &dlogits,
         &xn_final,
@@ -266,10 +267,10 @@ fn layer_backward(
 ) -> Vec<f32> {
     let (d, kv, hidden) = (dims.d, dims.kv, dims.hidden);
     // Feed-forward branch: out = h + w2(silu(w1 xn) * w3 xn).
-    let mut dg = vec![0f32; la.g.len()];
+    let mut dg = zeroed(la.g.len());
     matmul_backward(&dout, &la.g, &lp.w2, hidden, d, &mut dg, &mut lg.w2);
     let (dh1, dh3) = swiglu_backward(&dg, &la.h1, &la.h3);
-    let mut dxn_ffn = vec![0f32; la.xn_ffn.len()];
+    let mut dxn_ffn = zeroed(la.xn_ffn.len());
     matmul_backward(
         &dh1,
         &la.xn_ffn,
@@ -298,13 +299,13 @@ fn layer_backward(
     );
     accumulate(&mut dh, &from_ffn);
     // Attention branch: h = x + wo(attention(rope(wq xn), rope(wk xn), wv xn)).
-    let mut datt = vec![0f32; la.att.len()];
+    let mut datt = zeroed(la.att.len());
     matmul_backward(&dh, &la.att, &lp.wo, d, d, &mut datt, &mut lg.wo);
     let (mut dq, mut dk, dv) =
         attention_backward(&datt, &la.q, &la.k, &la.v, &la.probs, dims.attention);
     rope_backward(&mut dq, d, &dims.rope);
     rope_backward(&mut dk, kv, &dims.rope);
-    let mut dxn_att = vec![0f32; la.xn_att.len()];
+    let mut dxn_att = zeroed(la.xn_att.len());
     matmul_backward(&dq, &la.xn_att, &lp.wq, d, d, &mut dxn_att, &mut lg.wq);
     matmul_backward(&dk, &la.xn_att, &lp.wk, d, kv, &mut dxn_att, &mut lg.wk);
     matmul_backward(&dv, &la.xn_att, &lp.wv, d, kv, &mut dxn_att, &mut lg.wv);

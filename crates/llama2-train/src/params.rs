@@ -5,6 +5,7 @@
 use llama2::{Config, ModelWeights};
 
 use crate::error::{Error, Result};
+use crate::ops::zeroed;
 
 /// One transformer block's parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,11 +105,27 @@ impl Params {
 
     /// Parameters of the same shapes, all zero: a gradient to add into.
     pub fn zeros_like(&self) -> Params {
-        let mut zero = self.clone();
-        for t in zero.tensors_mut() {
-            t.fill(0.0);
+        let z = |t: &Vec<f32>| zeroed(t.len());
+        Params {
+            config: self.config,
+            tok_embeddings: z(&self.tok_embeddings),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerParams {
+                    attention_norm: z(&l.attention_norm),
+                    wq: z(&l.wq),
+                    wk: z(&l.wk),
+                    wv: z(&l.wv),
+                    wo: z(&l.wo),
+                    ffn_norm: z(&l.ffn_norm),
+                    w1: z(&l.w1),
+                    w2: z(&l.w2),
+                    w3: z(&l.w3),
+                })
+                .collect(),
+            norm: z(&self.norm),
         }
-        zero
     }
 
     /// Names and shapes of every parameter, in model.py's order.

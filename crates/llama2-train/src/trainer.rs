@@ -18,6 +18,7 @@ use crate::ckpt::{self, TrainState};
 use crate::data::{SplitName, TokenData};
 use crate::error::{Error, Result};
 use crate::model::{backward, forward};
+use crate::ops::residual::accumulate;
 use crate::optim::clip_grad_norm;
 use crate::params::Params;
 use crate::rng::Rng;
@@ -171,7 +172,7 @@ fn step(state: &mut TrainState, data: &TokenData, o: &TrainOptions, lr: f64) -> 
             None => grads = Some(g),
             Some(sum) => {
                 for (s, t) in sum.tensors_mut().into_iter().zip(g.tensors()) {
-                    s.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+                    accumulate(s, t);
                 }
             }
         }

@@ -13,7 +13,7 @@
 use llama2::cpu::kernels::{self, triangle_row, Rows};
 use rayon::prelude::*;
 
-use super::isa;
+use super::{isa, zeroed};
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -68,8 +68,8 @@ pub fn attention_forward(
     s: AttentionShape,
 ) -> (Vec<f32>, Vec<f32>) {
     let (qw, kw, t_len) = (s.q_width(), s.kv_width(), s.seq_len);
-    let mut out = vec![0f32; q.len()];
-    let mut probs = vec![0f32; s.probs_len()];
+    let mut out = zeroed(q.len());
+    let mut probs = zeroed(s.probs_len());
     let sequences = out
         .par_chunks_mut(t_len * qw)
         .zip(probs.par_chunks_mut(s.probs_per_sequence()))
@@ -163,9 +163,9 @@ pub fn attention_backward(
     s: AttentionShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (qw, kw, t_len) = (s.q_width(), s.kv_width(), s.seq_len);
-    let mut dq = vec![0f32; q.len()];
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
+    let mut dq = zeroed(q.len());
+    let mut dk = zeroed(k.len());
+    let mut dv = zeroed(v.len());
     let grads = dq.par_chunks_mut(t_len * qw).zip(
         dk.par_chunks_mut(t_len * kw)
             .zip(dv.par_chunks_mut(t_len * kw)),

@@ -1,14 +1,21 @@
 //! Token embedding: rows of the table looked up by id, and its backward, a
 //! scatter-add of the output gradient into the looked-up rows.
 
+use rayon::prelude::*;
+
+use super::{zeroed, ROWS_PER_TASK};
+
 /// `out[n] = table[ids[n]]`: `table` `[V][D]`, `ids` `[N]` (each `< V`,
 /// checked by the caller) -> `[N][D]`.
 pub fn embedding_forward(table: &[f32], ids: &[u32], dim: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(ids.len() * dim);
-    for &id in ids {
-        let row = id as usize * dim;
-        out.extend_from_slice(&table[row..row + dim]);
-    }
+    let mut out = zeroed(ids.len() * dim);
+    out.par_chunks_mut(ROWS_PER_TASK * dim)
+        .zip(ids.par_chunks(ROWS_PER_TASK))
+        .for_each(|(rows, ids)| {
+            for (row, &id) in rows.chunks_exact_mut(dim).zip(ids) {
+                row.copy_from_slice(&table[id as usize * dim..][..dim]);
+            }
+        });
     out
 }
 

@@ -3,13 +3,13 @@
 //! with the operands seen transposed where the math wants them so.
 
 use super::gemm::{gemm_nt, View};
-use super::isa;
+use super::{isa, zeroed};
 
 /// `y[n][m] = sum_k x[n][k] * w[m][k]`: `x` `[N][K]`, `w` `[M][K]` ->
 /// `y` `[N][M]`.
 pub fn matmul_forward(x: &[f32], w: &[f32], k: usize, m: usize) -> Vec<f32> {
     let n = x.len() / k;
-    let mut y = vec![0f32; n * m];
+    let mut y = zeroed(n * m);
     gemm_nt(
         isa(),
         View::rows(w, k),

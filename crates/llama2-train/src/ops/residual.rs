@@ -1,10 +1,14 @@
 //! Residual connection: `y = a + b`. Its backward hands the output gradient
 //! unchanged to both branches; the model adds the branch's gradient to the
-//! skip path's.
+//! skip path's. Both element-wise loops run on the pool.
+
+use rayon::prelude::*;
+
+use super::CHUNK;
 
 /// `y = a + b`, element-wise, both `[N][D]`.
 pub fn residual_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().zip(b).map(|(x, y)| x + y).collect()
+    a.par_iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
 /// `da = dy`, `db = dy`: `dy` `[N][D]` -> both `[N][D]`.
@@ -15,9 +19,9 @@ pub fn residual_backward(dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
 /// `acc += x`, element-wise: how a gradient reaching one tensor by two
 /// paths is summed.
 pub fn accumulate(acc: &mut [f32], x: &[f32]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += v;
-    }
+    acc.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(acc, x)| acc.iter_mut().zip(x).for_each(|(a, &v)| *a += v));
 }
 
 #[cfg(test)]

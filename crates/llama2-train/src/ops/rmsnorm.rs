@@ -1,28 +1,38 @@
 //! RMSNorm, as model.py's `RMSNorm`: `y = x / sqrt(mean(x^2) + eps) * w`
-//! per row, and its backward.
+//! per row, and its backward, both in parallel over blocks of rows.
+
+use rayon::prelude::*;
+
+use super::{zeroed, ROWS_PER_TASK};
 
 /// Normalizes each row of `x` `[N][D]` with gain `w` `[D]`. Returns
 /// `y` `[N][D]` and each row's `1 / sqrt(mean(x^2) + eps)` `[N]`, which the
 /// backward needs.
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
-    let mut y = vec![0f32; x.len()];
-    let mut inv_rms = Vec::with_capacity(x.len() / d);
-    for (yr, xr) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let mean_square = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let r = 1.0 / (mean_square + eps).sqrt();
-        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-            *o = v * r * g;
-        }
-        inv_rms.push(r);
-    }
+    let (mut y, mut inv_rms) = (zeroed(x.len()), vec![0f32; x.len() / d]);
+    let block = ROWS_PER_TASK * d;
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(inv_rms.par_chunks_mut(ROWS_PER_TASK))
+        .for_each(|((y, x), inv_rms)| {
+            for ((yr, xr), r) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(inv_rms) {
+                let mean_square = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                *r = 1.0 / (mean_square + eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * *r * g;
+                }
+            }
+        });
     (y, inv_rms)
 }
 
 /// Gradients of RMSNorm, given `dy` `[N][D]`, the forward's `x` `[N][D]`,
 /// gain `w` `[D]` and `inv_rms` `[N]`. With `r` the row's inverse RMS and
 /// `u = w * dy`: `dx = r * u - x * r^3 * (u · x) / D`, and
-/// `dw += sum over rows of dy * x * r`. Returns `dx` `[N][D]`.
+/// `dw += sum over rows of dy * x * r`, summed per block of rows and then
+/// over the blocks in order (the same sum on any number of threads).
+/// Returns `dx` `[N][D]`.
 pub fn rmsnorm_backward(
     dy: &[f32],
     x: &[f32],
@@ -31,15 +41,28 @@ pub fn rmsnorm_backward(
     dw: &mut [f32],
 ) -> Vec<f32> {
     let d = w.len();
-    let mut dx = vec![0f32; x.len()];
-    let rows = dx.chunks_exact_mut(d).zip(dy.chunks_exact(d));
-    for ((dxr, dyr), (xr, &r)) in rows.zip(x.chunks_exact(d).zip(inv_rms)) {
-        let u_dot_x: f32 = dyr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
-        let coef = r * r * r * u_dot_x / d as f32;
-        for i in 0..d {
-            dxr[i] = r * w[i] * dyr[i] - xr[i] * coef;
-            dw[i] += dyr[i] * xr[i] * r;
-        }
+    let mut dx = zeroed(x.len());
+    let block = ROWS_PER_TASK * d;
+    let dw_parts: Vec<Vec<f32>> = dx
+        .par_chunks_mut(block)
+        .zip(dy.par_chunks(block))
+        .zip(x.par_chunks(block).zip(inv_rms.par_chunks(ROWS_PER_TASK)))
+        .map(|((dx, dy), (x, inv_rms))| {
+            let mut dw = vec![0f32; d];
+            let rows = dx.chunks_exact_mut(d).zip(dy.chunks_exact(d));
+            for ((dxr, dyr), (xr, &r)) in rows.zip(x.chunks_exact(d).zip(inv_rms)) {
+                let u_dot_x: f32 = dyr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
+                let coef = r * r * r * u_dot_x / d as f32;
+                for i in 0..d {
+                    dxr[i] = r * w[i] * dyr[i] - xr[i] * coef;
+                    dw[i] += dyr[i] * xr[i] * r;
+                }
+            }
+            dw
+        })
+        .collect();
+    for part in dw_parts {
+        dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
     dx
 }

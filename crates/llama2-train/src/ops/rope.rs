@@ -1,7 +1,11 @@
 //! Rotary position embedding in llama2.c's and model.py's interleaved-pair
 //! form: elements `2j` and `2j + 1` of every head are one complex number,
 //! rotated by `pos * freq[j]`. The backward of a rotation is the rotation
-//! by the opposite angle.
+//! by the opposite angle. Rows rotate in parallel, in blocks.
+
+use rayon::prelude::*;
+
+use super::ROWS_PER_TASK;
 
 /// The cosine and sine of every angle of a sequence: `[T][hs / 2]` each,
 /// angle `pos * freq[j]` computed in f32 as model.py's
@@ -40,8 +44,15 @@ impl RopeTable {
     /// Rotates every head of every row of `x` `[N][heads * hs]` in place by
     /// `sign * pos * freq[j]`; `N` is a whole number of sequences.
     fn rotate(&self, x: &mut [f32], width: usize, sign: f32) {
-        for (n, row) in x.chunks_exact_mut(width).enumerate() {
-            let at = (n % self.seq_len) * self.pairs;
+        x.par_chunks_mut(ROWS_PER_TASK * width)
+            .enumerate()
+            .for_each(|(b, rows)| self.rotate_rows(rows, b * ROWS_PER_TASK, width, sign));
+    }
+
+    /// `rotate` for the rows `x` of the batch from row `first`.
+    fn rotate_rows(&self, x: &mut [f32], first: usize, width: usize, sign: f32) {
+        for (i, row) in x.chunks_exact_mut(width).enumerate() {
+            let at = ((first + i) % self.seq_len) * self.pairs;
             let (cos, sin) = (&self.cos[at..][..self.pairs], &self.sin[at..][..self.pairs]);
             for head in row.chunks_exact_mut(2 * self.pairs) {
                 for (j, pair) in head.chunks_exact_mut(2).enumerate() {

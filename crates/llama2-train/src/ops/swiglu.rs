@@ -7,10 +7,7 @@
 use llama2::cpu::kernels;
 use rayon::prelude::*;
 
-use super::isa;
-
-/// Values per parallel task: a few microseconds of vector work.
-const CHUNK: usize = 1 << 14;
+use super::{copied, isa, zeroed, CHUNK};
 
 /// `silu(x) = x * sigmoid(x)`, as model.py's `F.silu`.
 #[cfg(test)]
@@ -20,7 +17,7 @@ fn silu(x: f32) -> f32 {
 
 /// `g = silu(h1) * h3`, element-wise: `h1`, `h3` `[N][H]` -> `g` `[N][H]`.
 pub fn swiglu_forward(h1: &[f32], h3: &[f32]) -> Vec<f32> {
-    let mut g = h1.to_vec();
+    let mut g = copied(h1);
     g.par_chunks_mut(CHUNK)
         .zip(h3.par_chunks(CHUNK))
         .for_each(|(g, h3)| kernels::silu_mul(isa(), g, h3));
@@ -32,7 +29,7 @@ pub fn swiglu_forward(h1: &[f32], h3: &[f32]) -> Vec<f32> {
 /// `s = sigmoid(a)`; `dh3 = dg * silu(h1)`. Returns `(dh1, dh3)`, `[N][H]`.
 pub fn swiglu_backward(dg: &[f32], h1: &[f32], h3: &[f32]) -> (Vec<f32>, Vec<f32>) {
     // `dh3` holds the sigmoid until each chunk's gradients replace it.
-    let (mut dh1, mut dh3) = (vec![0f32; dg.len()], h1.to_vec());
+    let (mut dh1, mut dh3) = (zeroed(dg.len()), copied(h1));
     let grads = dh1.par_chunks_mut(CHUNK).zip(dh3.par_chunks_mut(CHUNK));
     let inputs = dg
         .par_chunks(CHUNK)
