@@ -41,14 +41,7 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     if len < PARALLEL_FILL {
         return vec![0.0; len];
     }
-    let mut v = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len]
-        .par_chunks_mut(CHUNK)
-        .for_each(|c| c.fill(MaybeUninit::new(0.0)));
-    // SAFETY: the capacity is at least `len`, and its first `len` values
-    // were all written just above.
-    unsafe { v.set_len(len) };
-    v
+    filled_by_pool(len, |_, dst| dst.fill(MaybeUninit::new(0.0)))
 }
 
 /// A copy of `src`, made by every thread when large (as `zeroed`).
@@ -56,18 +49,24 @@ pub fn copied(src: &[f32]) -> Vec<f32> {
     if src.len() < PARALLEL_FILL {
         return src.to_vec();
     }
-    let mut v = Vec::with_capacity(src.len());
-    v.spare_capacity_mut()[..src.len()]
+    filled_by_pool(src.len(), |c, dst| {
+        for (d, &s) in dst.iter_mut().zip(&src[c * CHUNK..]) {
+            d.write(s);
+        }
+    })
+}
+
+/// `len` values, chunk `c` of `CHUNK` written by `fill(c, chunk)` on the
+/// pool, which must write all of it.
+fn filled_by_pool(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
         .par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(dst, src)| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                d.write(s);
-            }
-        });
-    // SAFETY: the capacity is at least `src.len()`, and that many values
-    // were all written just above.
-    unsafe { v.set_len(src.len()) };
+        .enumerate()
+        .for_each(|(c, dst)| fill(c, dst));
+    // SAFETY: the capacity is at least `len`, and `fill` wrote every one of
+    // the first `len` values (both callers above do).
+    unsafe { v.set_len(len) };
     v
 }
 
@@ -76,4 +75,19 @@ pub fn copied(src: &[f32]) -> Vec<f32> {
 pub(crate) fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| Isa::configured().unwrap_or_else(|_| Isa::best()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_filled_buffers_are_whole() {
+        // Above the parallel threshold and not a whole number of chunks.
+        let len = PARALLEL_FILL + 3 * CHUNK + 7;
+        assert!(zeroed(len).iter().all(|&v| v == 0.0) && zeroed(len).len() == len);
+        let src = crate::gradcheck::random(len, 4, 1.0);
+        assert_eq!(copied(&src), src);
+        assert_eq!(copied(&src[..5]), &src[..5]);
+    }
 }

@@ -101,4 +101,30 @@ mod tests {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
         }
     }
+
+    #[test]
+    fn blocks_of_rows_give_each_row_its_own_result() {
+        // More rows than one parallel block: every row (and the summed `dw`)
+        // is what the row alone gives.
+        let (n, d, eps) = (2 * ROWS_PER_TASK + 5, 8, 1e-5);
+        let (x, w, dy) = (
+            random(n * d, 4, 1.0),
+            random(d, 5, 1.0),
+            random(n * d, 6, 1.0),
+        );
+        let (y, inv_rms) = rmsnorm_forward(&x, &w, eps);
+        let mut dw = vec![0f32; d];
+        let dx = rmsnorm_backward(&dy, &x, &w, &inv_rms, &mut dw);
+        let mut dw_rows = vec![0f32; d];
+        for (i, &r) in inv_rms.iter().enumerate() {
+            let row = i * d..(i + 1) * d;
+            let (yr, rr) = rmsnorm_forward(&x[row.clone()], &w, eps);
+            assert_eq!((&y[row.clone()], r), (&yr[..], rr[0]), "row {i}");
+            let dxr = rmsnorm_backward(&dy[row.clone()], &x[row.clone()], &w, &rr, &mut dw_rows);
+            assert_eq!(&dx[row], &dxr[..], "row {i}");
+        }
+        for (a, b) in dw.iter().zip(&dw_rows) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "dw: {a} vs {b}");
+        }
+    }
 }
