@@ -678,6 +678,12 @@ pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
     simd::takes_token_blocks(isa, n)
 }
 
+/// The weight rows of one tile of an `n`-token float batch at `isa`'s
+/// level, where batches run in outer-product tiles.
+pub fn batch_tile_rows(isa: Isa, n: usize) -> Option<usize> {
+    simd::batch_tile_rows(isa, n)
+}
+
 /// The forms of a product's activations prepared once for all its tasks.
 #[derive(Clone, Copy, Default)]
 pub struct Prepared<'a> {

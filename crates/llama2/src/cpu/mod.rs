@@ -34,7 +34,8 @@ const ELEMENTWISE_WORK: usize = 1 << 14;
 /// Tasks per thread in a product: enough to even out uneven row ranges,
 /// few enough that each task amortizes its scheduling.
 const TASKS_PER_THREAD: usize = 8;
-/// Row ranges of a product are multiples of this (the largest tile height).
+/// Row ranges of a product are multiples of this (the largest tile height)
+/// unless its float batch tiles are of another height.
 const TILE_ROWS: usize = 16;
 /// Most CPU threads a backend starts. Machines today have at most a few
 /// hundred cores; each thread costs a stack and a share of every product.
@@ -177,6 +178,19 @@ impl CpuBackend {
             used += 1;
         }
         used
+    }
+
+    /// The rows a product task's range is a multiple of: the level's float
+    /// batch tile for float batches (12 rows at AVX-512, where ranges of 16
+    /// rows ended in a padded tile: an eighth of the tiles of stories15M's
+    /// `wqkv`, `wo` and `w2` computed rows that were dropped), else
+    /// `TILE_ROWS`.
+    fn task_rows_unit(&self, n: usize, outs: &[(&CpuMatrix, &mut Vec<f32>)]) -> usize {
+        let floats = outs.iter().all(|(w, _)| w.q8_group_size().is_none());
+        match kernels::batch_tile_rows(self.isa, n) {
+            Some(rows) if floats => rows,
+            _ => TILE_ROWS,
+        }
     }
 
     /// Lays `x` out in token blocks, in parallel, when a float matrix among
@@ -393,8 +407,9 @@ impl Backend for CpuBackend {
         let inputs = (&self.acts[..used], blocked.then_some(&self.blocks));
         // Each task's share is `[n][its rows]`, contiguous in `scratch`.
         let chunk = if work >= PARALLEL_WORK && self.threads > 1 {
-            let tasks = self.threads * TASKS_PER_THREAD;
-            let chunk = total.div_ceil(tasks).next_multiple_of(TILE_ROWS);
+            let unit = self.task_rows_unit(n, outs);
+            let tiles = total.div_ceil(unit);
+            let chunk = tiles.div_ceil(self.threads * TASKS_PER_THREAD) * unit;
             self.team.for_each_chunk(scratch, chunk * n, |k, out| {
                 product_range(isa, ws, inputs, x, n, k * chunk, out)
             });

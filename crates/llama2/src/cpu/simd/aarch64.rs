@@ -260,6 +260,10 @@ pub fn takes_token_blocks(_: Isa, _: usize) -> bool {
     false
 }
 
+pub fn batch_tile_rows(_: Isa, _: usize) -> Option<usize> {
+    None
+}
+
 pub fn triangle_product_add(_: Isa, _: &[f32], _: Rows, _: &mut [f32], _: usize) -> bool {
     false
 }

@@ -444,7 +444,8 @@ fn rows512<W: avx512::Wide + avx2::Wide>(
     if n >= OUTER_TOKENS {
         // SAFETY: AVX-512 was confirmed (caller's `Isa`); `rows_outer`
         // passes pointers with `cols` values and blocks of `cols * 16`.
-        let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, 12, 2>(w, xt, cols) };
+        let tile =
+            |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, AVX512_BATCH_ROWS, 2>(w, xt, cols) };
         // SAFETY: AVX-512 was confirmed (caller's `Isa`).
         let store = |v: &_, out: &mut _, ld, at| unsafe { store512(v, out, ld, at) };
         rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
@@ -487,9 +488,26 @@ unsafe fn tile512<W: avx512::Wide, const R: usize, const T: usize>(
 /// the block of 16 costs more than the tiles save.
 const OUTER_TOKENS: usize = 8;
 
+/// Weight rows of the AVX-512 batch tile (by two token blocks).
+const AVX512_BATCH_ROWS: usize = 12;
+/// Weight rows of the AVX2 batch tile (by one token block).
+const AVX2_BATCH_ROWS: usize = 6;
+
 /// Whether `isa` multiplies `n`-token float batches from `TokenBlocks`.
 pub fn takes_token_blocks(isa: Isa, n: usize) -> bool {
     matches!(float_level(isa), Level::Avx2 | Level::Avx512) && n >= OUTER_TOKENS
+}
+
+/// The weight rows of one outer-product tile of an `n`-token float batch
+/// at `isa`'s level, `None` where batches do not run in such tiles.
+pub fn batch_tile_rows(isa: Isa, n: usize) -> Option<usize> {
+    if !takes_token_blocks(isa, n) {
+        return None;
+    }
+    Some(match float_level(isa) {
+        Level::Avx512 => AVX512_BATCH_ROWS,
+        _ => AVX2_BATCH_ROWS,
+    })
 }
 
 thread_local! {
@@ -512,7 +530,7 @@ fn rows256<W: avx2::Wide>(
         // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`);
         // `rows_outer` passes pointers with `cols` values and blocks of
         // `cols * 16`.
-        let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, 6>(w, xt, cols) };
+        let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, AVX2_BATCH_ROWS>(w, xt, cols) };
         // SAFETY: AVX2 was confirmed (caller's `Isa`).
         let store = |v: &_, out: &mut _, ld, at| unsafe { store256(v, out, ld, at) };
         rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
@@ -653,15 +671,17 @@ fn sweep_blocks<Wt: Copy, const R: usize, const B: usize>(
 /// # Safety
 /// AVX-512F is available.
 unsafe fn store512(
-    v: &[[[f32; TOKEN_BLOCK]; 2]; 12],
+    v: &[[[f32; TOKEN_BLOCK]; 2]; AVX512_BATCH_ROWS],
     out: &mut [f32],
     ld: usize,
     (col, t0): (usize, usize),
 ) {
-    assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + 12 <= out.len());
+    assert!((t0 + 2 * TOKEN_BLOCK - 1) * ld + col + AVX512_BATCH_ROWS <= out.len());
     // SAFETY: AVX-512 is available (the caller's promise); the last
     // position written is inside `out`, as asserted.
-    unsafe { avx512::store_tile_by_token::<12, 2>(v, out.as_mut_ptr(), ld, (col, t0)) }
+    unsafe {
+        avx512::store_tile_by_token::<AVX512_BATCH_ROWS, 2>(v, out.as_mut_ptr(), ld, (col, t0))
+    }
 }
 
 /// `store512` for the AVX2 tile (6 rows by 1 block).
@@ -669,12 +689,12 @@ unsafe fn store512(
 /// # Safety
 /// AVX2 is available.
 unsafe fn store256(
-    v: &[[[f32; TOKEN_BLOCK]; 1]; 6],
+    v: &[[[f32; TOKEN_BLOCK]; 1]; AVX2_BATCH_ROWS],
     out: &mut [f32],
     ld: usize,
     (col, t0): (usize, usize),
 ) {
-    assert!((t0 + TOKEN_BLOCK - 1) * ld + col + 6 <= out.len());
+    assert!((t0 + TOKEN_BLOCK - 1) * ld + col + AVX2_BATCH_ROWS <= out.len());
     // SAFETY: AVX2 is available (the caller's promise); the last position
     // written is inside `out`, as asserted.
     unsafe { avx2::store_tile_by_token(v, out.as_mut_ptr(), ld, (col, t0)) }
@@ -749,14 +769,17 @@ pub fn f32_columns(
             // SAFETY: AVX-512 was confirmed (caller's `Isa`); `columns_outer`
             // passes pointers to `R` rows by `cols` columns inside `w` (or
             // its copy) and blocks of `cols * 16`.
-            let tile = |w, xt, cols| unsafe { avx512::tile_f32_batch::<_, 12, 2>(w, xt, cols) };
+            let tile = |w, xt, cols| unsafe {
+                avx512::tile_f32_batch::<_, AVX512_BATCH_ROWS, 2>(w, xt, cols)
+            };
             // SAFETY: AVX-512 was confirmed (caller's `Isa`).
             let store = |v: &_, out: &mut _, ld, at| unsafe { store512(v, out, ld, at) };
             columns_outer((w, w_ld), x, (cols, n), rows, (out, ld), (tile, store));
         }
         Level::Avx2 => {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); as above.
-            let tile = |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, 6>(w, xt, cols) };
+            let tile =
+                |w, xt, cols| unsafe { avx2::tile_f32_batch::<_, AVX2_BATCH_ROWS>(w, xt, cols) };
             // SAFETY: AVX2 was confirmed (caller's `Isa`).
             let store = |v: &_, out: &mut _, ld, at| unsafe { store256(v, out, ld, at) };
             columns_outer((w, w_ld), x, (cols, n), rows, (out, ld), (tile, store));
