@@ -419,16 +419,16 @@ pub fn f32_rows(
     true
 }
 
-/// Row length (values) up to which decoding runs sixteen rows per tile.
-const SHORT_ROW: usize = 512;
-
-/// Decoding reads each weight row for one token: eight rows per pass keep
-/// eight FMA chains busy, and sixteen when rows are short (512 values or
-/// fewer), where eight rows are too few memory streams in flight to keep
-/// up with the loads (stories42M f32 decode: faster in 8 of 9 alternating
-/// runs; no gain for 768-value rows). Batches of `OUTER_TOKENS` or more run
-/// as outer products (`rows_outer`), smaller ones in 4x4 tiles: each loaded
-/// weight vector serves four tokens.
+/// Decoding reads each weight row once for one token, one row after the
+/// other: the matrix is then a single sequential stream, which the
+/// hardware prefetchers follow best, and the out-of-order core overlaps
+/// the next rows' independent chains. Tiles of 8 or 16 rows read as many
+/// interleaved streams instead, and on a Zen 4 EPYC (2 threads) decoded
+/// 1.2-1.25x slower from memory (stories15M, 42M and 110M f32) and 1.7-2x
+/// slower from L3 (stories15M f16, 30 MB); the AVX2 level's 8-row tiles
+/// 1.4-1.5x slower on stories15M and 42M. Batches of `OUTER_TOKENS` or
+/// more run as outer products (`rows_outer`), smaller ones in 4x4 tiles:
+/// each loaded weight vector serves four tokens.
 fn rows512<W: avx512::Wide + avx2::Wide>(
     w: &[W],
     cols: usize,
@@ -449,12 +449,8 @@ fn rows512<W: avx512::Wide + avx2::Wide>(
         // SAFETY: AVX-512 was confirmed (caller's `Isa`).
         let store = |v: &_, out: &mut _, ld, at| unsafe { store512(v, out, ld, at) };
         rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
-    } else if n == 1 && cols <= SHORT_ROW {
-        sweep::<16, 1>(rows, n, out, ld, |j, t| unsafe {
-            tile512(wp, xp, cols, j, t)
-        })
     } else if n == 1 {
-        sweep::<8, 1>(rows, n, out, ld, |j, t| unsafe {
+        sweep::<1, 1>(rows, n, out, ld, |j, t| unsafe {
             tile512(wp, xp, cols, j, t)
         })
     } else {
@@ -535,7 +531,8 @@ fn rows256<W: avx2::Wide>(
         let store = |v: &_, out: &mut _, ld, at| unsafe { store256(v, out, ld, at) };
         rows_outer(w, (x, blocks), (cols, n), rows, (out, ld), (tile, store));
     } else if n == 1 {
-        sweep::<8, 1>(rows, n, out, ld, |j, t| {
+        // One row at a time, as `rows512` explains.
+        sweep::<1, 1>(rows, n, out, ld, |j, t| {
             // SAFETY: AVX2/FMA/F16C were confirmed (caller's `Isa`); rows and
             // tokens are in range as checked by `f32_rows`.
             unsafe {
