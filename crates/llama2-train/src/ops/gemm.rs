@@ -89,7 +89,13 @@ impl<'a> View<'a> {
     /// Rows `rows` and columns `cols` laid out as the float tiles read a
     /// batch (`TokenBlocks`: blocks of 16 rows, one column of a block
     /// contiguous, rows past the end zero), straight from the view.
-    fn pack_blocks(&self, isa: Isa, rows: Range<usize>, cols: Range<usize>, out: &mut TokenBlocks) {
+    pub(crate) fn pack_blocks(
+        &self,
+        isa: Isa,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: &mut TokenBlocks,
+    ) {
         let (n, width) = (rows.len(), cols.len());
         (out.n, out.cols) = (n, width);
         let per_block = width * TOKEN_BLOCK;
