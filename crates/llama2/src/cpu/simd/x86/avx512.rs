@@ -459,6 +459,75 @@ pub unsafe fn triangle_product_add(tri: &[f32], a: Rows, out: &mut [f32], ld: us
 #[target_feature(enable = "avx512f")]
 pub unsafe fn softmax(x: &mut [f32]) {
     let (n, p) = (x.len(), x.as_mut_ptr());
+    let max = _mm512_set1_ps(max_of(p, n));
+    let sum = _mm512_set1_ps(exp_sum::<true>(p, n, max));
+    let mut k = 0;
+    while k < n {
+        let m = mask16((n - k).min(16));
+        let v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, p.add(k)), sum);
+        _mm512_mask_storeu_ps(p.add(k), m, v);
+        k += 16;
+    }
+}
+
+/// `max + ln(sum of e^(x - max))` over `x` (not empty), `max` its largest
+/// value: `softmax`'s first two passes without its stores.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn log_sum_exp(x: &[f32]) -> f32 {
+    let (n, p) = (x.len(), x.as_ptr());
+    let max = max_of(p, n);
+    // `exp_sum` only writes through its pointer when it stores.
+    max + exp_sum::<false>(p as *mut f32, n, _mm512_set1_ps(max)).ln()
+}
+
+/// `x = e^(x - shift) * scale`, sixteen lanes at a time.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp_shifted(x: &mut [f32], shift: f32, scale: f32) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let (shift, scale) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
+    let mut k = 0;
+    while k < n {
+        let m = mask16((n - k).min(16));
+        let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(k)), shift));
+        _mm512_mask_storeu_ps(p.add(k), m, _mm512_mul_ps(e, scale));
+        k += 16;
+    }
+}
+
+/// `x = 1 / (1 + e^-x)`, the reference's operations, sixteen lanes at a
+/// time.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn sigmoid(x: &mut [f32]) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let one = _mm512_set1_ps(1.0);
+    let mut k = 0;
+    while k < n {
+        let m = mask16((n - k).min(16));
+        let e = exp16(_mm512_sub_ps(
+            _mm512_setzero_ps(),
+            _mm512_maskz_loadu_ps(m, p.add(k)),
+        ));
+        _mm512_mask_storeu_ps(p.add(k), m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+        k += 16;
+    }
+}
+
+/// The largest of the `n` values at `p`.
+///
+/// # Safety
+/// AVX-512F is available; `p..p + n` is readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_of(p: *const f32, n: usize) -> f32 {
     // Plain index loops: a cloned `step_by().map()` iterator kept its state
     // (and the accumulators) on the stack, a store-to-load chain per vector
     // that made this 14% of a stories260K training step.
@@ -469,24 +538,30 @@ pub unsafe fn softmax(x: &mut [f32]) {
         max = _mm512_mask_max_ps(max, m, max, _mm512_maskz_loadu_ps(m, p.add(k)));
         k += 16;
     }
-    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+    _mm512_reduce_max_ps(max)
+}
+
+/// The sum of `e^(x - max)` over the `n` values at `p`, storing each in
+/// place of its `x` when `STORE`.
+///
+/// # Safety
+/// AVX-512F is available; `p..p + n` is readable, and writable when
+/// `STORE`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sum<const STORE: bool>(p: *mut f32, n: usize, max: __m512) -> f32 {
     let mut sum = _mm512_setzero_ps();
-    k = 0;
+    let mut k = 0;
     while k < n {
         let m = mask16((n - k).min(16));
         let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(k)), max));
-        _mm512_mask_storeu_ps(p.add(k), m, e);
+        if STORE {
+            _mm512_mask_storeu_ps(p.add(k), m, e);
+        }
         sum = _mm512_mask_add_ps(sum, m, sum, e);
         k += 16;
     }
-    let sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
-    k = 0;
-    while k < n {
-        let m = mask16((n - k).min(16));
-        let v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, p.add(k)), sum);
-        _mm512_mask_storeu_ps(p.add(k), m, v);
-        k += 16;
-    }
+    _mm512_reduce_add_ps(sum)
 }
 
 /// `gate = gate * (1 / (1 + e^-gate)) * up`, the reference's operations in

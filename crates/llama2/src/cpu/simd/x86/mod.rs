@@ -312,36 +312,39 @@ pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) -> 
     true
 }
 
-/// `max + ln(sum of e^(x - max))` with vector exponentials. The AVX2
-/// kernel serves the AVX-512 levels too, as `sigmoid`'s does.
+/// `max + ln(sum of e^(x - max))` with vector exponentials.
 pub fn log_sum_exp(isa: Isa, x: &[f32]) -> Option<f32> {
+    if x.is_empty() {
+        return None;
+    }
     match float_level(isa) {
-        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`; AVX-512 levels
-        // are only confirmed on CPUs that have AVX2 too).
-        Level::Avx2 | Level::Avx512 if !x.is_empty() => Some(unsafe { avx2::log_sum_exp(x) }),
+        // SAFETY: AVX-512 was confirmed (the `Isa`; `Amx` includes it).
+        Level::Avx512 => Some(unsafe { avx512::log_sum_exp(x) }),
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`).
+        Level::Avx2 => Some(unsafe { avx2::log_sum_exp(x) }),
         _ => None,
     }
 }
 
-/// `x = e^(x - shift) * scale` with vector exponentials; the AVX2 kernel
-/// serves the AVX-512 levels too, as `log_sum_exp`'s does.
+/// `x = e^(x - shift) * scale` with vector exponentials.
 pub fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32, scale: f32) -> bool {
     match float_level(isa) {
-        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`; AVX-512 levels
-        // are only confirmed on CPUs that have AVX2 too).
-        Level::Avx2 | Level::Avx512 => unsafe { avx2::exp_shifted(x, shift, scale) },
+        // SAFETY: AVX-512 was confirmed (the `Isa`; `Amx` includes it).
+        Level::Avx512 => unsafe { avx512::exp_shifted(x, shift, scale) },
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`).
+        Level::Avx2 => unsafe { avx2::exp_shifted(x, shift, scale) },
         _ => return false,
     }
     true
 }
 
-/// `x = sigmoid(x)` with vector exponentials. The AVX2 kernel serves the
-/// AVX-512 levels too (training's one use is a small share of a step).
+/// `x = sigmoid(x)` with vector exponentials.
 pub fn sigmoid(isa: Isa, x: &mut [f32]) -> bool {
     match float_level(isa) {
-        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`; AVX-512 levels
-        // are only confirmed on CPUs that have AVX2 too).
-        Level::Avx2 | Level::Avx512 => unsafe { avx2::sigmoid(x) },
+        // SAFETY: AVX-512 was confirmed (the `Isa`; `Amx` includes it).
+        Level::Avx512 => unsafe { avx512::sigmoid(x) },
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`).
+        Level::Avx2 => unsafe { avx2::sigmoid(x) },
         _ => return false,
     }
     true
