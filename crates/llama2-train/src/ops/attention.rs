@@ -25,7 +25,7 @@ use llama2::cpu::kernels::{self, triangle_row, Rows, TokenBlocks, TOKEN_BLOCK};
 use rayon::prelude::*;
 
 use super::gemm::View;
-use super::{isa, zeroed};
+use super::{for_overwrite, isa, zeroed};
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -72,7 +72,7 @@ impl AttentionShape {
 
 /// `q` `[B][T][Hq * hs]`, `k` and `v` `[B][T][Hkv * hs]` -> the attention
 /// output `[B][T][Hq * hs]` and the probabilities `[B][Hq][triangle_row(T)]`,
-/// which the backward needs.
+/// which the backward needs, both from `for_overwrite`.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -91,8 +91,9 @@ fn forward_as(
     blocks: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let (qw, kw, t_len) = (s.q_width(), s.kv_width(), s.seq_len);
-    let mut out = zeroed(q.len());
-    let mut probs = zeroed(s.probs_len());
+    // Both forms write every value of both.
+    let mut out = for_overwrite(q.len());
+    let mut probs = for_overwrite(s.probs_len());
     let sequences = out
         .par_chunks_mut(t_len * qw)
         .zip(probs.par_chunks_mut(s.probs_per_sequence()))

@@ -3,13 +3,14 @@
 //! with the operands seen transposed where the math wants them so.
 
 use super::gemm::{gemm_nt, View};
-use super::{isa, zeroed};
+use super::{for_overwrite, isa};
 
 /// `y[n][m] = sum_k x[n][k] * w[m][k]`: `x` `[N][K]`, `w` `[M][K]` ->
-/// `y` `[N][M]`.
+/// `y` `[N][M]`, in a buffer from `for_overwrite` (the product writes all
+/// of it), which the caller may `recycle`.
 pub fn matmul_forward(x: &[f32], w: &[f32], k: usize, m: usize) -> Vec<f32> {
     let n = x.len() / k;
-    let mut y = zeroed(n * m);
+    let mut y = for_overwrite(n * m);
     gemm_nt(
         isa(),
         View::rows(w, k),

@@ -3,14 +3,14 @@
 
 use rayon::prelude::*;
 
-use super::{zeroed, ROWS_PER_TASK};
+use super::{for_overwrite, zeroed, ROWS_PER_TASK};
 
 /// Normalizes each row of `x` `[N][D]` with gain `w` `[D]`. Returns
-/// `y` `[N][D]` and each row's `1 / sqrt(mean(x^2) + eps)` `[N]`, which the
+/// `y` `[N][D]` (from `for_overwrite`) and each row's `1 / sqrt(mean(x^2) + eps)` `[N]`, which the
 /// backward needs.
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
-    let (mut y, mut inv_rms) = (zeroed(x.len()), vec![0f32; x.len() / d]);
+    let (mut y, mut inv_rms) = (for_overwrite(x.len()), vec![0f32; x.len() / d]);
     let block = ROWS_PER_TASK * d;
     y.par_chunks_mut(block)
         .zip(x.par_chunks(block))
