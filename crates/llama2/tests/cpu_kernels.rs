@@ -175,8 +175,15 @@ fn block_attention_kernels_match_scalar() {
                 let blocks = kernels::attends_by_blocks(isa, TOKEN_BLOCK, hs);
                 let mut got = vec![f32::NAN; n * TOKEN_BLOCK];
                 kernels::scores_by_block(isa, &mut got, &block, keys);
-                let mut want = vec![f32::NAN; n * TOKEN_BLOCK];
-                kernels::scores_by_block(Isa::scalar(), &mut want, &block, keys);
+                // The scalar twin, at the level's lane count.
+                let lanes = kernels::dot_lanes(isa);
+                let want: Vec<f32> = (0..n * TOKEN_BLOCK)
+                    .map(|i| {
+                        let (j, t) = (i / TOKEN_BLOCK, i % TOKEN_BLOCK);
+                        let q: Vec<f32> = (0..hs).map(|c| block[c * TOKEN_BLOCK + t]).collect();
+                        kernels::dot_in_lanes(lanes, &q, keys.row(j))
+                    })
+                    .collect();
                 assert_same(&format!("block scores {what}"), &got, &want);
                 // Lanes past the block's queries hold zeros, so score 0.
                 let dots = |dot: &dyn Fn(&[f32], &[f32]) -> f32| -> Vec<f32> {
@@ -207,7 +214,7 @@ fn block_attention_kernels_match_scalar() {
                         let mut lane: Vec<f32> = (0..seen)
                             .map(|j| scores[j * TOKEN_BLOCK + t] / scale)
                             .collect();
-                        match kernels::attends_by_blocks(isa, TOKEN_BLOCK, 8) {
+                        match kernels::attends_by_blocks(isa, TOKEN_BLOCK, 16) {
                             true => kernels::softmax(isa, &mut lane),
                             false => reference::softmax(&mut lane),
                         }
@@ -707,6 +714,85 @@ fn assert_backend_rmsnorm(b: &mut CpuBackend, rng: &mut Rng, rows: usize, d: usi
         reference::rmsnorm(&mut want, &x[r * d..(r + 1) * d], &w, 1e-5);
         let what = format!("rmsnorm {:?} {rows}x{d} row {r}", b.isa());
         assert_same(&what, &out[r * d..(r + 1) * d], &want);
+    }
+}
+
+/// A prompt's attention (by query blocks where the level has them: heads
+/// of 16 and 48 at AVX-512, also of 8 at AVX2) is the same bits as
+/// attending its positions one at a time, as decoding does.
+#[test]
+fn prompt_attention_is_the_same_bits_as_one_position_at_a_time() {
+    let mut rng = Rng::new(21);
+    for (dim, heads) in [(96, 6), (96, 2), (48, 6)] {
+        let c = Config::llama2c(dim, 100, 1, heads, heads / 2, 67, 80, true);
+        let (d, kv) = (c.dim, c.kv_dim());
+        for isa in Isa::all() {
+            let mut b = CpuBackend::with_isa(2, None, isa).unwrap();
+            b.prepare(&c).unwrap();
+            // Three positions first, then a prompt of two whole 32-query
+            // blocks and a short one.
+            let (pos0, rows) = (3, 70);
+            let n = pos0 + rows;
+            let (q, k, v) = (
+                random_vec(&mut rng, n * d),
+                random_vec(&mut rng, n * kv),
+                random_vec(&mut rng, n * kv),
+            );
+            let mut batched = b.kv_cache(&c, c.seq_len).unwrap();
+            let mut single = b.kv_cache(&c, c.seq_len).unwrap();
+            let mut out = b.buffer(n * d).unwrap();
+            let mut one = b.buffer(d).unwrap();
+            for pos in 0..n {
+                let (qr, kr, vr) = (
+                    &q[pos * d..][..d],
+                    &k[pos * kv..][..kv],
+                    &v[pos * kv..][..kv],
+                );
+                b.attention(
+                    &mut one,
+                    &qr.to_vec(),
+                    &kr.to_vec(),
+                    &vr.to_vec(),
+                    &mut single,
+                    0,
+                    1,
+                    pos,
+                    &c,
+                )
+                .unwrap();
+                if pos < pos0 {
+                    b.attention(
+                        &mut one,
+                        &qr.to_vec(),
+                        &kr.to_vec(),
+                        &vr.to_vec(),
+                        &mut batched,
+                        0,
+                        1,
+                        pos,
+                        &c,
+                    )
+                    .unwrap();
+                }
+                out[pos * d..][..d].copy_from_slice(&one[..d]);
+            }
+            let mut prompt = b.buffer(rows * d).unwrap();
+            let slice = |x: &[f32], w: usize| x[pos0 * w..n * w].to_vec();
+            b.attention(
+                &mut prompt,
+                &slice(&q, d),
+                &slice(&k, kv),
+                &slice(&v, kv),
+                &mut batched,
+                0,
+                rows,
+                pos0,
+                &c,
+            )
+            .unwrap();
+            let what = format!("attention {isa:?} heads of {}", c.head_size());
+            assert_same(&what, &prompt[..rows * d], &out[pos0 * d..n * d]);
+        }
     }
 }
 

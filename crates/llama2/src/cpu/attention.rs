@@ -3,9 +3,9 @@
 //! plus causal attention for a batch of segments (one sequence's prompt, or
 //! one row per running sequence of a server). A batch's attention is split
 //! into (segment, block of queries, head) tasks that run across the team:
-//! blocks of a prompt's 16 queries as whole-block products where the level
-//! has them (`kernels::attends_by_blocks`), else blocks of up to four in
-//! dot form.
+//! blocks of a prompt's queries (16 at AVX2, 32 at AVX-512) as
+//! whole-block products where the level has them
+//! (`kernels::attends_by_blocks`), else blocks of up to four in dot form.
 //!
 //! Both forms round every value as decoding one token does, so a prompt's
 //! attention is the same bits however it is batched: an int8 model's
@@ -174,8 +174,8 @@ fn rotate(v: &mut [f32], f: &[(f32, f32)]) {
 // Attention
 
 /// One task of a batch's attention: one head of a block of consecutive
-/// rows of one segment, at most `TOKEN_BLOCK` attended by blocks or
-/// `QUERY_BLOCK` in dot form.
+/// rows of one segment, at most `kernels::attention_block_queries`
+/// attended by blocks or `QUERY_BLOCK` in dot form.
 #[derive(Clone)]
 struct Task {
     segment: usize,
@@ -221,7 +221,7 @@ pub(super) fn attend(
         * 2;
     // Each task's outputs `[rows][hs]`, then (in dot form) its scores
     // `[QUERY_BLOCK][span]`.
-    let out_len = TOKEN_BLOCK * hs;
+    let out_len = kernels::attention_block_queries(isa) * hs;
     let task_len = out_len + QUERY_BLOCK * span;
     let scratch = grow_to(scratch, tasks.len() * task_len);
     let caches = &*caches;
@@ -268,17 +268,18 @@ pub(super) fn attend(
 }
 
 thread_local! {
-    /// Per worker, for `attend_block`: its queries as one token block
-    /// `[hs][TOKEN_BLOCK]`, and its scores, then probabilities, as one
-    /// block whose columns are the keys `[keys][TOKEN_BLOCK]`.
+    /// Per worker, for `attend_block`: its queries in token blocks
+    /// `[blocks][hs][TOKEN_BLOCK]`, and its scores, then probabilities, as
+    /// token blocks whose columns are the keys `[blocks][keys][TOKEN_BLOCK]`.
     static BLOCK_SCRATCH: std::cell::RefCell<(Vec<f32>, TokenBlocks)> = Default::default();
 }
 
-/// One head's attention for a block of up to `TOKEN_BLOCK` queries, the
-/// first at position `first`, over the keys and values of positions
-/// `0..first + queries`, into `out` `[queries][hs]`: the scores and the
-/// weighted sum of the values as batch products, the causal softmax down
-/// each query's lane in between.
+/// One head's attention for a block of up to
+/// `kernels::attention_block_queries` queries, the first at position
+/// `first`, over the keys and values of positions `0..first + queries`,
+/// into `out` `[queries][hs]`: per token block of 16 queries the scores as
+/// a batch product and the causal softmax down each query's lane, then
+/// the weighted sum of the values as one batch product over all of them.
 fn attend_block(
     isa: Isa,
     out: &mut [f32],
@@ -287,14 +288,23 @@ fn attend_block(
     scale: f32,
 ) {
     let (hs, count, n) = (queries.width(), queries.count(), keys.count());
+    let blocks = count.div_ceil(TOKEN_BLOCK);
     BLOCK_SCRATCH.with_borrow_mut(|(q, probs)| {
-        let q = grow_to(q, hs * TOKEN_BLOCK);
-        let layout = (queries.stride(), count, hs);
-        kernels::pack_token_block(isa, queries.data(), layout, q);
+        let q = grow_to(q, blocks * hs * TOKEN_BLOCK);
         (probs.n, probs.cols) = (count, n);
-        let att = grow_to(&mut probs.data, n * TOKEN_BLOCK);
-        kernels::scores_by_block(isa, att, q, keys);
-        kernels::softmax_by_block(isa, att, first, scale);
+        let att = grow_to(&mut probs.data, blocks * n * TOKEN_BLOCK);
+        let block_queries = q.chunks_exact_mut(hs * TOKEN_BLOCK);
+        for (b, (q, att)) in block_queries
+            .zip(att.chunks_exact_mut(n * TOKEN_BLOCK))
+            .enumerate()
+        {
+            let t0 = b * TOKEN_BLOCK;
+            let rows = &queries.data()[t0 * queries.stride()..];
+            let layout = (queries.stride(), (count - t0).min(TOKEN_BLOCK), hs);
+            kernels::pack_token_block(isa, rows, layout, q);
+            kernels::scores_by_block(isa, att, q, keys);
+            kernels::softmax_by_block(isa, att, first + t0, scale);
+        }
         let values_by_columns = (values.data(), values.stride());
         kernels::float_product_by_columns(isa, values_by_columns, probs, 0..hs, out, hs);
     })
@@ -327,7 +337,7 @@ fn tasks(segments: &[Segment], (heads, hs): (usize, usize), isa: Isa) -> Vec<Tas
     for (i, s) in segments.iter().enumerate() {
         let mut start = s.rows.start;
         while start < s.rows.end {
-            let left = (s.rows.end - start).min(TOKEN_BLOCK);
+            let left = (s.rows.end - start).min(kernels::attention_block_queries(isa));
             let size = match kernels::attends_by_blocks(isa, left, hs) {
                 true => left,
                 false => left.min(QUERY_BLOCK),

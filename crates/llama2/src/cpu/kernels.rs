@@ -330,8 +330,9 @@ pub fn attends_by_blocks(isa: Isa, queries: usize, hs: usize) -> bool {
 /// `n` keys, where `q(t)` is lane `t` of `queries` `[hs][TOKEN_BLOCK]` (a
 /// block as `pack_token_block` lays one out). So the probabilities made
 /// from them multiply the values as a batch does a matrix stored by
-/// columns. Each score rounds as the AVX2 `dot_f32` computes it
-/// (`dot_in_lanes`), the dot form's scores at that level, at every level.
+/// columns. Each score rounds as the level's `dot_f32` computes it
+/// (`dot_in_lanes` with the level's `dot_lanes`: AVX-512's 16, else
+/// AVX2's 8), the dot form's scores at that level.
 pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) {
     let (n, hs) = (keys.count(), keys.width());
     assert!(
@@ -345,30 +346,59 @@ pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) {
     if simd::scores_by_block(isa, att, queries, keys) {
         return;
     }
+    let lanes = dot_lanes(isa);
     let mut q = vec![0f32; hs];
     for t in 0..TOKEN_BLOCK {
         for (c, v) in q.iter_mut().enumerate() {
             *v = queries[c * TOKEN_BLOCK + t];
         }
         for j in 0..n {
-            att[j * TOKEN_BLOCK + t] = dot_in_lanes(&q, keys.row(j));
+            att[j * TOKEN_BLOCK + t] = dot_in_lanes(lanes, &q, keys.row(j));
         }
     }
 }
 
-/// `a · b` as the AVX2 `dot_f32` rounds it: eight lane sums, lane `l` a
-/// chain of fused multiply-adds over `l, l + 8, ...` of the whole groups
-/// of 8, added as its horizontal sum adds them, then the values past the
-/// last whole group, each product rounded before it is added.
-pub fn dot_in_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let whole = a.len().min(b.len()) / 8 * 8;
-    let mut v = [0f32; 8];
-    for (a, b) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
-        for l in 0..8 {
+/// Lane sums `isa`'s `dot_f32` keeps before adding them (16 at AVX-512,
+/// else 8), which `scores_by_block` rounds with.
+pub fn dot_lanes(isa: Isa) -> usize {
+    simd::dot_lanes(isa)
+}
+
+/// Queries one block of block attention takes at most at `isa`'s level:
+/// the width of its batch tile (32 at AVX-512, else `TOKEN_BLOCK`).
+pub fn attention_block_queries(isa: Isa) -> usize {
+    simd::attention_block_queries(isa)
+}
+
+/// `a · b` as a vector `dot_f32` of `lanes` lanes (8 or 16) rounds it:
+/// `lanes` lane sums, lane `l` a chain of fused multiply-adds over `l, l +
+/// lanes, ...` of the whole groups of `lanes`, added by halves (lane `l`
+/// with `l + lanes / 2`, then quarters, down to the last pair) as the
+/// horizontal sum adds them, then the values past the last whole group,
+/// each product rounded before it is added.
+pub fn dot_in_lanes(lanes: usize, a: &[f32], b: &[f32]) -> f32 {
+    assert!(
+        lanes == 8 || lanes == 16,
+        "dot_in_lanes takes 8 or 16 lanes"
+    );
+    let whole = a.len().min(b.len()) / lanes * lanes;
+    let mut v = [0f32; 16];
+    for (a, b) in a[..whole]
+        .chunks_exact(lanes)
+        .zip(b[..whole].chunks_exact(lanes))
+    {
+        for l in 0..lanes {
             v[l] = a[l].mul_add(b[l], v[l]);
         }
     }
-    let mut sum = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+    let mut width = lanes;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+    }
+    let mut sum = v[0];
     for (a, b) in a[whole..].iter().zip(&b[whole..]) {
         sum += a * b;
     }

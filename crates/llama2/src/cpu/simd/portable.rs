@@ -32,6 +32,14 @@ pub fn attends_by_blocks(_: Isa, _: usize, _: usize) -> bool {
     false
 }
 
+pub fn attention_block_queries(_: Isa) -> usize {
+    super::super::kernels::TOKEN_BLOCK
+}
+
+pub fn dot_lanes(_: Isa) -> usize {
+    8
+}
+
 pub fn scores_by_block(_: Isa, _: &mut [f32], _: &[f32], _: Rows) -> bool {
     false
 }

@@ -378,6 +378,109 @@ pub unsafe fn weighted_sum<const T: usize>(out: &mut [f32], att: &[f32], values:
     }
 }
 
+/// Attention scores of `R` keys against a block of 16 queries `q`
+/// `[hs][16]`, each rounded as `dot_f32` rounds that query-key pair at this
+/// level: the sixteen lane sums of `tile_f32` (lane `l` a chain of fused
+/// multiply-adds over values `l, l + 16, ...`) kept apart, then added as
+/// `_mm512_reduce_add_ps` adds them (`tree16`). One pass over the head
+/// takes lanes `l` and `l + 8` together and adds them at once (the
+/// reduction's first step), so eight passes leave eight partial sums per
+/// score for the rest of the tree. Result `[r][t]`.
+///
+/// # Safety
+/// AVX-512F is available; each key has `hs` readable values, `hs` a
+/// multiple of 16, and `q` `hs * 16`.
+#[target_feature(enable = "avx512f,fma")]
+pub unsafe fn scores_by_lanes<const R: usize>(
+    keys: [*const f32; R],
+    q: *const f32,
+    hs: usize,
+) -> [[f32; 16]; R] {
+    // `pairs[l][r]`: lanes `l` and `l + 8` of key `r`.
+    let mut pairs = [[_mm512_setzero_ps(); R]; 8];
+    for (l, pair) in pairs.iter_mut().enumerate() {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for c in (l..hs).step_by(16) {
+            let x = [
+                _mm512_loadu_ps(q.add(c * 16)),
+                _mm512_loadu_ps(q.add((c + 8) * 16)),
+            ];
+            for r in 0..R {
+                for (i, x) in x.iter().enumerate() {
+                    let k = _mm512_set1_ps(*keys[r].add(c + 8 * i));
+                    acc[r][i] = _mm512_fmadd_ps(k, *x, acc[r][i]);
+                }
+            }
+        }
+        for r in 0..R {
+            pair[r] = _mm512_add_ps(acc[r][0], acc[r][1]);
+        }
+    }
+    let mut out = [[0f32; 16]; R];
+    for (r, o) in out.iter_mut().enumerate() {
+        let sum = tree8(std::array::from_fn(|l| pairs[l][r]));
+        _mm512_storeu_ps(o.as_mut_ptr(), sum);
+    }
+    out
+}
+
+/// `kernels::softmax_by_block` with one vector per key (its 16 queries'
+/// lanes): each query's maximum, exponentials and sum run down its lane
+/// with no horizontal step, and round as `softmax` does on that query
+/// alone: the exponentials are the same `exp16`, the sum is kept as
+/// sixteen lane sums (key `j` into sum `j % 16`, as `exp_sum` adds a row's
+/// keys) added as `_mm512_reduce_add_ps` adds them, and the division is a
+/// true one. Keys past `first` are masked off in the lanes of the queries
+/// before them.
+///
+/// # Safety
+/// AVX-512F is available; `att.len()` is a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax_by_block(att: &mut [f32], first: usize, scale: f32) {
+    let (n, p) = (att.len() / 16, att.as_mut_ptr());
+    let (scale, low) = (_mm512_set1_ps(scale), _mm512_set1_ps(f32::NEG_INFINITY));
+    // The lanes (queries `t`, at `first + t`) that see key `j`.
+    let seeing = |j: usize| match j.checked_sub(first) {
+        Some(from) if from > 0 => !mask16(from.min(16)),
+        _ => !0,
+    };
+    let mut max = low;
+    for j in 0..n {
+        // A true division: the scaled scores feed `exp`, which turns a
+        // rounding of a large score into a large relative error.
+        let s = _mm512_div_ps(_mm512_loadu_ps(p.add(j * 16)), scale);
+        let s = _mm512_mask_blend_ps(seeing(j), low, s);
+        _mm512_storeu_ps(p.add(j * 16), s);
+        max = _mm512_max_ps(max, s);
+    }
+    let mut sums = [_mm512_setzero_ps(); 16];
+    for j0 in (0..n).step_by(16) {
+        for (l, sum) in sums.iter_mut().enumerate().take(n - j0) {
+            let j = j0 + l;
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(j * 16)), max));
+            let e = _mm512_maskz_mov_ps(seeing(j), e);
+            _mm512_storeu_ps(p.add(j * 16), e);
+            *sum = _mm512_add_ps(*sum, e);
+        }
+    }
+    let sum = tree8(std::array::from_fn(|l| _mm512_add_ps(sums[l], sums[l + 8])));
+    for j in 0..n {
+        let v = _mm512_div_ps(_mm512_loadu_ps(p.add(j * 16)), sum);
+        _mm512_storeu_ps(p.add(j * 16), v);
+    }
+}
+
+/// Lane by lane, the rest of `_mm512_reduce_add_ps`'s additions once its
+/// first step has added value `l + 8` to value `l`: `v[l] + v[l + 4]`,
+/// then `+ [l + 2]`, then the last pair.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tree8(v: [__m512; 8]) -> __m512 {
+    let add = |a, b| _mm512_add_ps(a, b);
+    let quarters: [__m512; 4] = std::array::from_fn(|l| add(v[l], v[l + 4]));
+    add(add(quarters[0], quarters[2]), add(quarters[1], quarters[3]))
+}
+
 /// `e^x` lane by lane, within 2 ulp of `f32::exp` (NaN stays NaN): `x = n
 /// ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` from its Taylor series to `r^7`
 /// (truncation below 1e-8 relative), times `2^n` by `scalef`, which also

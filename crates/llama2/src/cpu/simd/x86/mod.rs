@@ -265,35 +265,64 @@ pub fn softmax(isa: Isa, x: &mut [f32]) -> bool {
     true
 }
 
-/// Block attention runs at the AVX2 level, from as many queries as the
-/// batch tiles take, for heads of whole groups of 8 (whose dot products
-/// `avx2::scores_by_lanes` reproduces). AVX-512 keeps the dot form: its
-/// 32-token tiles would compute a 16-query block twice, and no AVX-512
-/// machine has measured a 16-token variant yet.
+/// Block attention runs at the AVX2 and AVX-512 levels, from as many
+/// queries as the batch tiles take, for heads of whole groups of 8 (AVX2)
+/// or 16 (AVX-512), whose dot products `scores_by_lanes` reproduces.
 pub fn attends_by_blocks(isa: Isa, queries: usize, hs: usize) -> bool {
     scores_by_lanes_fit(isa, hs) && queries >= OUTER_TOKENS
 }
 
-/// Whether `avx2::scores_by_lanes` serves `isa` for heads of `hs` values.
+/// Queries a block of block attention takes at most: the width of the
+/// level's batch tile (two token blocks at AVX-512, one at AVX2).
+pub fn attention_block_queries(isa: Isa) -> usize {
+    match float_level(isa) {
+        Level::Avx512 => 2 * TOKEN_BLOCK,
+        _ => TOKEN_BLOCK,
+    }
+}
+
+/// Lane sums the level's `dot_f32` keeps before its horizontal sum: 16 at
+/// AVX-512, 8 at AVX2 (and for the levels without a vector dot product,
+/// whose block scores round as AVX2's).
+pub fn dot_lanes(isa: Isa) -> usize {
+    match float_level(isa) {
+        Level::Avx512 => 16,
+        _ => 8,
+    }
+}
+
+/// Whether the level's `scores_by_lanes` serves `isa` for heads of `hs`
+/// values: whole vectors of the level's dot product.
 fn scores_by_lanes_fit(isa: Isa, hs: usize) -> bool {
-    float_level(isa) == Level::Avx2 && hs > 0 && hs.is_multiple_of(8)
+    match float_level(isa) {
+        Level::Avx2 => hs > 0 && hs.is_multiple_of(8),
+        Level::Avx512 => hs > 0 && hs.is_multiple_of(16),
+        _ => false,
+    }
 }
 
 /// `kernels::scores_by_block` two keys against the 16 queries at a time
-/// (`avx2::scores_by_lanes`), for heads of whole groups of 8.
+/// (the level's `scores_by_lanes`), for heads that fit it.
 pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) -> bool {
     let (n, hs) = (keys.count(), keys.width());
     if !scores_by_lanes_fit(isa, hs) {
         return false;
     }
+    let wide = float_level(isa) == Level::Avx512;
     for j0 in (0..n).step_by(2) {
         let rows = (n - j0).min(2);
         // A partial tile repeats its last key; those results are dropped.
         let w: [*const f32; 2] = std::array::from_fn(|r| keys.row(j0 + r.min(rows - 1)).as_ptr());
-        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); each key row
-        // has `hs` values (`Rows`), a multiple of 8, and `queries` `hs *
-        // 16` (the caller asserted it).
-        let v = unsafe { avx2::scores_by_lanes::<2>(w, queries.as_ptr(), hs) };
+        // SAFETY: the level was confirmed (the `Isa`: AVX-512 when `wide`,
+        // AVX2/FMA/F16C otherwise); each key row has `hs` values (`Rows`),
+        // a multiple of the level's width (`scores_by_lanes_fit`), and
+        // `queries` `hs * 16` (the caller asserted it).
+        let v = unsafe {
+            match wide {
+                true => avx512::scores_by_lanes::<2>(w, queries.as_ptr(), hs),
+                false => avx2::scores_by_lanes::<2>(w, queries.as_ptr(), hs),
+            }
+        };
         for (r, scores) in v.iter().take(rows).enumerate() {
             att[(j0 + r) * TOKEN_BLOCK..][..TOKEN_BLOCK].copy_from_slice(scores);
         }
@@ -301,14 +330,17 @@ pub fn scores_by_block(isa: Isa, att: &mut [f32], queries: &[f32], keys: Rows) -
     true
 }
 
-/// `kernels::softmax_by_block` sixteen lanes (two vectors) a key.
+/// `kernels::softmax_by_block` sixteen lanes a key (one AVX-512 vector, two
+/// AVX2 ones).
 pub fn softmax_by_block(isa: Isa, att: &mut [f32], first: usize, scale: f32) -> bool {
-    if float_level(isa) != Level::Avx2 {
-        return false;
+    match float_level(isa) {
+        // SAFETY: AVX-512 was confirmed (the `Isa`); `att` holds whole rows
+        // of 16 (the caller asserted it).
+        Level::Avx512 => unsafe { avx512::softmax_by_block(att, first, scale) },
+        // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); as above.
+        Level::Avx2 => unsafe { avx2::softmax_by_block(att, first, scale) },
+        _ => return false,
     }
-    // SAFETY: AVX2/FMA/F16C were confirmed (the `Isa`); `att` holds whole
-    // rows of 16 (the caller asserted it).
-    unsafe { avx2::softmax_by_block(att, first, scale) };
     true
 }
 
