@@ -103,21 +103,30 @@ impl<'a> View<'a> {
         if out.data.len() < len {
             out.data.resize(len, 0.0);
         }
+        if self.rs == 1 {
+            // Transposed storage: a column's 16 rows are contiguous, and
+            // all the blocks' pieces of one column are one run, read
+            // together (block by block, each column was a 64-byte read
+            // from a different stored row, as far apart as the classifier
+            // gradient's 128 KB rows).
+            for k in 0..width {
+                let column = &self.data[(cols.start + k) * self.cs..];
+                for (b, block) in out.data[..len].chunks_exact_mut(per_block).enumerate() {
+                    let t0 = rows.start + b * TOKEN_BLOCK;
+                    let tokens = (rows.end - t0).min(TOKEN_BLOCK);
+                    let dst = &mut block[k * TOKEN_BLOCK..][..TOKEN_BLOCK];
+                    copy_column(&column[t0..][..tokens], dst);
+                }
+            }
+            return;
+        }
         for (b, block) in out.data[..len].chunks_exact_mut(per_block).enumerate() {
+            // Row-major storage (the only other kind of view): a transpose
+            // of up to 16 rows.
             let t0 = rows.start + b * TOKEN_BLOCK;
             let tokens = (rows.end - t0).min(TOKEN_BLOCK);
-            if self.rs == 1 {
-                // Transposed storage: a column's 16 rows are contiguous.
-                for (k, column) in block.chunks_exact_mut(TOKEN_BLOCK).enumerate() {
-                    let src = &self.data[(cols.start + k) * self.cs + t0..][..tokens];
-                    copy_column(src, column);
-                }
-            } else {
-                // Row-major storage (the only other kind of view): a
-                // transpose of up to 16 rows.
-                let rows_here = &self.data[t0 * self.rs + cols.start..];
-                kernels::pack_token_block(isa, rows_here, (self.rs, tokens, width), block);
-            }
+            let rows_here = &self.data[t0 * self.rs + cols.start..];
+            kernels::pack_token_block(isa, rows_here, (self.rs, tokens, width), block);
         }
     }
 }
