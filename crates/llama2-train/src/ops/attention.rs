@@ -385,7 +385,10 @@ fn sequence_backward(
     let mut dscores = vec![0f32; triangle_row(t_len)];
     let mut scratch = blocks.then(BlockScratch::default);
     for (h, head_probs) in probs.chunks_exact(triangle_row(t_len)).enumerate() {
-        transpose_head(k, s, h, &mut kt);
+        // The block form reads the keys in place.
+        if !blocks {
+            transpose_head(k, s, h, &mut kt);
+        }
         transpose_head(v, s, h, &mut vt);
         dkt.fill(0.0);
         dvt.fill(0.0);
