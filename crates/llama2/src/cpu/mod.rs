@@ -515,7 +515,13 @@ impl Backend for CpuBackend {
     }
 
     fn read(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(&src[..out.len()]);
+        // Split like an element-wise op: a server step's logits are
+        // megabytes (16 sequences x 32000), which one thread copied while
+        // the others waited.
+        let per = self.rows_per_task(out.len(), 1);
+        self.team.for_each_chunk(out, per, |k, dst| {
+            dst.copy_from_slice(&src[k * per..][..dst.len()]);
+        });
         Ok(())
     }
 }
