@@ -189,7 +189,8 @@ struct Head<'a> {
     h: usize,
     /// `[T][Hq * hs]`.
     q: &'a [f32],
-    /// `[hs][T]`.
+    /// `[hs][T]`; not filled in for the block form's backward, which reads
+    /// the keys in place.
     kt: &'a [f32],
 }
 
