@@ -11,14 +11,22 @@ use llama2::sampler::argmax;
 use llama2::{Chunk, CpuBackend, LanguageModel, ModelWeights, Transformer};
 
 /// Prompts of different lengths (token ids of tok512), so that prefill
-/// chunks and decode rows of other sequences share steps.
-const PROMPTS: [&[u32]; 4] = [
+/// chunks and decode rows of other sequences share steps; enough of them
+/// that the later steps decode more rows than the CPU backend attends
+/// head by head (4 per thread), so both task shapes are checked.
+const PROMPTS: [&[u32]; 10] = [
     &[1, 403, 407, 261, 378],
     &[1, 300],
     &[
         1, 270, 280, 290, 300, 310, 320, 330, 340, 350, 360, 370, 380,
     ],
     &[1],
+    &[1, 412],
+    &[1, 263, 300, 401],
+    &[1, 500, 17],
+    &[1, 333, 334, 335, 336, 337, 338],
+    &[1, 280],
+    &[1, 290, 291],
 ];
 /// Greedy tokens decoded after each prompt.
 const DECODE: usize = 24;
