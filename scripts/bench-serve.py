@@ -21,6 +21,14 @@ and per burst of N requests
 Generated tokens come from the `usage.completion_tokens` of the final chunk
 when the server sends one, else from the number of text chunks.
 
+With --cli, each round also times our server's single-stream decode
+without a streaming client: non-streaming requests of `max_tokens` and of
+1 token, alternating (--whole-requests of each), decode tok/s =
+(tokens - 1) / (median time of the long - median time of the short). The
+prompt, HTTP and JSON costs are in both and cancel, and the client parses
+one response instead of an SSE event per token, so on a 2-core machine
+this isolates the server's own decode rate from the client's work.
+
 It prints a Markdown table (medians over rounds of the aggregate, medians
 over all requests of the per-stream rate, p50/p90 TTFT), then our ratios to
 llama-server: aggregate and TTFT at each level, each engine's aggregate at
@@ -219,6 +227,35 @@ def request_row(r):
             "usage": r["usage"]}
 
 
+def whole_request(port, max_tokens, args, timeout=600):
+    """One non-streaming completion; returns (seconds, completion tokens)."""
+    body = {"model": "bench", "prompt": args.prompt, "max_tokens": max_tokens,
+            "temperature": args.temperature, "ignore_eos": True}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    payload = json.dumps(body).encode()
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    took = time.perf_counter() - start
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {data[:500]!r}")
+    return took, json.loads(data)["usage"]["completion_tokens"]
+
+
+def whole_request_rate(port, args):
+    """Single-stream decode tok/s from non-streaming requests: long minus
+    short (see the module's docstring)."""
+    long, short = [], []
+    for _ in range(args.whole_requests):
+        long.append(whole_request(port, args.max_tokens, args))
+        short.append(whole_request(port, 1, args))
+    tokens = long[0][1]
+    extra = statistics.median(t for t, _ in long) - statistics.median(t for t, _ in short)
+    return (tokens - 1) / extra if tokens > 1 and extra > 0 else None
+
+
 # --- the CLI's own single-stream rate ---------------------------------------
 
 def cli_rate(binary, args):
@@ -256,7 +293,7 @@ def ratio_cell(pairs):
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def report(rows, cli, engines, levels):
+def report(rows, cli, whole, engines, levels):
     """Markdown: one line per engine and level, then our ratios."""
     med = statistics.median
     by = {}
@@ -312,8 +349,12 @@ def report(rows, cli, engines, levels):
     if cli and (OURS, 1) in by:
         single = {row["round"]: med([r["decode_tok_s"] for r in row["requests"]
                                      if r["decode_tok_s"]]) for row in by[(OURS, 1)]}
-        out += ["", f"single-stream server / CLI decode: "
+        out += ["", f"single-stream server / CLI decode, by the streaming client's clock: "
                 f"{ratio_cell([(single[k], cli[k]) for k in single if k in cli])}"]
+    if cli and whole:
+        out += [f"single-stream server / CLI decode, non-streaming (long minus short "
+                f"request, median {med(whole.values()):,.1f} tok/s): "
+                f"{ratio_cell([(whole[k], cli[k]) for k in whole if k in cli])}"]
     return "\n".join(out)
 
 
@@ -328,6 +369,8 @@ def main():
     ap.add_argument("--cli-args", help="extra arguments for the --cli run (e.g. a tokenizer)")
     ap.add_argument("--cli-prompt-slack", type=int, default=16,
                     help="positions added to --max-tokens for the CLI's -n (the prompt)")
+    ap.add_argument("--whole-requests", type=int, default=5,
+                    help="with --cli: non-streaming requests of each length per round (default 5)")
     ap.add_argument("--model", type=Path, help="GGUF file both servers load ({model})")
     ap.add_argument("--concurrency", default="1,16",
                     type=lambda s: [int(x) for x in s.split(",")],
@@ -351,7 +394,7 @@ def main():
         sys.exit("--cli needs --model")
     args.work.mkdir(parents=True, exist_ok=True)
     raw = open(args.work / "results.jsonl", "a")
-    rows, cli = [], {}
+    rows, cli, whole = [], {}, {}
     load_before = os.getloadavg()
     for rnd in range(args.rounds):
         order = list(engines) if rnd % 2 == 0 else list(engines)[::-1]
@@ -372,6 +415,12 @@ def main():
                     rates = [r["decode_tok_s"] for r in row["requests"] if r["decode_tok_s"]]
                     print(f"round {rnd} {engine} c={n}: {aggregate:,.1f} tok/s aggregate, "
                           f"{statistics.median(rates):,.1f} per stream", file=sys.stderr)
+                if args.cli and engine == OURS:
+                    whole[rnd] = whole_request_rate(server.port, args)
+                    raw.write(json.dumps({"engine": engine, "round": rnd, "concurrency": 1,
+                                          "non_streaming_decode_tok_s": whole[rnd]}) + "\n")
+                    print(f"round {rnd} {engine} non-streaming: {whole[rnd] or 0:,.1f} tok/s",
+                          file=sys.stderr)
             finally:
                 server.stop()
         if args.cli:
@@ -383,7 +432,8 @@ def main():
     load = " / ".join(f"{a:.2f}" for a in (load_before[0], os.getloadavg()[0]))
     print(f"{args.rounds} rounds, max_tokens {args.max_tokens}, {args.threads} threads, "
           f"1-minute load average before / after: {load}\n")
-    print(report(rows, cli, list(engines), args.concurrency))
+    whole = {k: v for k, v in whole.items() if v}
+    print(report(rows, cli, whole, list(engines), args.concurrency))
 
 
 if __name__ == "__main__":
