@@ -175,6 +175,14 @@ pub trait Backend {
     /// Copies the first `out.len()` values of `src` to the host.
     fn read(&mut self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
 
+    /// As `read`, and says whether every value copied is finite (the model
+    /// refuses logits with NaN or infinity). The default scans the copy;
+    /// a backend whose threads share the copy checks each part as it goes.
+    fn read_finite(&mut self, src: &Self::Buffer, out: &mut [f32]) -> Result<bool> {
+        self.read(src, out)?;
+        Ok(all_finite(out))
+    }
+
     // ------------------------------------------------------------------
     // Fused ops: defaults chain the primitives above.
 
@@ -278,5 +286,47 @@ pub trait Backend {
             &mut [(w1, &mut *gate), (w3, &mut *up)],
         )?;
         self.silu_mul(gate, up, rows * config.hidden_dim)
+    }
+}
+
+/// Whether every value is finite, in one vectorizable pass: `x * 0` is 0
+/// for a finite `x` and NaN for NaN or infinity, and 16 independent lane
+/// sums keep the loop free of a serial dependency (a batch step checks
+/// every sequence's logits while the other threads wait).
+pub(crate) fn all_finite(v: &[f32]) -> bool {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (acc, &x) in lanes.iter_mut().zip(chunk) {
+            *acc += x * 0.0;
+        }
+    }
+    lanes.iter().all(|&a| a == 0.0) && tail.iter().all(|x| x.is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_finite;
+
+    #[test]
+    fn all_finite_finds_any_nan_or_infinity_at_any_place() {
+        for len in [0usize, 1, 15, 16, 17, 100, 32000] {
+            let v: Vec<f32> = (0..len).map(|i| (i as f32 - 50.0) * 1e30).collect();
+            assert!(all_finite(&v), "len {len}");
+            for at in [0, len / 2, len.saturating_sub(1)] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    if len == 0 {
+                        continue;
+                    }
+                    let mut w = v.clone();
+                    w[at] = bad;
+                    assert!(!all_finite(&w), "len {len} at {at} {bad}");
+                }
+            }
+        }
+        // Large finite values whose differences would overflow stay finite.
+        assert!(all_finite(&[f32::MAX, -f32::MAX, f32::MAX]));
     }
 }

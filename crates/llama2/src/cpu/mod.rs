@@ -16,12 +16,13 @@ mod team;
 pub use attention::{CpuKvCache, KV_BLOCK};
 use attention::{Inputs, RopeTable};
 
-use crate::backend::{Backend, Segment};
+use crate::backend::{all_finite, Backend, Segment};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix};
 use kernels::{Isa, Prepared, Q8Acts, TokenBlocks};
 use packed::CpuMatrix;
+use std::sync::atomic::{AtomicBool, Ordering};
 use team::Team;
 
 /// Multiply-adds below which a product or attention is not worth splitting
@@ -528,5 +529,19 @@ impl Backend for CpuBackend {
             dst.copy_from_slice(&src[k * per..][..dst.len()]);
         });
         Ok(())
+    }
+
+    fn read_finite(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<bool> {
+        // Each part is checked by the thread that copied it, while it is
+        // in that core's cache.
+        let per = self.rows_per_task(out.len(), 1);
+        let finite = AtomicBool::new(true);
+        self.team.for_each_chunk(out, per, |k, dst| {
+            dst.copy_from_slice(&src[k * per..][..dst.len()]);
+            if !all_finite(dst) {
+                finite.store(false, Ordering::Relaxed);
+            }
+        });
+        Ok(finite.into_inner())
     }
 }
