@@ -85,7 +85,7 @@ fn build(args: &BenchArgs, device: Device) -> Result<(Box<dyn LanguageModel>, Co
     if let Some(path) = &args.model {
         let weights = checkpoint::open(path, args.device.ctx_size)?;
         let dtype = args.device.dtype.unwrap_or(weights.layers[0].wq.dtype());
-        let model = device::load_model(&weights, &args.device)?;
+        let model = device::load_model_on(&weights, &args.device, device)?;
         return Ok((model, weights.config, dtype));
     }
     let config = shape_config(&args.shape)?;

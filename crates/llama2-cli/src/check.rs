@@ -52,12 +52,13 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         dtype: Some(dtype),
         ..args.device.clone()
     };
-    let on_cpu = device::resolve(&tested_args)? == Device::Cpu;
+    let device = device::resolve(&tested_args)?;
+    let on_cpu = device == Device::Cpu;
     let cpu_asked = args.device.device == Device::Cpu || args.device.isa.is_some();
     if on_cpu && !cpu_asked {
         bail!("no GPU to check: `check` compares a GPU with the CPU (or, with --device cpu or --isa, a CPU level with the scalar reference)");
     }
-    let mut tested = device::load_model(&weights, &tested_args)?;
+    let mut tested = device::load_model_on(&weights, &tested_args, device)?;
     // A GPU is compared with the CPU's fastest kernels; CPU kernels with the
     // scalar reference loops.
     let reference_isa = if on_cpu {

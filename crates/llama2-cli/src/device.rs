@@ -66,7 +66,17 @@ pub fn cpu_backend(args: &DeviceArgs, dtype: Option<DType>) -> Result<CpuBackend
 
 /// Loads `weights` onto the device `args` asks for.
 pub fn load_model(weights: &ModelWeights, args: &DeviceArgs) -> Result<Box<dyn LanguageModel>> {
-    Ok(match resolve(args)? {
+    load_model_on(weights, args, resolve(args)?)
+}
+
+/// Loads `weights` onto `device`, already resolved from `args` (so a
+/// command that needs the device first prints `resolve`'s note once).
+pub fn load_model_on(
+    weights: &ModelWeights,
+    args: &DeviceArgs,
+    device: Device,
+) -> Result<Box<dyn LanguageModel>> {
+    Ok(match device {
         Device::Cuda => llama2_cuda::load_model(weights, args.dtype)?,
         _ => Box::new(Transformer::new(cpu_backend(args, args.dtype)?, weights)?),
     })

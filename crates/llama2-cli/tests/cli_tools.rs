@@ -191,6 +191,21 @@ fn auto_device_falls_back_to_the_cpu_and_says_why() {
         "{}",
         run.stderr
     );
+    // `bench` and `check` need the device before loading: still one note.
+    let bench = llama2(&[
+        "bench",
+        "--model",
+        &arg(&model_path("stories260K.bin")),
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+    ]);
+    bench.ok();
+    let notes = bench.stderr.matches("note: running on the CPU").count();
+    assert_eq!(notes, 1, "{}", bench.stderr);
 }
 
 #[test]
