@@ -291,8 +291,8 @@ pub trait Backend {
 
 /// Whether every value is finite, in one vectorizable pass: `x * 0` is 0
 /// for a finite `x` and NaN for NaN or infinity, and 16 independent lane
-/// sums keep the loop free of a serial dependency (a batch step checks
-/// every sequence's logits while the other threads wait).
+/// sums keep the loop free of a serial dependency (it runs over every
+/// token's logits).
 pub(crate) fn all_finite(v: &[f32]) -> bool {
     const LANES: usize = 16;
     let mut lanes = [0f32; LANES];

@@ -521,19 +521,14 @@ impl Backend for CpuBackend {
     }
 
     fn read(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<()> {
-        // Split like an element-wise op: a server step's logits are
-        // megabytes (16 sequences x 32000), which one thread copied while
-        // the others waited.
-        let per = self.rows_per_task(out.len(), 1);
-        self.team.for_each_chunk(out, per, |k, dst| {
-            dst.copy_from_slice(&src[k * per..][..dst.len()]);
-        });
-        Ok(())
+        self.read_finite(src, out).map(|_| ())
     }
 
     fn read_finite(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<bool> {
-        // Each part is checked by the thread that copied it, while it is
-        // in that core's cache.
+        // Split like an element-wise op: a server step's logits are
+        // megabytes (16 sequences x 32000), which one thread copied and
+        // checked while the others waited. Each part is checked by the
+        // thread that copied it, while it is in that core's cache.
         let per = self.rows_per_task(out.len(), 1);
         let finite = AtomicBool::new(true);
         self.team.for_each_chunk(out, per, |k, dst| {
