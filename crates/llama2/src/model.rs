@@ -455,6 +455,25 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
+/// Copies rows of `v` logits from `src` into `out` and refuses them if any
+/// is NaN or infinite, naming the position (`position(row)`) of the first
+/// such row.
+fn read_logits<B: Backend>(
+    backend: &mut B,
+    src: &B::Buffer,
+    out: &mut [f32],
+    v: usize,
+    position: impl Fn(usize) -> usize,
+) -> Result<()> {
+    if backend.read_finite(src, out)? {
+        return Ok(());
+    }
+    for (i, row) in out.chunks(v).enumerate() {
+        check_logits(row, position(i))?;
+    }
+    Ok(())
+}
+
 /// Refuses logits with NaN or infinity (at position `pos`): sampling from
 /// them would print one token over and over, or garbage, with no sign that
 /// anything went wrong. One pass over the vocabulary per token.
@@ -496,12 +515,8 @@ impl<B: Backend> LanguageModel for Transformer<B> {
             pos += chunk.len();
         }
         self.logits.resize(v, 0.0);
-        if !self
-            .backend
-            .read_finite(&self.state.logits, &mut self.logits[..v])?
-        {
-            check_logits(&self.logits[..v], pos - 1)?;
-        }
+        let out = &mut self.logits[..v];
+        read_logits(&mut self.backend, &self.state.logits, out, v, |_| pos - 1)?;
         Ok(&self.logits[..v])
     }
 
@@ -514,11 +529,7 @@ impl<B: Backend> LanguageModel for Transformer<B> {
             self.run_chunk(chunk, pos, Logits::All)?;
             let at = (pos - pos0) * v;
             let out = &mut self.logits[at..at + chunk.len() * v];
-            if !self.backend.read_finite(&self.state.logits, out)? {
-                for (i, row) in out.chunks(v).enumerate() {
-                    check_logits(row, pos + i)?;
-                }
-            }
+            read_logits(&mut self.backend, &self.state.logits, out, v, |i| pos + i)?;
             pos += chunk.len();
         }
         Ok(&self.logits)
@@ -570,14 +581,14 @@ impl<B: Backend> LanguageModel for Transformer<B> {
         }
         let v = self.config.vocab_size;
         self.logits.resize(chunks.len() * v, 0.0);
-        if !self
-            .backend
-            .read_finite(&self.state.logits, &mut self.logits)?
-        {
-            for (row, c) in self.logits.chunks(v).zip(chunks) {
-                check_logits(row, c.pos0 + c.tokens.len() - 1)?;
-            }
-        }
+        let last = |i: usize| chunks[i].pos0 + chunks[i].tokens.len() - 1;
+        read_logits(
+            &mut self.backend,
+            &self.state.logits,
+            &mut self.logits,
+            v,
+            last,
+        )?;
         Ok(&mut self.logits)
     }
 }
