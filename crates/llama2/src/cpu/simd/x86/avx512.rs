@@ -120,12 +120,108 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
         }
     }
     let mut out = [[0f32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    if R * T == 8 || R * T == 16 {
+        // Many sums at once: a quarter of the shuffles of one
+        // `_mm512_reduce_add_ps` each (the scores of decode attention are
+        // 48 or 64 multiply-adds per key, so the sums are most of the work).
+        let mut v = [_mm512_setzero_ps(); 16];
+        for r in 0..R {
+            for t in 0..T {
+                v[r * T + t] = acc[r][t];
+            }
+        }
+        let sums = match R * T {
+            8 => sums8(std::array::from_fn(|i| v[i])),
+            _ => sums16(v),
+        };
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = sums[r * T + t];
+            }
+        }
+    } else {
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+            }
         }
     }
     out
+}
+
+/// The lane sums of eight vectors, each rounded as `_mm512_reduce_add_ps`
+/// rounds it: value `l + 8` added to value `l`, then `l + 4`, then `l + 2`,
+/// then the last pair, for all eight at once by shuffling two vectors'
+/// halves (then quarters, pairs) together before each addition.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sums8(v: [__m512; 8]) -> [f32; 16] {
+    let halves: [__m512; 4] = std::array::from_fn(|j| halves_added(v[2 * j], v[2 * j + 1]));
+    let quarters: [__m512; 2] =
+        std::array::from_fn(|m| quarters_added(halves[2 * m], halves[2 * m + 1]));
+    let pairs = pairs_added(quarters[0], quarters[1]);
+    in_order(last_added(pairs, pairs))
+}
+
+/// `sums8` for sixteen vectors.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sums16(v: [__m512; 16]) -> [f32; 16] {
+    let halves: [__m512; 8] = std::array::from_fn(|j| halves_added(v[2 * j], v[2 * j + 1]));
+    let quarters: [__m512; 4] =
+        std::array::from_fn(|m| quarters_added(halves[2 * m], halves[2 * m + 1]));
+    let pairs: [__m512; 2] =
+        std::array::from_fn(|p| pairs_added(quarters[2 * p], quarters[2 * p + 1]));
+    in_order(last_added(pairs[0], pairs[1]))
+}
+
+/// `[a.lo + a.hi, b.lo + b.hi]` by 256-bit halves: each vector's values
+/// `l + 8` added to its values `l`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn halves_added(a: __m512, b: __m512) -> __m512 {
+    let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+    let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+    _mm512_add_ps(lo, hi)
+}
+
+/// From two results of `halves_added` (vectors `a, b` and `c, d`), each
+/// vector's 8 sums folded to 4, one vector per 128-bit lane: `[a, b, c, d]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn quarters_added(p: __m512, q: __m512) -> __m512 {
+    let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(p, q);
+    let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(p, q);
+    _mm512_add_ps(even, odd)
+}
+
+/// From two results of `quarters_added`, each lane's 4 sums folded to 2:
+/// lane `L` holds `r`'s two then `s`'s two.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn pairs_added(r: __m512, s: __m512) -> __m512 {
+    let first = _mm512_shuffle_ps::<0b01_00_01_00>(r, s);
+    let second = _mm512_shuffle_ps::<0b11_10_11_10>(r, s);
+    _mm512_add_ps(first, second)
+}
+
+/// The last addition: lane `L` of the result holds vectors `L, L + 4,
+/// L + 8, L + 12`'s sums (of sixteen; of eight, `L` and `L + 4` twice).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn last_added(t: __m512, u: __m512) -> __m512 {
+    let first = _mm512_shuffle_ps::<0b10_00_10_00>(t, u);
+    let second = _mm512_shuffle_ps::<0b11_01_11_01>(t, u);
+    _mm512_add_ps(first, second)
+}
+
+/// `last_added`'s sums by vector: vector `k`'s is value `4 (k % 4) + k / 4`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn in_order(v: __m512) -> [f32; 16] {
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+    std::array::from_fn(|k| lanes[4 * (k % 4) + k / 4])
 }
 
 /// The batched f32 product tile: `R` weight rows against `B` blocks of 16
