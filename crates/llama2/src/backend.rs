@@ -23,6 +23,51 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::HostMatrix;
 
+/// How a backend's KV caches store keys and values. f32 keeps llama2.c's
+/// arithmetic; f16 halves the cache (the bytes attention reads per token
+/// and the memory per sequence), as llama.cpp's default cache does, at a
+/// rounding of every key and value to 11 significant bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(KvDtype::F32),
+            "f16" | "fp16" => Ok(KvDtype::F16),
+            _ => Err(format!("unknown KV cache type '{s}': expected f32 or f16")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The rows of a batched step that belong to one sequence: rows `rows` of
 /// every activation buffer, at positions `pos0..pos0 + rows.len()` of that
 /// sequence, attending over its own KV cache.

@@ -47,7 +47,7 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod tokenizer_train;
 
-pub use backend::{Backend, Segment};
+pub use backend::{Backend, KvDtype, Segment};
 pub use checkpoint::{FileFormat, ModelWeights};
 pub use config::Config;
 pub use cpu::CpuBackend;

@@ -7,6 +7,7 @@
 //! seeded, and include sizes that are not multiples of the vector width or
 //! the group size. `scripts/test-aarch64.sh` runs them for NEON under qemu.
 
+use half::f16;
 use llama2::cpu::kernels::{self, Isa, Level, Prepared, Q8Acts, Rows, TokenBlocks};
 use llama2::cpu::packed::{self, CpuMatrix};
 use llama2::cpu::reference;
@@ -75,6 +76,46 @@ fn dot_and_axpy_match_scalar() {
             kernels::axpy(isa, &mut y, 0.7, &b);
             let want: Vec<f32> = a.iter().zip(&b).map(|(y, x)| y + 0.7 * x).collect();
             assert_close(&format!("axpy {isa:?} len {len}"), &y, &want, 1e-6);
+        }
+    }
+}
+
+/// An f16 KV cache's rows (keys for the scores, values for the sums) give
+/// at every level exactly the bits their f32 widening gives there: the
+/// same kernels, loading f16.
+#[test]
+fn attention_kernels_on_f16_rows_match_their_f32_widening() {
+    let mut rng = Rng::new(12);
+    for isa in Isa::all() {
+        for hs in [1, 7, 16, 24, 32, 48, 64, 72, 96, 100, 128] {
+            for tokens in 1..=5 {
+                let n = below(&mut rng, 70);
+                let stride = hs + below(&mut rng, 3) * 8;
+                let len = |count: usize| count.checked_sub(1).map_or(0, |c| c * stride + hs);
+                let halves: Vec<f16> = random_vec(&mut rng, len(n))
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+                let qs = random_vec(&mut rng, len(tokens));
+                let queries = Rows::new(&qs, stride, hs, tokens);
+                let (half_rows, wide_rows) = (
+                    Rows::new(&halves, stride, hs, n),
+                    Rows::new(&widened, stride, hs, n),
+                );
+                let what = format!("{isa:?} hs {hs} queries {tokens} keys {n} stride {stride}");
+                let scale = (hs as f32).sqrt();
+                let (mut got, mut want) = (vec![f32::NAN; tokens * n], vec![0f32; tokens * n]);
+                kernels::attention_scores(isa, &mut got, queries, half_rows, scale);
+                kernels::attention_scores(isa, &mut want, queries, wide_rows, scale);
+                assert_same(&format!("f16 scores {what}"), &got, &want);
+
+                let att = random_vec(&mut rng, tokens * n);
+                let (mut got, mut want) = (vec![f32::NAN; tokens * hs], vec![0f32; tokens * hs]);
+                kernels::weighted_sum(isa, &mut got, &att, half_rows);
+                kernels::weighted_sum(isa, &mut want, &att, wide_rows);
+                assert_same(&format!("f16 weighted sum {what}"), &got, &want);
+            }
         }
     }
 }

@@ -18,10 +18,13 @@
 //! vector kernels stream at full speed; growing a sequence's run is a
 //! `Vec` growth, amortized like any other.
 
-use super::kernels::{self, Isa, Rows, TokenBlocks, TOKEN_BLOCK};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::kernels::{self, Isa, KvRows, Rows, TokenBlocks, TOKEN_BLOCK};
 use super::team::Team;
 use super::{grow_to, PARALLEL_WORK};
-use crate::backend::Segment;
+use crate::backend::{KvDtype, Segment};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -39,34 +42,76 @@ const WHOLE_ROWS_PER_THREAD: usize = 4;
 /// in.
 pub const KV_BLOCK: usize = 16;
 
-/// One layer's cache of one sequence.
-struct LayerCache {
-    keys: Vec<f32>,   // [positions][KV]
-    values: Vec<f32>, // [positions][KV]
+/// One layer's cache of one sequence, in the cache's storage type.
+struct LayerCache<T> {
+    keys: Vec<T>,   // [positions][KV]
+    values: Vec<T>, // [positions][KV]
+}
+
+impl<T: Copy + Default> LayerCache<T> {
+    fn new(len: usize) -> Self {
+        LayerCache {
+            keys: vec![T::default(); len],
+            values: vec![T::default(); len],
+        }
+    }
+
+    /// Stores `k` and `v` at values `at..` (whole positions), growing both
+    /// to `grown` values first when they are shorter; `put` converts.
+    fn store(
+        &mut self,
+        at: usize,
+        (k, v): (&[f32], &[f32]),
+        grown: usize,
+        put: fn(&mut [T], &[f32]),
+    ) {
+        if self.keys.len() < at + k.len() {
+            self.keys.resize(grown, T::default());
+            self.values.resize(grown, T::default());
+        }
+        put(&mut self.keys[at..at + k.len()], k);
+        put(&mut self.values[at..at + v.len()], v);
+    }
+
+    /// Head `kv_off / hs`'s keys and values at positions `0..n`.
+    fn head(
+        &self,
+        (kv, kv_off, hs): (usize, usize, usize),
+        n: usize,
+    ) -> (Rows<'_, T>, Rows<'_, T>) {
+        (
+            Rows::new(&self.keys[kv_off..], kv, hs, n),
+            Rows::new(&self.values[kv_off..], kv, hs, n),
+        )
+    }
+}
+
+/// Every layer's cache, `[L]`, in one storage type.
+enum Layers {
+    F32(Vec<LayerCache<f32>>),
+    F16(Vec<LayerCache<f16>>),
 }
 
 /// The key and value caches of one sequence, all layers.
 pub struct CpuKvCache {
-    layers: Vec<LayerCache>, // [L]
+    layers: Layers,
     kv: usize,
     /// The model's context: no cache grows past it.
     seq_len: usize,
 }
 
 impl CpuKvCache {
-    /// Caches with room for `positions` positions, refused up front when
-    /// the whole context's would not fit in memory (every cache may grow
-    /// that far).
-    pub(super) fn new(c: &Config, positions: usize) -> Result<Self> {
+    /// Caches in `dtype` with room for `positions` positions, refused up
+    /// front when the whole context's would not fit in memory (every cache
+    /// may grow that far).
+    pub(super) fn new(c: &Config, positions: usize, dtype: KvDtype) -> Result<Self> {
         let kv = c.kv_dim();
         c.check_kv_cache_fits()?;
         let len = positions.min(c.seq_len) * kv;
-        let layers = (0..c.n_layers)
-            .map(|_| LayerCache {
-                keys: vec![0.0; len],
-                values: vec![0.0; len],
-            })
-            .collect();
+        let layers = match dtype {
+            KvDtype::F32 => Layers::F32((0..c.n_layers).map(|_| LayerCache::new(len)).collect()),
+            KvDtype::F16 => Layers::F16((0..c.n_layers).map(|_| LayerCache::new(len)).collect()),
+        };
         Ok(CpuKvCache {
             layers,
             kv,
@@ -76,9 +121,11 @@ impl CpuKvCache {
 
     /// Positions this cache holds room for.
     pub fn positions(&self) -> usize {
-        self.layers
-            .first()
-            .map_or(0, |l| l.keys.len() / self.kv.max(1))
+        let values = match &self.layers {
+            Layers::F32(l) => l.first().map_or(0, |l| l.keys.len()),
+            Layers::F16(l) => l.first().map_or(0, |l| l.keys.len()),
+        };
+        values / self.kv.max(1)
     }
 
     /// Stores `k` and `v` `[rows][KV]` at `pos0..` of `layer`, growing the
@@ -93,15 +140,34 @@ impl CpuKvCache {
                 self.seq_len
             )));
         }
-        let l = &mut self.layers[layer];
-        if l.keys.len() < end * kv {
-            let grown = end.next_multiple_of(KV_BLOCK).min(self.seq_len) * kv;
-            l.keys.resize(grown, 0.0);
-            l.values.resize(grown, 0.0);
+        let grown = end.next_multiple_of(KV_BLOCK).min(self.seq_len) * kv;
+        let at = pos0 * kv;
+        match &mut self.layers {
+            Layers::F32(l) => l[layer].store(at, (k, v), grown, |d, s| d.copy_from_slice(s)),
+            Layers::F16(l) => l[layer].store(at, (k, v), grown, |d, s| d.convert_from_f32_slice(s)),
         }
-        l.keys[pos0 * kv..end * kv].copy_from_slice(k);
-        l.values[pos0 * kv..end * kv].copy_from_slice(v);
         Ok(())
+    }
+
+    /// One head's keys and values of `layer` at positions `0..n`: the
+    /// head whose values start `kv_off` into each position's `KV`.
+    fn head(
+        &self,
+        layer: usize,
+        (kv_off, hs): (usize, usize),
+        n: usize,
+    ) -> (KvRows<'_>, KvRows<'_>) {
+        let at = (self.kv, kv_off, hs);
+        match &self.layers {
+            Layers::F32(l) => {
+                let (k, v) = l[layer].head(at, n);
+                (k.into(), v.into())
+            }
+            Layers::F16(l) => {
+                let (k, v) = l[layer].head(at, n);
+                (k.into(), v.into())
+            }
+        }
     }
 }
 
@@ -239,7 +305,6 @@ pub(super) fn attend(
     let attend_head = |(segment, rows, head): (usize, std::ops::Range<usize>, usize),
                        (o, att): (&mut [f32], &mut [f32])| {
         let seg = &segments[segment];
-        let cache = &caches[segment].layers[layer];
         // Keys the block's last query sees; earlier queries get zero
         // weight on the later ones, which keeps the sums exactly as if
         // they were not there.
@@ -247,8 +312,7 @@ pub(super) fn attend(
         let n = first + rows.len();
         let kv_off = (head / c.kv_group()) * hs;
         let queries = Rows::new(&inputs.q[rows.start * d + head * hs..], d, hs, rows.len());
-        let keys = Rows::new(&cache.keys[kv_off..], kv, hs, n);
-        let values = Rows::new(&cache.values[kv_off..], kv, hs, n);
+        let (keys, values) = caches[segment].head(layer, (kv_off, hs), n);
         if rows.len() > QUERY_BLOCK {
             attend_block(isa, o, (queries, keys, values), first, scale);
         } else {
@@ -289,6 +353,10 @@ thread_local! {
     /// `[blocks][hs][TOKEN_BLOCK]`, and its scores, then probabilities, as
     /// token blocks whose columns are the keys `[blocks][keys][TOKEN_BLOCK]`.
     static BLOCK_SCRATCH: std::cell::RefCell<(Vec<f32>, TokenBlocks)> = Default::default();
+    /// Per worker, for `attend_block` over an f16 cache: the head's keys and
+    /// values widened to f32 `[keys][hs]` each. A block of 16 or 32 queries
+    /// shares the one conversion.
+    static WIDE_KV: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
 }
 
 /// One head's attention for a block of up to
@@ -298,6 +366,23 @@ thread_local! {
 /// a batch product and the causal softmax down each query's lane, then
 /// the weighted sum of the values as one batch product over all of them.
 fn attend_block(
+    isa: Isa,
+    out: &mut [f32],
+    (queries, keys, values): (Rows, KvRows, KvRows),
+    first: usize,
+    scale: f32,
+) {
+    WIDE_KV.with_borrow_mut(|(wk, wv)| {
+        keys.as_f32(wk, |keys| {
+            values.as_f32(wv, |values| {
+                attend_block_f32(isa, out, (queries, keys, values), first, scale)
+            })
+        })
+    })
+}
+
+/// `attend_block` over f32 keys and values.
+fn attend_block_f32(
     isa: Isa,
     out: &mut [f32],
     (queries, keys, values): (Rows, Rows, Rows),
@@ -332,7 +417,7 @@ fn attend_block(
 fn attend_dots(
     isa: Isa,
     (out, att): (&mut [f32], &mut [f32]),
-    (queries, keys, values): (Rows, Rows, Rows),
+    (queries, keys, values): (Rows, KvRows, KvRows),
     first: usize,
     scale: f32,
 ) {

@@ -6,9 +6,10 @@
 
 use std::ops::Range;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::simd;
+use super::{grow_to, simd};
 use crate::tensor::{HostMatrix, MatrixData};
 
 // ----------------------------------------------------------------------------
@@ -221,19 +222,28 @@ pub fn sigmoid(isa: Isa, x: &mut [f32]) {
 
 /// `count` rows of `width` values, row `i` at `data[i * stride..][..width]`:
 /// one head's queries for a block of tokens, or its keys or values in the
-/// KV cache. The constructor checks that every row lies in `data`, which
-/// the vector kernels rely on.
-#[derive(Clone, Copy, Debug)]
-pub struct Rows<'a> {
-    data: &'a [f32],
+/// KV cache (f32, or f16 in a half-size cache). The constructor checks that
+/// every row lies in `data`, which the vector kernels rely on.
+#[derive(Debug)]
+pub struct Rows<'a, T = f32> {
+    data: &'a [T],
     stride: usize,
     width: usize,
     count: usize,
 }
 
-impl<'a> Rows<'a> {
+// Not derived: a derive would ask `T: Copy` although only a reference is copied.
+impl<T> Clone for Rows<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Rows<'_, T> {}
+
+impl<'a, T> Rows<'a, T> {
     /// Panics when row `count - 1` would end past `data` or rows overlap.
-    pub fn new(data: &'a [f32], stride: usize, width: usize, count: usize) -> Self {
+    pub fn new(data: &'a [T], stride: usize, width: usize, count: usize) -> Self {
         assert!(
             count == 0 || (width <= stride && (count - 1) * stride + width <= data.len()),
             "{count} rows of {width} values {stride} apart do not fit in {} values",
@@ -247,12 +257,12 @@ impl<'a> Rows<'a> {
         }
     }
 
-    pub fn row(&self, i: usize) -> &'a [f32] {
+    pub fn row(&self, i: usize) -> &'a [T] {
         &self.data[i * self.stride..][..self.width]
     }
 
     /// The values the rows lie in: row `i` starts `i * stride` in.
-    pub fn data(&self) -> &'a [f32] {
+    pub fn data(&self) -> &'a [T] {
         self.data
     }
 
@@ -270,10 +280,76 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// Keys or values of one head as a KV cache stores them.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    F32(Rows<'a, f32>),
+    /// Half the bytes per position; every value widens to f32 exactly, so
+    /// the kernels give the bits they give on the widened rows.
+    F16(Rows<'a, f16>),
+}
+
+impl KvRows<'_> {
+    pub fn width(&self) -> usize {
+        match self {
+            KvRows::F32(r) => r.width(),
+            KvRows::F16(r) => r.width(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        match self {
+            KvRows::F32(r) => r.count(),
+            KvRows::F16(r) => r.count(),
+        }
+    }
+
+    /// Runs `f` on these rows as f32: in place, or (f16) widened into
+    /// `scratch` as `[count][width]`.
+    pub fn as_f32<R>(self, scratch: &mut Vec<f32>, f: impl FnOnce(Rows<'_, f32>) -> R) -> R {
+        match self {
+            KvRows::F32(r) => f(r),
+            KvRows::F16(r) => {
+                let (w, n) = (r.width(), r.count());
+                let wide = grow_to(scratch, w * n);
+                for (j, out) in wide.chunks_exact_mut(w.max(1)).take(n).enumerate() {
+                    r.row(j).convert_to_f32_slice(out);
+                }
+                f(Rows::new(wide, w, w, n))
+            }
+        }
+    }
+}
+
+impl<'a> From<Rows<'a, f32>> for KvRows<'a> {
+    fn from(r: Rows<'a, f32>) -> Self {
+        KvRows::F32(r)
+    }
+}
+
+impl<'a> From<Rows<'a, f16>> for KvRows<'a> {
+    fn from(r: Rows<'a, f16>) -> Self {
+        KvRows::F16(r)
+    }
+}
+
+thread_local! {
+    /// Keys or values widened to f32 where a level has no f16 kernel.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = Default::default();
+}
+
 /// Attention scores of one head for a block of queries:
 /// `att[t * n + j] = (queries.row(t) · keys.row(j)) / scale` for the `n =
 /// keys.count()` keys. A block shares each loaded key among its queries.
-pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) {
+/// f16 keys give the bits their f32 widening gives, at every level.
+pub fn attention_scores<'k>(
+    isa: Isa,
+    att: &mut [f32],
+    queries: Rows,
+    keys: impl Into<KvRows<'k>>,
+    scale: f32,
+) {
+    let keys = keys.into();
     let n = keys.count();
     assert_eq!(att.len(), queries.count() * n, "scores are [queries][keys]");
     assert_eq!(
@@ -281,34 +357,46 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
         keys.width(),
         "queries and keys differ in size"
     );
-    if !simd::attention_scores(isa, att, queries, keys, scale) {
-        for (t, att) in att.chunks_exact_mut(n.max(1)).enumerate() {
-            for (j, a) in att.iter_mut().enumerate() {
-                *a = dot_f32(isa, queries.row(t), keys.row(j)) / scale;
-            }
-        }
+    if simd::attention_scores(isa, att, queries, keys, scale) {
+        return;
     }
+    WIDENED.with_borrow_mut(|scratch| {
+        keys.as_f32(scratch, |keys| {
+            for (t, att) in att.chunks_exact_mut(n.max(1)).enumerate() {
+                for (j, a) in att.iter_mut().enumerate() {
+                    *a = dot_f32(isa, queries.row(t), keys.row(j)) / scale;
+                }
+            }
+        })
+    })
 }
 
 /// For each query `t` of a block: `out[t * hs..][..hs] = sum over j of
 /// att[t * n + j] * values.row(j)`, accumulated in key order (`hs =
 /// values.width()`, `n = values.count()`). A block shares each loaded value
-/// row among its queries.
-pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) {
+/// row among its queries. f16 values give the bits their f32 widening
+/// gives, at every level.
+pub fn weighted_sum<'v>(isa: Isa, out: &mut [f32], att: &[f32], values: impl Into<KvRows<'v>>) {
+    let values = values.into();
     let (hs, n) = (values.width(), values.count());
     assert_eq!(
         out.len() * n,
         att.len() * hs,
         "outputs and scores differ in queries"
     );
-    if !simd::weighted_sum(isa, out, att, values) {
-        out.fill(0.0);
-        for (out, att) in out.chunks_exact_mut(hs.max(1)).zip(att.chunks(n.max(1))) {
-            for (j, &a) in att.iter().enumerate().take(n) {
-                axpy(isa, out, a, values.row(j));
-            }
-        }
+    if simd::weighted_sum(isa, out, att, values) {
+        return;
     }
+    WIDENED.with_borrow_mut(|scratch| {
+        values.as_f32(scratch, |values| {
+            out.fill(0.0);
+            for (out, att) in out.chunks_exact_mut(hs.max(1)).zip(att.chunks(n.max(1))) {
+                for (j, &a) in att.iter().enumerate().take(n) {
+                    axpy(isa, out, a, values.row(j));
+                }
+            }
+        })
+    })
 }
 
 /// Whether `isa` attends a block of `queries` consecutive queries of one

@@ -16,7 +16,7 @@ mod team;
 pub use attention::{CpuKvCache, KV_BLOCK};
 use attention::{Inputs, RopeTable};
 
-use crate::backend::{all_finite, Backend, Segment};
+use crate::backend::{all_finite, Backend, KvDtype, Segment};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostMatrix};
@@ -79,6 +79,8 @@ pub struct CpuBackend {
     rope: RopeTable,
     /// The prepared model's RMSNorm epsilon.
     norm_eps: f32,
+    /// How new KV caches store keys and values.
+    kv_dtype: KvDtype,
 }
 
 impl CpuBackend {
@@ -119,7 +121,15 @@ impl CpuBackend {
             att: Vec::new(),
             rope: RopeTable::default(),
             norm_eps: crate::config::LLAMA2C_NORM_EPS,
+            kv_dtype: KvDtype::F32,
         })
+    }
+
+    /// Makes the KV caches of sequences started from now on store `dtype`
+    /// (f32 unless set: llama2.c's arithmetic).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
     }
 
     pub fn threads(&self) -> usize {
@@ -294,18 +304,17 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn describe(&self) -> String {
-        match self.dtype {
-            Some(dt) => format!(
-                "cpu ({} threads, {}, {dt} weights)",
-                self.threads,
-                self.isa.level().name()
-            ),
-            None => format!(
-                "cpu ({} threads, {})",
-                self.threads,
-                self.isa.level().name()
-            ),
+        let mut parts = vec![
+            format!("{} threads", self.threads),
+            self.isa.level().name().to_string(),
+        ];
+        if let Some(dt) = self.dtype {
+            parts.push(format!("{dt} weights"));
         }
+        if self.kv_dtype != KvDtype::F32 {
+            parts.push(format!("{} KV cache", self.kv_dtype));
+        }
+        format!("cpu ({})", parts.join(", "))
     }
 
     fn max_sequences(&self) -> usize {
@@ -357,7 +366,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_cache(&mut self, c: &Config, positions: usize) -> Result<CpuKvCache> {
-        CpuKvCache::new(c, positions)
+        CpuKvCache::new(c, positions, self.kv_dtype)
     }
 
     fn embed(&mut self, out: &mut Vec<f32>, table: &CpuMatrix, tokens: &[u32]) -> Result<()> {

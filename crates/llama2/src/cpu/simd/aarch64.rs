@@ -8,7 +8,7 @@
 use std::arch::aarch64::*;
 use std::ops::Range;
 
-use super::super::kernels::{sweep, Isa, Level, Q8Acts, Rows, TokenBlocks, WeightRows};
+use super::super::kernels::{sweep, Isa, KvRows, Level, Q8Acts, Rows, TokenBlocks, WeightRows};
 
 pub fn supported(level: Level) -> bool {
     match level {
@@ -109,11 +109,11 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) -> bool {
     true
 }
 
-pub fn attention_scores(_: Isa, _: &mut [f32], _: Rows, _: Rows, _: f32) -> bool {
+pub fn attention_scores(_: Isa, _: &mut [f32], _: Rows, _: KvRows, _: f32) -> bool {
     false
 }
 
-pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: Rows) -> bool {
+pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: KvRows) -> bool {
     false
 }
 

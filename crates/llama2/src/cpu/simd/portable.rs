@@ -1,7 +1,7 @@
 //! Targets without SIMD kernels: only the scalar level exists, and every
 //! function declines so the scalar loops in `kernels.rs` run.
 
-use super::super::kernels::{Isa, Level, Q8Acts, Rows, TokenBlocks, WeightRows};
+use super::super::kernels::{Isa, KvRows, Level, Q8Acts, Rows, TokenBlocks, WeightRows};
 use std::ops::Range;
 
 pub fn supported(level: Level) -> bool {
@@ -16,11 +16,11 @@ pub fn axpy(_: Isa, _: &mut [f32], _: f32, _: &[f32]) -> bool {
     false
 }
 
-pub fn attention_scores(_: Isa, _: &mut [f32], _: Rows, _: Rows, _: f32) -> bool {
+pub fn attention_scores(_: Isa, _: &mut [f32], _: Rows, _: KvRows, _: f32) -> bool {
     false
 }
 
-pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: Rows) -> bool {
+pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: KvRows) -> bool {
     false
 }
 

@@ -32,6 +32,20 @@ pub trait Wide: Copy {
     /// # Safety
     /// `p + i` is readable.
     unsafe fn get(p: *const Self, i: usize) -> f32;
+    /// The first `min(left, 8)` elements at `p` as f32, zeros after; reads
+    /// nothing past them.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are available; those elements are readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_first(p: *const Self, left: usize) -> __m256 {
+        let mut v = [0f32; 8];
+        for (i, v) in v.iter_mut().enumerate().take(left) {
+            *v = Self::get(p, i);
+        }
+        _mm256_loadu_ps(v.as_ptr())
+    }
 }
 
 impl Wide for f32 {
@@ -40,6 +54,11 @@ impl Wide for f32 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_first(p: *const f32, left: usize) -> __m256 {
+        _mm256_maskload_ps(p, lanes(left))
     }
     #[inline]
     unsafe fn get(p: *const f32, i: usize) -> f32 {
@@ -417,13 +436,13 @@ pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// AVX2, FMA and F16C are available; `queries` has `T` rows of the keys'
 /// length and `att` holds `T * n` values.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn attention_scores<const R: usize, const T: usize>(
+pub unsafe fn attention_scores<W: super::KvElement, const R: usize, const T: usize>(
     att: &mut [f32],
     queries: Rows,
-    keys: Rows,
+    keys: Rows<W>,
     scale: f32,
 ) {
-    super::scores_by_tiles::<Tiles256, R, T>(att, queries, keys, scale)
+    super::scores_by_tiles::<Tiles256, W, R, T>(att, queries, keys, scale)
 }
 
 /// This level's f32 tile, for `scores_by_tiles`.
@@ -431,12 +450,12 @@ struct Tiles256;
 
 impl super::F32Tiles for Tiles256 {
     #[inline(always)]
-    unsafe fn tile<const R: usize, const T: usize>(
-        w: [*const f32; R],
+    unsafe fn tile<W: super::KvElement, const R: usize, const T: usize>(
+        w: [*const W; R],
         x: [*const f32; T],
         cols: usize,
     ) -> [[f32; T]; R] {
-        tile_f32::<f32, R, T>(w, x, cols)
+        tile_f32::<W, R, T>(w, x, cols)
     }
 }
 
@@ -454,10 +473,10 @@ impl super::F32Tiles for Tiles256 {
 /// AVX2, FMA and F16C are available; `out` holds `T * hs` values and `att`
 /// `T * n`, for the `n` rows of `hs` values in `values`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_sum<const T: usize, const V: usize>(
+pub unsafe fn weighted_sum<W: Wide, const T: usize, const V: usize>(
     out: &mut [f32],
     att: &[f32],
-    values: Rows,
+    values: Rows<W>,
 ) {
     let (hs, n) = (values.width(), values.count());
     let (vp, stride) = (values.data().as_ptr(), values.stride());
@@ -468,14 +487,14 @@ pub unsafe fn weighted_sum<const T: usize, const V: usize>(
         let whole = k + 8 * V <= hs;
         let mut acc = [[_mm256_setzero_ps(); V]; T];
         for j in 0..n {
-            // Masked-off lanes are never read; `wrapping_add` keeps the
+            // Lanes past the row are never read; `wrapping_add` keeps the
             // address arithmetic defined when they run past `values`.
             let row = vp.wrapping_add(j * stride + k);
             let v: [__m256; V] = std::array::from_fn(|i| {
                 if whole {
-                    _mm256_loadu_ps(row.add(8 * i))
+                    W::load8(row.add(8 * i))
                 } else {
-                    _mm256_maskload_ps(row.wrapping_add(8 * i), m[i])
+                    W::load_first(row.wrapping_add(8 * i), hs.saturating_sub(k + 8 * i))
                 }
             });
             for t in 0..T {

@@ -33,6 +33,12 @@ pub trait Wide: Copy {
     /// # Safety
     /// As `load16`, for `p..p + n`.
     unsafe fn load_part(p: *const Self, n: usize) -> __m512;
+    /// Loads the elements at `p` whose lanes `m` sets as f32, zeros
+    /// elsewhere; the others are not read.
+    ///
+    /// # Safety
+    /// As `load16`, for the lanes `m` sets.
+    unsafe fn load_masked(p: *const Self, m: __mmask16) -> __m512;
 }
 
 fn mask16(n: usize) -> __mmask16 {
@@ -50,6 +56,11 @@ impl Wide for f32 {
     unsafe fn load_part(p: *const f32, n: usize) -> __m512 {
         _mm512_maskz_loadu_ps(mask16(n), p)
     }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load_masked(p: *const f32, m: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(m, p)
+    }
 }
 
 impl Wide for f16 {
@@ -61,7 +72,12 @@ impl Wide for f16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn load_part(p: *const f16, n: usize) -> __m512 {
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n), p as *const i16))
+        Self::load_masked(p, mask16(n))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load_masked(p: *const f16, m: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
     }
 }
 
@@ -75,7 +91,12 @@ impl Wide for bf16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn load_part(p: *const bf16, n: usize) -> __m512 {
-        let h = _mm256_maskz_loadu_epi16(mask16(n), p as *const i16);
+        Self::load_masked(p, mask16(n))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load_masked(p: *const bf16, m: __mmask16) -> __m512 {
+        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
 }
@@ -408,13 +429,13 @@ pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// AVX-512F/BW/VL and F16C are available; `queries` has `T` rows of the
 /// keys' length and `att` holds `T * n` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn attention_scores<const R: usize, const T: usize>(
+pub unsafe fn attention_scores<W: super::KvElement, const R: usize, const T: usize>(
     att: &mut [f32],
     queries: Rows,
-    keys: Rows,
+    keys: Rows<W>,
     scale: f32,
 ) {
-    super::scores_by_tiles::<Tiles512, R, T>(att, queries, keys, scale)
+    super::scores_by_tiles::<Tiles512, W, R, T>(att, queries, keys, scale)
 }
 
 /// This level's f32 tile, for `scores_by_tiles`.
@@ -422,12 +443,12 @@ struct Tiles512;
 
 impl super::F32Tiles for Tiles512 {
     #[inline(always)]
-    unsafe fn tile<const R: usize, const T: usize>(
-        w: [*const f32; R],
+    unsafe fn tile<W: super::KvElement, const R: usize, const T: usize>(
+        w: [*const W; R],
         x: [*const f32; T],
         cols: usize,
     ) -> [[f32; T]; R] {
-        tile_f32::<f32, R, T>(w, x, cols)
+        tile_f32::<W, R, T>(w, x, cols)
     }
 }
 
@@ -438,10 +459,10 @@ impl super::F32Tiles for Tiles512 {
 /// per key on a zeroed output, so bit-identical to it.
 ///
 /// # Safety
-/// AVX-512F/BW/VL are available; `out` holds `T * hs` values and `att`
-/// `T * n`, for the `n` rows of `hs` values in `values`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-pub unsafe fn weighted_sum<const T: usize>(out: &mut [f32], att: &[f32], values: Rows) {
+/// AVX-512F/BW/VL and F16C are available; `out` holds `T * hs` values and
+/// `att` `T * n`, for the `n` rows of `hs` values in `values`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn weighted_sum<W: Wide, const T: usize>(out: &mut [f32], att: &[f32], values: Rows<W>) {
     let (hs, n) = (values.width(), values.count());
     let (vp, stride) = (values.data().as_ptr(), values.stride());
     let mut k = 0;
@@ -456,7 +477,7 @@ pub unsafe fn weighted_sum<const T: usize>(out: &mut [f32], att: &[f32], values:
             // address arithmetic defined when they run past `values`.
             let row = vp.wrapping_add(j * stride + k);
             let v: [__m512; 4] =
-                std::array::from_fn(|i| _mm512_maskz_loadu_ps(m[i], row.wrapping_add(16 * i)));
+                std::array::from_fn(|i| W::load_masked(row.wrapping_add(16 * i), m[i]));
             for t in 0..T {
                 let a = _mm512_set1_ps(*att.get_unchecked(t * n + j));
                 for i in 0..4 {

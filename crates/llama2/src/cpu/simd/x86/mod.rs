@@ -16,7 +16,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use super::super::kernels::{
-    sweep, Isa, Level, Q8Acts, Rows, TokenBlocks, WeightRows, TOKEN_BLOCK,
+    sweep, Isa, KvRows, Level, Q8Acts, Rows, TokenBlocks, WeightRows, TOKEN_BLOCK,
 };
 use super::super::packed::{PackedQ8, Q8Bytes, BLOCK_ROWS};
 
@@ -104,12 +104,18 @@ trait F32Tiles {
     /// # Safety
     /// The level's features are available; every pointer has `cols`
     /// readable values.
-    unsafe fn tile<const R: usize, const T: usize>(
-        w: [*const f32; R],
+    unsafe fn tile<W: KvElement, const R: usize, const T: usize>(
+        w: [*const W; R],
         x: [*const f32; T],
         cols: usize,
     ) -> [[f32; T]; R];
 }
+
+/// What a KV cache stores (f32 or f16), loadable by both levels' tiles.
+pub trait KvElement: avx2::Wide + avx512::Wide {}
+
+impl KvElement for f32 {}
+impl KvElement for f16 {}
 
 /// Attention scores of one head for `T` queries: `att[t * n + j] =
 /// (queries.row(t) · keys.row(j)) / scale` for the `n` keys, `R` keys per
@@ -120,10 +126,10 @@ trait F32Tiles {
 /// `L`'s features are available; `queries` has `T` rows of the keys'
 /// length and `att` holds `T * n` values.
 #[inline(always)]
-unsafe fn scores_by_tiles<L: F32Tiles, const R: usize, const T: usize>(
+unsafe fn scores_by_tiles<L: F32Tiles, W: KvElement, const R: usize, const T: usize>(
     att: &mut [f32],
     queries: Rows,
-    keys: Rows,
+    keys: Rows<W>,
     scale: f32,
 ) {
     let (hs, n) = (keys.width(), keys.count());
@@ -131,7 +137,7 @@ unsafe fn scores_by_tiles<L: F32Tiles, const R: usize, const T: usize>(
     let (kp, stride) = (keys.data().as_ptr(), keys.stride());
     let mut j = 0;
     while j + R <= n {
-        let v = L::tile::<R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
+        let v = L::tile::<W, R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
         for (r, row) in v.iter().enumerate() {
             for (t, &s) in row.iter().enumerate() {
                 *att.get_unchecked_mut(t * n + j + r) = s;
@@ -140,7 +146,7 @@ unsafe fn scores_by_tiles<L: F32Tiles, const R: usize, const T: usize>(
         j += R;
     }
     while j < n {
-        let v = L::tile::<1, T>([kp.add(j * stride)], q, hs);
+        let v = L::tile::<W, 1, T>([kp.add(j * stride)], q, hs);
         for (t, &s) in v[0].iter().enumerate() {
             *att.get_unchecked_mut(t * n + j) = s;
         }
@@ -155,7 +161,26 @@ unsafe fn scores_by_tiles<L: F32Tiles, const R: usize, const T: usize>(
 
 /// Attention scores of one head for a block of up to four queries into
 /// `att` `[queries][keys]`.
-pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, scale: f32) -> bool {
+pub fn attention_scores(
+    isa: Isa,
+    att: &mut [f32],
+    queries: Rows,
+    keys: KvRows,
+    scale: f32,
+) -> bool {
+    match keys {
+        KvRows::F32(keys) => scores_of(isa, att, queries, keys, scale),
+        KvRows::F16(keys) => scores_of(isa, att, queries, keys, scale),
+    }
+}
+
+fn scores_of<W: KvElement>(
+    isa: Isa,
+    att: &mut [f32],
+    queries: Rows,
+    keys: Rows<W>,
+    scale: f32,
+) -> bool {
     if isa.level() == Level::Scalar {
         return false;
     }
@@ -167,10 +192,10 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
         // that stays in 32 registers: 8 keys for up to 3 queries, 4 for 4.
         unsafe {
             match queries.count() {
-                1 => avx512::attention_scores::<8, 1>(att, queries, keys, scale),
-                2 => avx512::attention_scores::<8, 2>(att, queries, keys, scale),
-                3 => avx512::attention_scores::<8, 3>(att, queries, keys, scale),
-                4 => avx512::attention_scores::<4, 4>(att, queries, keys, scale),
+                1 => avx512::attention_scores::<W, 8, 1>(att, queries, keys, scale),
+                2 => avx512::attention_scores::<W, 8, 2>(att, queries, keys, scale),
+                3 => avx512::attention_scores::<W, 8, 3>(att, queries, keys, scale),
+                4 => avx512::attention_scores::<W, 4, 4>(att, queries, keys, scale),
                 _ => return false,
             }
         }
@@ -179,10 +204,10 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
         // widest tiles for 16 registers.
         unsafe {
             match queries.count() {
-                1 => avx2::attention_scores::<8, 1>(att, queries, keys, scale),
-                2 => avx2::attention_scores::<4, 2>(att, queries, keys, scale),
-                3 => avx2::attention_scores::<3, 3>(att, queries, keys, scale),
-                4 => avx2::attention_scores::<2, 4>(att, queries, keys, scale),
+                1 => avx2::attention_scores::<W, 8, 1>(att, queries, keys, scale),
+                2 => avx2::attention_scores::<W, 4, 2>(att, queries, keys, scale),
+                3 => avx2::attention_scores::<W, 3, 3>(att, queries, keys, scale),
+                4 => avx2::attention_scores::<W, 2, 4>(att, queries, keys, scale),
                 _ => return false,
             }
         }
@@ -192,7 +217,14 @@ pub fn attention_scores(isa: Isa, att: &mut [f32], queries: Rows, keys: Rows, sc
 
 /// Weighted sums of value rows for a block of up to four queries: `out`
 /// `[queries][hs]` from `att` `[queries][keys]`.
-pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> bool {
+pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: KvRows) -> bool {
+    match values {
+        KvRows::F32(values) => sum_of(isa, out, att, values),
+        KvRows::F16(values) => sum_of(isa, out, att, values),
+    }
+}
+
+fn sum_of<W: KvElement>(isa: Isa, out: &mut [f32], att: &[f32], values: Rows<W>) -> bool {
     if isa.level() == Level::Scalar || values.width() == 0 {
         return false;
     }
@@ -204,22 +236,22 @@ pub fn weighted_sum(isa: Isa, out: &mut [f32], att: &[f32], values: Rows) -> boo
     // `att` were sized above.
     unsafe {
         match (queries, wide) {
-            (1, true) => avx512::weighted_sum::<1>(out, att, values),
-            (2, true) => avx512::weighted_sum::<2>(out, att, values),
-            (3, true) => avx512::weighted_sum::<3>(out, att, values),
-            (4, true) => avx512::weighted_sum::<4>(out, att, values),
+            (1, true) => avx512::weighted_sum::<W, 1>(out, att, values),
+            (2, true) => avx512::weighted_sum::<W, 2>(out, att, values),
+            (3, true) => avx512::weighted_sum::<W, 3>(out, att, values),
+            (4, true) => avx512::weighted_sum::<W, 4>(out, att, values),
             (1, false) => match whole_passes(values.width(), [8, 6, 4]) {
-                6 => avx2::weighted_sum::<1, 6>(out, att, values),
-                4 => avx2::weighted_sum::<1, 4>(out, att, values),
-                _ => avx2::weighted_sum::<1, 8>(out, att, values),
+                6 => avx2::weighted_sum::<W, 1, 6>(out, att, values),
+                4 => avx2::weighted_sum::<W, 1, 4>(out, att, values),
+                _ => avx2::weighted_sum::<W, 1, 8>(out, att, values),
             },
             (2, false) => match whole_passes(values.width(), [4, 3, 2]) {
-                3 => avx2::weighted_sum::<2, 3>(out, att, values),
-                2 => avx2::weighted_sum::<2, 2>(out, att, values),
-                _ => avx2::weighted_sum::<2, 4>(out, att, values),
+                3 => avx2::weighted_sum::<W, 2, 3>(out, att, values),
+                2 => avx2::weighted_sum::<W, 2, 2>(out, att, values),
+                _ => avx2::weighted_sum::<W, 2, 4>(out, att, values),
             },
-            (3, false) => avx2::weighted_sum::<3, 2>(out, att, values),
-            (4, false) => avx2::weighted_sum::<4, 2>(out, att, values),
+            (3, false) => avx2::weighted_sum::<W, 3, 2>(out, att, values),
+            (4, false) => avx2::weighted_sum::<W, 4, 2>(out, att, values),
             _ => return false,
         }
     }
