@@ -167,6 +167,13 @@ pub struct DeviceArgs {
     /// directories, whose files do not say). At most the model's own.
     #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
+    /// How the KV cache stores keys and values: f32 (llama2.c's arithmetic,
+    /// the CPU's default) or f16: half the memory per sequence and half the
+    /// bytes attention reads per token (llama.cpp's default cache), with
+    /// every key and value rounded to f16, so texts can differ from f32's.
+    /// On CUDA the default is f16 for f16/bf16 weights, else f32.
+    #[arg(long, value_name = "TYPE")]
+    pub kv_dtype: Option<llama2::KvDtype>,
 }
 
 /// llama2.c's `run` flags.

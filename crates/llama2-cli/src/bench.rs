@@ -91,7 +91,9 @@ fn build(args: &BenchArgs, device: Device) -> Result<(Box<dyn LanguageModel>, Co
     let config = shape_config(&args.shape)?;
     let dtype = args.device.dtype.unwrap_or(DType::F32);
     let model: Box<dyn LanguageModel> = match device {
-        Device::Cuda => llama2_cuda::synthetic_model(&config, dtype, args.seed)?,
+        Device::Cuda => {
+            llama2_cuda::synthetic_model(&config, dtype, args.device.kv_dtype, args.seed)?
+        }
         _ => Box::new(Transformer::synthetic(
             device::cpu_backend(&args.device, Some(dtype))?,
             &config,

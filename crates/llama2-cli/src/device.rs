@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use llama2::cpu::kernels::Isa;
-use llama2::{CpuBackend, DType, LanguageModel, ModelWeights, Transformer};
+use llama2::{CpuBackend, DType, KvDtype, LanguageModel, ModelWeights, Transformer};
 
 use crate::args::{Device, DeviceArgs};
 
@@ -61,7 +61,15 @@ pub fn cpu_isa(args: &DeviceArgs) -> Result<Isa> {
 
 /// A CPU backend as `args` asks for it, converting matrices to `dtype`.
 pub fn cpu_backend(args: &DeviceArgs, dtype: Option<DType>) -> Result<CpuBackend> {
-    Ok(CpuBackend::with_isa(args.threads, dtype, cpu_isa(args)?)?)
+    let kv = args.kv_dtype.unwrap_or_default();
+    if args.exact && kv != KvDtype::F32 {
+        bail!(
+            "--exact gives llama2.c's arithmetic, whose KV cache is f32; drop --kv-dtype {kv} \
+             or --exact"
+        );
+    }
+    let backend = CpuBackend::with_isa(args.threads, dtype, cpu_isa(args)?)?;
+    Ok(backend.with_kv_dtype(kv))
 }
 
 /// Loads `weights` onto the device `args` asks for.
@@ -77,7 +85,7 @@ pub fn load_model_on(
     device: Device,
 ) -> Result<Box<dyn LanguageModel>> {
     Ok(match device {
-        Device::Cuda => llama2_cuda::load_model(weights, args.dtype)?,
+        Device::Cuda => llama2_cuda::load_model(weights, args.dtype, args.kv_dtype)?,
         _ => Box::new(Transformer::new(cpu_backend(args, args.dtype)?, weights)?),
     })
 }

@@ -300,3 +300,17 @@ fn synth_files_load_and_run_in_every_format() {
         r.ok();
     }
 }
+
+/// An f16 KV cache rounds every key and value, yet stories260K's greedy
+/// story is still run.c's word for word; `--exact` refuses it, as it keeps
+/// llama2.c's f32 arithmetic, and an unknown type is named.
+#[test]
+fn f16_kv_cache_keeps_the_greedy_story_and_is_refused_with_exact() {
+    let r = stories(&["-t", "0", "-n", "200", "--kv-dtype", "f16"]);
+    assert_eq!(r.ok(), format!("{GOLDEN_FP32}\n"));
+    assert!(r.stderr.contains("f16 KV cache"), "{}", r.stderr);
+    stories(&["-t", "0", "--exact", "--kv-dtype", "f16"]).fails_with("--exact");
+    let bad = stories(&["-t", "0", "--kv-dtype", "q4"]);
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+    assert!(bad.stderr.contains("expected f32 or f16"), "{}", bad.stderr);
+}

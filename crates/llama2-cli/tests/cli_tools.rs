@@ -130,6 +130,28 @@ fn check_on_the_cpu_compares_like_with_like_and_passes() {
     assert!(out.contains("check passed"), "{out}");
 }
 
+/// `check --kv-dtype f16` compares an f16-cache model with the f32-cache
+/// reference, within f16's tolerance.
+#[test]
+fn check_of_an_f16_kv_cache_passes_within_f16_tolerance() {
+    let run = llama2(&[
+        "check",
+        &arg(&model_path("stories260K.bin")),
+        "--device",
+        "cpu",
+        "--kv-dtype",
+        "f16",
+        "--prompt-tokens",
+        "4",
+        "--steps",
+        "8",
+    ]);
+    let out = run.ok();
+    assert!(out.contains("f16 KV cache"), "{out}");
+    assert!(out.contains("tolerance 1e-2"), "{out}");
+    assert!(out.contains("check passed"), "{out}");
+}
+
 /// `check --isa LEVEL` compares that level's kernels with the scalar
 /// reference loops, for every level this CPU runs.
 #[test]

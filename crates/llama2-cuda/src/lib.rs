@@ -23,7 +23,7 @@ mod libs;
 
 use std::time::Instant;
 
-use llama2::{Config, DType, Error, LanguageModel, ModelWeights, Result, Transformer};
+use llama2::{Config, DType, Error, KvDtype, LanguageModel, ModelWeights, Result, Transformer};
 
 pub use backend::{CudaBackend, CudaKvCache, CudaMatrix};
 pub use compile::{compile, kernel_source, nvrtc_version, Compiled};
@@ -35,17 +35,35 @@ const NO_NVRTC: &str = "the NVIDIA runtime compiler (libnvrtc.so.13) was not fou
 
 /// Loads `weights` onto the GPU. `dtype` converts every matrix (Q8 with the
 /// group size `quant::group_size_for(cols)`); `None` keeps the file's types.
-pub fn load_model(weights: &ModelWeights, dtype: Option<DType>) -> Result<Box<dyn LanguageModel>> {
+/// `kv` is the KV cache's type; `None`: f16 for f16/bf16 weights, else f32.
+pub fn load_model(
+    weights: &ModelWeights,
+    dtype: Option<DType>,
+    kv: Option<KvDtype>,
+) -> Result<Box<dyn LanguageModel>> {
     let effective = dtype.unwrap_or(weights.token_embedding.dtype());
-    let backend = CudaBackend::new(dtype, matches!(effective, DType::F16 | DType::BF16))?;
+    let backend = CudaBackend::new(dtype, kv_f16(effective, kv))?;
     Ok(Box::new(Transformer::new(backend, weights)?))
 }
 
 /// A model of `config`'s shape with random weights generated on the GPU in
-/// `dtype` (benchmarks: no file, no host copy).
-pub fn synthetic_model(config: &Config, dtype: DType, seed: u64) -> Result<Box<dyn LanguageModel>> {
-    let backend = CudaBackend::new(Some(dtype), matches!(dtype, DType::F16 | DType::BF16))?;
+/// `dtype` (benchmarks: no file, no host copy); `kv` as for `load_model`.
+pub fn synthetic_model(
+    config: &Config,
+    dtype: DType,
+    kv: Option<KvDtype>,
+    seed: u64,
+) -> Result<Box<dyn LanguageModel>> {
+    let backend = CudaBackend::new(Some(dtype), kv_f16(dtype, kv))?;
     Ok(Box::new(Transformer::synthetic(backend, config, seed)?))
+}
+
+/// Whether the KV cache is f16: as asked, else when the weights are 16-bit.
+fn kv_f16(weights: DType, kv: Option<KvDtype>) -> bool {
+    match kv {
+        Some(kv) => kv == KvDtype::F16,
+        None => matches!(weights, DType::F16 | DType::BF16),
+    }
 }
 
 /// `None` when a CUDA GPU is usable, else one sentence saying why not.
