@@ -246,7 +246,7 @@ fn submit(
     r: &Ready,
     prompt: Vec<u32>,
     mut settings: Settings,
-    prefix: &str,
+    (prefix, streamed): (&str, bool),
 ) -> Result<Submitted, ApiError> {
     let seq_len = r.config.seq_len;
     if prompt.len() >= seq_len {
@@ -300,6 +300,7 @@ fn submit(
         settings,
         events: tx,
         received: Instant::now(),
+        streamed,
     };
     let sent = s
         .jobs
@@ -491,7 +492,12 @@ async fn collect(
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                held,
             } => {
+                for p in held {
+                    text.push_str(&p.text);
+                    pieces.push(p);
+                }
                 finish_metrics(&s, endpoint, 200);
                 let usage = api::usage(prompt_tokens, completion_tokens);
                 return Json(reply.full(text, &pieces, reason, usage)).into_response();
@@ -534,6 +540,7 @@ fn stream(s: Arc<Shared>, endpoint: &'static str, reply: Reply, mut sub: Submitt
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    ..
                 } => {
                     status = 200;
                     let last = reply.chunk(None, &[], Some(reason));
@@ -590,7 +597,7 @@ async fn completions(
             Prompt::Tokens(ids) => check_tokens(ids, r.config.vocab_size),
         }
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let sub = submit(&s, r, prompt, settings, "cmpl")?;
+        let sub = submit(&s, r, prompt, settings, ("cmpl", req.stream))?;
         let how = (Kind::Completion, top.is_some(), &req.stream_options);
         let reply = Reply::new(how, &sub, req.model.as_deref(), &s, r);
         Ok::<_, ApiError>((reply, sub, req.stream))
@@ -649,7 +656,7 @@ async fn chat(State(s): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>)
             .template
             .encode(&r.tokenizer, &text)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let sub = submit(&s, r, prompt, settings, "chatcmpl")?;
+        let sub = submit(&s, r, prompt, settings, ("chatcmpl", req.stream))?;
         let how = (Kind::Chat, top.is_some(), &req.stream_options);
         let reply = Reply::new(how, &sub, req.model.as_deref(), &s, r);
         Ok::<_, ApiError>((reply, sub, req.stream))

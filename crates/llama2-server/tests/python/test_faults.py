@@ -196,6 +196,30 @@ def test_disconnect_before_first_token(server_url, auth_headers, http, metrics):
     assert http.get("/health").status_code == 200
 
 
+def test_non_streamed_clients_that_give_up_free_resources(server_url, auth_headers, http, metrics):
+    """Non-streamed requests get no bytes until they end, so the server
+    notices a client that gave up only by its closed connection: sixteen
+    long requests whose clients time out at once must still leave no
+    sequence or KV block behind, and the server must keep answering."""
+    def one(i):
+        with httpx.Client(base_url=server_url, headers=auth_headers, timeout=0.05) as client:
+            try:
+                client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 400,
+                                                     "ignore_eos": True, "seed": i})
+            except httpx.TimeoutException:
+                pass
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    wait_idle(metrics)
+    r = http.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"]
+
+
 def test_slow_reader_gets_complete_stream(server_url, auth_headers, http):
     """A client reading slowly still gets every chunk, and does not hold up
     other requests while it dawdles."""
