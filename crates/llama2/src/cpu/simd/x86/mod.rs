@@ -1013,24 +1013,39 @@ pub fn q8_packed_rows(
     } else {
         while b < blocks.end {
             let (q, s) = w.block(b);
-            let two = b + 2 <= blocks.end;
+            let step = (blocks.end - b).min(BATCH_BLOCKS);
             for t0 in (0..n).step_by(4) {
-                // SAFETY: AVX-512 with VNNI was confirmed; blocks `b..b + 2`
-                // (or `b`) exist; tokens `t0..t0 + 4` exist since
-                // `acts.tokens` is a multiple of 4 at least `n`.
-                if two {
-                    let v = unsafe { avx512::tile_q8_packed::<2, 4>(q, s, cols, gs, &x, t0) };
-                    store(b, t0, v.as_flattened(), 4);
-                } else {
-                    let v = unsafe { avx512::tile_q8_packed::<1, 4>(q, s, cols, gs, &x, t0) };
-                    store(b, t0, v.as_flattened(), 4);
+                // SAFETY: AVX-512 with VNNI was confirmed; blocks `b..b +
+                // step` exist; tokens `t0..t0 + 4` exist since `acts.tokens`
+                // is a multiple of 4 at least `n`.
+                unsafe {
+                    match step {
+                        3 => {
+                            let v = avx512::tile_q8_packed::<3, 4>(q, s, cols, gs, &x, t0);
+                            store(b, t0, v.as_flattened(), 4);
+                        }
+                        2 => {
+                            let v = avx512::tile_q8_packed::<2, 4>(q, s, cols, gs, &x, t0);
+                            store(b, t0, v.as_flattened(), 4);
+                        }
+                        _ => {
+                            let v = avx512::tile_q8_packed::<1, 4>(q, s, cols, gs, &x, t0);
+                            store(b, t0, v.as_flattened(), 4);
+                        }
+                    }
                 }
             }
-            b += if two { 2 } else { 1 };
+            b += step;
         }
     }
     true
 }
+
+/// Blocks of 16 rows an AVX-512 int8 batch tile takes against four tokens:
+/// three keep 12 float sums and 12 int32 sums in registers with the four
+/// tokens' activations, where two loaded each token's four bytes for only
+/// eight `vpdpbusd`.
+const BATCH_BLOCKS: usize = 3;
 
 /// The 256-bit part of `q8_packed_rows` (AVX2 on signed bytes, AVX-VNNI on
 /// offset ones when `vnni`; the caller checked the bytes match the level):
