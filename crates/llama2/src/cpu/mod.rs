@@ -166,16 +166,11 @@ impl CpuBackend {
         }
     }
 
-    /// Quantizes `x` once for every Q8 group size among `outs`' matrices;
-    /// returns how many entries of `self.acts` are current.
-    fn quantize_inputs(
-        &mut self,
-        x: &[f32],
-        n: usize,
-        outs: &[(&CpuMatrix, &mut Vec<f32>)],
-    ) -> usize {
+    /// Quantizes `x` once for every Q8 group size among `ws`; returns how
+    /// many entries of `self.acts` are current.
+    fn quantize_inputs(&mut self, x: &[f32], n: usize, ws: &[&CpuMatrix]) -> usize {
         let mut used = 0;
-        for (w, _) in outs {
+        for w in ws {
             let Some(gs) = w.q8_group_size() else {
                 continue;
             };
@@ -201,8 +196,8 @@ impl CpuBackend {
     /// rows ended in a padded tile: an eighth of the tiles of stories15M's
     /// `wqkv`, `wo` and `w2` computed rows that were dropped), else
     /// `TILE_ROWS`.
-    fn task_rows_unit(&self, n: usize, outs: &[(&CpuMatrix, &mut Vec<f32>)]) -> usize {
-        let floats = outs.iter().all(|(w, _)| w.q8_group_size().is_none());
+    fn task_rows_unit(&self, n: usize, ws: &[&CpuMatrix]) -> usize {
+        let floats = ws.iter().all(|w| w.q8_group_size().is_none());
         match kernels::batch_tile_rows(self.isa, n) {
             Some(rows) if floats => rows,
             _ => TILE_ROWS,
@@ -210,19 +205,102 @@ impl CpuBackend {
     }
 
     /// Lays `x` out in token blocks, in parallel, when a float matrix among
-    /// `outs` will read them; returns whether it did.
-    fn block_inputs(&mut self, x: &[f32], n: usize, outs: &[(&CpuMatrix, &mut Vec<f32>)]) -> bool {
-        let floats = outs.iter().any(|(w, _)| w.q8_group_size().is_none());
+    /// `ws` will read them; returns whether it did.
+    fn block_inputs(&mut self, x: &[f32], n: usize, ws: &[&CpuMatrix]) -> bool {
+        let floats = ws.iter().any(|w| w.q8_group_size().is_none());
         if !floats || !kernels::takes_token_blocks(self.isa, n) {
             return false;
         }
         let team = &self.team;
-        let cols = outs[0].0.cols();
+        let cols = ws[0].cols();
         self.blocks
             .pack_split(self.isa, x, (n, cols), |data, per, f| {
                 team.for_each_chunk(data, per, f)
             });
         true
+    }
+}
+
+impl CpuBackend {
+    /// The products of the matrices `ws` stacked on top of each other with
+    /// the `n` rows of `x`, across the team, into `out`: each task's rows as
+    /// `[n][its rows]`, contiguous, task after task (for one token that is
+    /// `[total rows]` itself). Returns the rows a task took.
+    fn products(&mut self, x: &[f32], n: usize, ws: &[&CpuMatrix], out: &mut Vec<f32>) -> usize {
+        let used = self.quantize_inputs(x, n, ws);
+        let blocked = self.block_inputs(x, n, ws);
+        let total: usize = ws.iter().map(|w| w.rows()).sum();
+        let work = total * ws.first().map_or(0, |w| w.cols()) * n;
+        let out = grow_to(out, total * n);
+        let isa = self.isa;
+        let inputs = (&self.acts[..used], blocked.then_some(&self.blocks));
+        if work < PARALLEL_WORK || self.threads == 1 {
+            product_range(isa, ws, inputs, x, n, 0, out);
+            return total;
+        }
+        let unit = self.task_rows_unit(n, ws);
+        let tiles = total.div_ceil(unit);
+        let chunk = tiles.div_ceil(self.threads * TASKS_PER_THREAD) * unit;
+        self.team.for_each_chunk(out, chunk * n, |k, out| {
+            product_range(isa, ws, inputs, x, n, k * chunk, out)
+        });
+        chunk
+    }
+
+    /// Spreads the results `products` left in `scratch` (tasks of `chunk`
+    /// rows) over the outputs `dsts` `[n][widths[i]]`, one parallel loop
+    /// over tokens for all of them (at 16 rows these copies are a loop each
+    /// otherwise, and the helpers wait between loops): `put` copies or
+    /// adds each stretch, then `finish(outs, i)` runs on the task's outputs
+    /// once their `i`-th rows are in.
+    fn spread(
+        &self,
+        scratch: &[f32],
+        (n, chunk): (usize, usize),
+        (widths, dsts): (&[usize], &mut [&mut [f32]]),
+        put: fn(&mut [f32], &[f32]),
+        finish: impl Fn(&mut [&mut [f32]], usize) + Sync,
+    ) {
+        let total: usize = widths.iter().sum();
+        for (dst, &width) in dsts.iter_mut().zip(widths) {
+            *dst = &mut std::mem::take(dst)[..n * width];
+        }
+        let per = self.rows_per_task(n, total);
+        if per >= n {
+            // One task (a decoded token): on this thread, nothing to split.
+            return spread_rows(scratch, (n, chunk, total), (widths, dsts), put, &finish, 0);
+        }
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per)).map(|_| Vec::new()).collect();
+        for (dst, &width) in dsts.iter_mut().zip(widths) {
+            for (k, part) in dst.chunks_mut(per * width).enumerate() {
+                parts[k].push(part);
+            }
+        }
+        self.team.for_each_chunk(&mut parts, 1, |k, part| {
+            let dims = (n, chunk, total);
+            spread_rows(scratch, dims, (widths, &mut part[0]), put, &finish, k * per)
+        });
+    }
+}
+
+/// `CpuBackend::spread` for one task: its outputs `outs` hold tokens
+/// `t0..` of the batch.
+fn spread_rows(
+    scratch: &[f32],
+    dims: (usize, usize, usize),
+    (widths, outs): (&[usize], &mut [&mut [f32]]),
+    put: fn(&mut [f32], &[f32]),
+    finish: &(impl Fn(&mut [&mut [f32]], usize) + Sync),
+    t0: usize,
+) {
+    for i in 0..outs[0].len() / widths[0] {
+        let mut offset = 0;
+        for (out, &width) in outs.iter_mut().zip(widths) {
+            let row = &mut out[i * width..(i + 1) * width];
+            gather_row(scratch, dims, (t0 + i, offset), row, put);
+            offset += width;
+        }
+        finish(outs, i);
     }
 }
 
@@ -236,7 +314,7 @@ fn acts_for<'a>(acts: &'a [Q8Acts], w: &CpuMatrix) -> Option<&'a Q8Acts> {
 /// stacked on top of each other, into `out` `[n][rows]`.
 fn product_range(
     isa: Isa,
-    ws: &[(&CpuMatrix, &mut Vec<f32>)],
+    ws: &[&CpuMatrix],
     (acts, blocks): (&[Q8Acts], Option<&TokenBlocks>),
     x: &[f32],
     n: usize,
@@ -246,7 +324,7 @@ fn product_range(
     let ld = out.len() / n;
     let g1 = g0 + ld;
     let mut offset = 0;
-    for (w, _) in ws {
+    for w in ws {
         let (lo, hi) = (g0.max(offset), g1.min(offset + w.rows()));
         if lo < hi {
             let out = &mut out[lo - g0..];
@@ -266,16 +344,17 @@ fn product_range(
     }
 }
 
-/// Copies token `t`'s results for global rows `offset..offset + dst.len()`
-/// (one output matrix of a stacked product) out of `scratch`, where the
-/// task for rows `k * chunk..` of the `total` left them as `[n][its rows]`
-/// starting at `k * chunk * n`.
+/// Puts token `t`'s results for global rows `offset..offset + dst.len()`
+/// (one output matrix of a stacked product) from `scratch` into `dst`,
+/// stretch by stretch (`put` copies or adds), where the task for rows `k *
+/// chunk..` of the `total` left them as `[n][its rows]` starting at `k *
+/// chunk * n`.
 fn gather_row(
     scratch: &[f32],
     (n, chunk, total): (usize, usize, usize),
-    t: usize,
-    offset: usize,
+    (t, offset): (usize, usize),
     dst: &mut [f32],
+    put: fn(&mut [f32], &[f32]),
 ) {
     let end = offset + dst.len();
     for k in offset / chunk..end.div_ceil(chunk) {
@@ -283,7 +362,17 @@ fn gather_row(
         let len = chunk.min(total - g0);
         let (lo, hi) = (g0.max(offset), (g0 + len).min(end));
         let src = &scratch[g0 * n + t * len..][..len];
-        dst[lo - offset..hi - offset].copy_from_slice(&src[lo - g0..hi - g0]);
+        put(&mut dst[lo - offset..hi - offset], &src[lo - g0..hi - g0]);
+    }
+}
+
+fn copy(dst: &mut [f32], src: &[f32]) {
+    dst.copy_from_slice(src)
+}
+
+fn add_to(dst: &mut [f32], src: &[f32]) {
+    for (a, &b) in dst.iter_mut().zip(src) {
+        *a += b;
     }
 }
 
@@ -403,57 +492,79 @@ impl Backend for CpuBackend {
         rows: usize,
         outs: &mut [(&CpuMatrix, &mut Vec<f32>)],
     ) -> Result<()> {
-        let n = rows;
-        let used = self.quantize_inputs(x, n, outs);
-        let blocked = self.block_inputs(x, n, outs);
-        let total: usize = outs.iter().map(|(w, _)| w.rows()).sum();
-        let work = total * outs.first().map_or(0, |(w, _)| w.cols()) * n;
-        // One token through one matrix (the classifier, when decoding): each
-        // task's share of the scratch layout is its slice of the output
-        // itself, so the tasks write there and nothing is copied after.
-        let direct = n == 1 && outs.len() == 1;
-        let mut buffer = match direct {
-            true => std::mem::take(&mut *outs[0].1),
-            false => std::mem::take(&mut self.scratch),
-        };
-        let scratch = grow_to(&mut buffer, total * n);
-        let ws = &*outs;
-        let (isa, x) = (self.isa, &x[..]);
-        let inputs = (&self.acts[..used], blocked.then_some(&self.blocks));
-        // Each task's share is `[n][its rows]`, contiguous in `scratch`.
-        let chunk = if work >= PARALLEL_WORK && self.threads > 1 {
-            let unit = self.task_rows_unit(n, outs);
-            let tiles = total.div_ceil(unit);
-            let chunk = tiles.div_ceil(self.threads * TASKS_PER_THREAD) * unit;
-            self.team.for_each_chunk(scratch, chunk * n, |k, out| {
-                product_range(isa, ws, inputs, x, n, k * chunk, out)
-            });
-            chunk
-        } else {
-            product_range(isa, ws, inputs, x, n, 0, scratch);
-            total
-        };
-        if direct {
-            *outs[0].1 = buffer;
+        let ws: Vec<&CpuMatrix> = outs.iter().map(|(w, _)| *w).collect();
+        // One token through one matrix (the classifier, when decoding): the
+        // task layout is the output itself, so nothing is copied after.
+        if rows == 1 && outs.len() == 1 {
+            self.products(x, 1, &ws, outs[0].1);
             return Ok(());
         }
-        // Batches copy their results out in parallel too, as an element-wise
-        // op: at 64 tokens these copies are megabytes per layer.
-        let scratch = &*scratch;
-        let mut offset = 0;
-        for (w, out) in outs.iter_mut() {
-            // This output is `[n][width]`: one row per token.
-            let width = w.rows();
-            let per = self.rows_per_task(n, width);
-            self.team
-                .for_each_chunk(&mut out[..n * width], per * width, |k, dst| {
-                    for (i, row) in dst.chunks_exact_mut(width).enumerate() {
-                        gather_row(scratch, (n, chunk, total), k * per + i, offset, row);
-                    }
-                });
-            offset += width;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let chunk = self.products(x, rows, &ws, &mut scratch);
+        let widths: Vec<usize> = ws.iter().map(|w| w.rows()).collect();
+        let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(|(_, o)| &mut o[..]).collect();
+        self.spread(
+            &scratch,
+            (rows, chunk),
+            (&widths, &mut dsts),
+            copy,
+            |_, _| {},
+        );
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    fn matmul_add(
+        &mut self,
+        x: &Vec<f32>,
+        rows: usize,
+        w: &CpuMatrix,
+        proj: &mut Vec<f32>,
+        residual: &mut Vec<f32>,
+        c: &Config,
+    ) -> Result<()> {
+        if rows == 1 {
+            self.matmul(x, 1, &mut [(w, proj)])?;
+            return self.add(residual, proj, c.dim);
         }
-        self.scratch = buffer;
+        // A batch adds its products to the residual as it gathers them.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let chunk = self.products(x, rows, &[w], &mut scratch);
+        let dsts = (&[w.rows()][..], &mut [&mut residual[..]][..]);
+        self.spread(&scratch, (rows, chunk), dsts, add_to, |_, _| {});
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    fn norm_swiglu(
+        &mut self,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        rows: usize,
+        normed: &mut Vec<f32>,
+        (w1, w3): (&CpuMatrix, &CpuMatrix),
+        gate: &mut Vec<f32>,
+        up: &mut Vec<f32>,
+        c: &Config,
+    ) -> Result<()> {
+        self.rmsnorm(normed, x, weight, rows)?;
+        // SiLU runs on each row as soon as its gate and up halves are in.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let chunk = self.products(normed, rows, &[w1, w3], &mut scratch);
+        let (h, isa) = (c.hidden_dim, self.isa);
+        let dsts = (
+            &[w1.rows(), w3.rows()][..],
+            &mut [&mut gate[..], &mut up[..]][..],
+        );
+        self.spread(&scratch, (rows, chunk), dsts, copy, |outs, i| {
+            let (g, u) = outs.split_at_mut(1);
+            kernels::silu_mul(
+                isa,
+                &mut g[0][i * h..(i + 1) * h],
+                &u[0][i * h..(i + 1) * h],
+            );
+        });
+        self.scratch = scratch;
         Ok(())
     }
 
