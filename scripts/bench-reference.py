@@ -25,6 +25,10 @@ Engines you do not point it at are left out:
 llama.cpp built without AVX-512. That is how the AVX2 numbers of an
 AVX-512 machine are made; say so when you quote them.
 
+--ours-args passes more flags to our `bench`: `--ours-args "--kv-dtype
+f16"` times ours with llama.cpp's default cache type (ours keeps f32 by
+default, llama2.c's); say so when you quote such numbers.
+
 It also times the fp32 "wall" unless --no-wall: scripts/products-only.c,
 compiled with gcc -O3 -march=native -fopenmp, which does nothing per token
 but the matrix-vector products of the same v0 file (AVX-512, spinning
@@ -42,6 +46,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -66,13 +71,19 @@ def run(cmd, env=None):
     return p.stdout + p.stderr
 
 
-def ours(binary, model, threads, gen, prompt, isa):
-    """Our decode (and prefill) tok/s on a checkpoint file."""
-    level = ["--isa", isa] if isa else []
+def ours(binary, model, threads, gen, prompt, extra):
+    """Our decode (and prefill) tok/s on a checkpoint file; `extra` are more
+    `bench` flags (the --isa level, --ours-args)."""
     out = run([binary, "bench", "--device", "cpu", "--model", model, "--threads", threads,
-               "--prompt-tokens", prompt, "--gen-tokens", gen, "--runs", 1, "--json"] + level)
+               "--prompt-tokens", prompt, "--gen-tokens", gen, "--runs", 1, "--json"] + extra)
     line = json.loads(out.strip().splitlines()[-1])
     return line["decode_tok_s"], line["prefill_tok_s"]
+
+
+def ours_flags(args):
+    """The `bench` flags beyond the measurement's own: the level, then
+    --ours-args."""
+    return (["--isa", args.isa] if args.isa else []) + shlex.split(args.ours_args)
 
 
 def llama2c(binary, model, tokenizer, threads, gen):
@@ -117,8 +128,8 @@ def prepare(shape, work, args):
     # (stories15M's is 256; run.c's -n 256 decodes 255 tokens there too).
     ours_gen = min(gen, CONTEXT.get(shape, gen + 1) - 1)
     timers = {
-        "ours f32": lambda: ours(args.ours, v0, t, ours_gen, args.prompt_tokens, args.isa),
-        "ours q8": lambda: ours(args.ours, v2, t, ours_gen, args.prompt_tokens, args.isa),
+        "ours f32": lambda: ours(args.ours, v0, t, ours_gen, args.prompt_tokens, ours_flags(args)),
+        "ours q8": lambda: ours(args.ours, v2, t, ours_gen, args.prompt_tokens, ours_flags(args)),
     }
     if args.wall:
         timers["products only"] = lambda: (products_only(work / "products-only", v0, t, gen), None)
@@ -222,6 +233,9 @@ def main():
                     default=ROOT.parent / "shared" / "models" / "tokenizer.bin")
     ap.add_argument("--work", type=Path, default=ROOT / "target" / "bench-reference")
     ap.add_argument("--ours", type=Path, default=RELEASE, help="the llama2 binary to time")
+    ap.add_argument("--ours-args", default="",
+                    help="more flags for our bench, e.g. '--kv-dtype f16' (llama.cpp's default "
+                         "cache type)")
     args = ap.parse_args()
     args.ours = args.ours.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -250,6 +264,7 @@ def main():
                     log.write(json.dumps({"round": r, "shape": shape, "engine": engine,
                                           "decode_tok_s": got, "prefill_tok_s": pre}) + "\n")
     level = f", --isa {args.isa}" if args.isa else ""
+    level += f", ours with {args.ours_args}" if args.ours_args else ""
     print(f"{args.threads} threads{level}, {args.gen_tokens} greedy tokens, prefill of "
           f"{args.prompt_tokens}, median of {args.rounds} rounds; ratios: median (range) of "
           "the per-round ratios\n")
