@@ -145,15 +145,10 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
         // Many sums at once: a quarter of the shuffles of one
         // `_mm512_reduce_add_ps` each (the scores of decode attention are
         // 48 or 64 multiply-adds per key, so the sums are most of the work).
-        let mut v = [_mm512_setzero_ps(); 16];
-        for r in 0..R {
-            for t in 0..T {
-                v[r * T + t] = acc[r][t];
-            }
-        }
+        let at = |i: usize| acc[i / T][i % T];
         let sums = match R * T {
-            8 => sums8(std::array::from_fn(|i| v[i])),
-            _ => sums16(v),
+            8 => sums8(std::array::from_fn(at)),
+            _ => sums16(std::array::from_fn(at)),
         };
         for r in 0..R {
             for t in 0..T {
