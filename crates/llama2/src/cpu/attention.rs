@@ -13,6 +13,11 @@
 //! prompt logits are the same fed at once or one token at a time (its
 //! products are exact integer sums; the golden tests hold it to that).
 //!
+//! A cache stores f32, or f16 when asked (`KvDtype`): half the bytes per
+//! position, rounded once as they are stored. Decode reads f16 rows
+//! directly (the dot-form kernels widen them in registers); a prompt block
+//! widens its head's rows into scratch once for all its queries.
+//!
 //! It is deliberately not a shared page table: CPU attention reads each
 //! sequence's keys as one contiguous `[positions][KV]` run, which the
 //! vector kernels stream at full speed; growing a sequence's run is a
