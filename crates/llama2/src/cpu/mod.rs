@@ -219,9 +219,7 @@ impl CpuBackend {
             });
         true
     }
-}
 
-impl CpuBackend {
     /// The products of the matrices `ws` stacked on top of each other with
     /// the `n` rows of `x`, across the team, into `out`: each task's rows as
     /// `[n][its rows]`, contiguous, task after task (for one token that is
@@ -247,55 +245,61 @@ impl CpuBackend {
         chunk
     }
 
-    /// Spreads the results `products` left in `scratch` (tasks of `chunk`
-    /// rows) over the outputs `dsts` `[n][widths[i]]`, one parallel loop
-    /// over tokens for all of them (at 16 rows these copies are a loop each
-    /// otherwise, and the helpers wait between loops): `put` copies or
-    /// adds each stretch, then `finish(outs, i)` runs on the task's outputs
-    /// once their `i`-th rows are in.
-    fn spread(
-        &self,
-        scratch: &[f32],
-        (n, chunk): (usize, usize),
-        (widths, dsts): (&[usize], &mut [&mut [f32]]),
+    /// `products` of `ws` into the scratch, then its results spread over
+    /// the outputs `dsts` (`[n][rows of ws[i]]`) in one parallel loop over
+    /// tokens for all of them (at 16 rows these copies were a loop each,
+    /// and the helpers wait between loops): `put` copies or adds each
+    /// stretch, then `finish(outs, i)` runs on the task's outputs once their
+    /// `i`-th rows are in.
+    fn products_to(
+        &mut self,
+        (x, n): (&[f32], usize),
+        ws: &[&CpuMatrix],
+        dsts: &mut [&mut [f32]],
         put: fn(&mut [f32], &[f32]),
         finish: impl Fn(&mut [&mut [f32]], usize) + Sync,
     ) {
-        let total: usize = widths.iter().sum();
-        for (dst, &width) in dsts.iter_mut().zip(widths) {
-            *dst = &mut std::mem::take(dst)[..n * width];
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let chunk = self.products(x, n, ws, &mut scratch);
+        let total: usize = ws.iter().map(|w| w.rows()).sum();
+        for (dst, w) in dsts.iter_mut().zip(ws) {
+            *dst = &mut std::mem::take(dst)[..n * w.rows()];
         }
+        let dims = (n, chunk, total);
         let per = self.rows_per_task(n, total);
         if per >= n {
             // One task (a decoded token): on this thread, nothing to split.
-            return spread_rows(scratch, (n, chunk, total), (widths, dsts), put, &finish, 0);
-        }
-        let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per)).map(|_| Vec::new()).collect();
-        for (dst, &width) in dsts.iter_mut().zip(widths) {
-            for (k, part) in dst.chunks_mut(per * width).enumerate() {
-                parts[k].push(part);
+            spread_rows(&scratch, dims, (ws, dsts), put, &finish, 0);
+        } else {
+            let mut parts: Vec<Vec<&mut [f32]>> =
+                (0..n.div_ceil(per)).map(|_| Vec::new()).collect();
+            for (dst, w) in dsts.iter_mut().zip(ws) {
+                for (k, part) in dst.chunks_mut(per * w.rows()).enumerate() {
+                    parts[k].push(part);
+                }
             }
+            self.team.for_each_chunk(&mut parts, 1, |k, part| {
+                spread_rows(&scratch, dims, (ws, &mut part[0]), put, &finish, k * per)
+            });
         }
-        self.team.for_each_chunk(&mut parts, 1, |k, part| {
-            let dims = (n, chunk, total);
-            spread_rows(scratch, dims, (widths, &mut part[0]), put, &finish, k * per)
-        });
+        self.scratch = scratch;
     }
 }
 
-/// `CpuBackend::spread` for one task: its outputs `outs` hold tokens
-/// `t0..` of the batch.
+/// The spreading of `CpuBackend::products_to` for one task: its outputs
+/// `outs` hold tokens `t0..` of the batch.
 fn spread_rows(
     scratch: &[f32],
     dims: (usize, usize, usize),
-    (widths, outs): (&[usize], &mut [&mut [f32]]),
+    (ws, outs): (&[&CpuMatrix], &mut [&mut [f32]]),
     put: fn(&mut [f32], &[f32]),
     finish: &(impl Fn(&mut [&mut [f32]], usize) + Sync),
     t0: usize,
 ) {
-    for i in 0..outs[0].len() / widths[0] {
+    for i in 0..outs[0].len() / ws[0].rows() {
         let mut offset = 0;
-        for (out, &width) in outs.iter_mut().zip(widths) {
+        for (out, w) in outs.iter_mut().zip(ws) {
+            let width = w.rows();
             let row = &mut out[i * width..(i + 1) * width];
             gather_row(scratch, dims, (t0 + i, offset), row, put);
             offset += width;
@@ -499,18 +503,8 @@ impl Backend for CpuBackend {
             self.products(x, 1, &ws, outs[0].1);
             return Ok(());
         }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let chunk = self.products(x, rows, &ws, &mut scratch);
-        let widths: Vec<usize> = ws.iter().map(|w| w.rows()).collect();
         let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(|(_, o)| &mut o[..]).collect();
-        self.spread(
-            &scratch,
-            (rows, chunk),
-            (&widths, &mut dsts),
-            copy,
-            |_, _| {},
-        );
-        self.scratch = scratch;
+        self.products_to((x, rows), &ws, &mut dsts, copy, |_, _| {});
         Ok(())
     }
 
@@ -528,11 +522,7 @@ impl Backend for CpuBackend {
             return self.add(residual, proj, c.dim);
         }
         // A batch adds its products to the residual as it gathers them.
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let chunk = self.products(x, rows, &[w], &mut scratch);
-        let dsts = (&[w.rows()][..], &mut [&mut residual[..]][..]);
-        self.spread(&scratch, (rows, chunk), dsts, add_to, |_, _| {});
-        self.scratch = scratch;
+        self.products_to((x, rows), &[w], &mut [&mut residual[..]], add_to, |_, _| {});
         Ok(())
     }
 
@@ -549,14 +539,9 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         self.rmsnorm(normed, x, weight, rows)?;
         // SiLU runs on each row as soon as its gate and up halves are in.
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let chunk = self.products(normed, rows, &[w1, w3], &mut scratch);
         let (h, isa) = (c.hidden_dim, self.isa);
-        let dsts = (
-            &[w1.rows(), w3.rows()][..],
-            &mut [&mut gate[..], &mut up[..]][..],
-        );
-        self.spread(&scratch, (rows, chunk), dsts, copy, |outs, i| {
+        let dsts = &mut [&mut gate[..], &mut up[..]];
+        self.products_to((normed, rows), &[w1, w3], dsts, copy, |outs, i| {
             let (g, u) = outs.split_at_mut(1);
             kernels::silu_mul(
                 isa,
@@ -564,7 +549,6 @@ impl Backend for CpuBackend {
                 &u[0][i * h..(i + 1) * h],
             );
         });
-        self.scratch = scratch;
         Ok(())
     }
 
