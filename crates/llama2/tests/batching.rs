@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use llama2::cpu::kernels::Isa;
 use llama2::sampler::argmax;
-use llama2::{Chunk, CpuBackend, KvDtype, LanguageModel, ModelWeights, Transformer};
+use llama2::{Chunk, Config, CpuBackend, DType, KvDtype, LanguageModel, ModelWeights, Transformer};
 
 /// Prompts of different lengths (token ids of tok512), so that prefill
 /// chunks and decode rows of other sequences share steps; enough of them
@@ -184,6 +184,22 @@ fn batched_sequences_match_each_alone_f16_cache() {
             for chunk in [1, 64] {
                 assert_same_as_alone_with(&w, (isa, KvDtype::F16), chunk, limit);
             }
+        }
+    }
+}
+
+/// Heads of 16 sharing KV heads in pairs (stories260K's are 8, which the
+/// AVX-512 level attends head by head): decoded rows attended whole, in
+/// one pass down their cache rows, at every level. Int8 products are
+/// exact and attention rounds as one sequence's does, so the logits must
+/// be the same bits alone or batched, for either cache.
+#[test]
+fn whole_rows_of_grouped_heads_batch_exactly() {
+    let c = Config::llama2c(64, 96, 2, 4, 2, 512, 64, true);
+    let w = llama2::synth::random_weights(&c, DType::Q8, 7);
+    for isa in Isa::all() {
+        for kv in [KvDtype::F32, KvDtype::F16] {
+            assert_same_as_alone_with(&w, (isa, kv), 2, f32::MIN_POSITIVE);
         }
     }
 }

@@ -120,6 +120,79 @@ fn attention_kernels_on_f16_rows_match_their_f32_widening() {
     }
 }
 
+/// One decoded row's attention over every head at once (`row_scores`,
+/// `row_weighted_sums`: one pass down the cache rows) gives at every level
+/// the bits of the head-by-head kernels, for f32 and f16 caches, grouped
+/// KV heads, and heads the vector kernels do not take (which fall back).
+#[test]
+fn row_attention_kernels_match_head_by_head() {
+    let mut rng = Rng::new(13);
+    let shapes = [
+        (6, 6, 48),
+        (8, 8, 64),
+        (12, 12, 64),
+        (8, 2, 64),
+        (4, 4, 16),
+        (20, 20, 16),
+        (8, 8, 8),
+        (4, 4, 24),
+        (2, 1, 128),
+        (4, 2, 7),
+    ];
+    for isa in Isa::all() {
+        for (heads, kv_heads, hs) in shapes {
+            for n in [1, 3, 16, 17, 40] {
+                let kv = kv_heads * hs;
+                let stride = kv + below(&mut rng, 2) * 8;
+                let len = (n - 1) * stride + kv;
+                let (keys, values) = (random_vec(&mut rng, len), random_vec(&mut rng, len));
+                let half = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+                let (keys16, values16) = (half(&keys), half(&values));
+                let q = random_vec(&mut rng, heads * hs);
+                let scale = (hs as f32).sqrt();
+                let what = format!("{isa:?} heads {heads}/{kv_heads} of {hs}, {n} rows");
+                for f16_cache in [false, true] {
+                    let (k, v): (kernels::KvRows, kernels::KvRows) = match f16_cache {
+                        false => (
+                            Rows::new(&keys, stride, kv, n).into(),
+                            Rows::new(&values, stride, kv, n).into(),
+                        ),
+                        true => (
+                            Rows::new(&keys16, stride, kv, n).into(),
+                            Rows::new(&values16, stride, kv, n).into(),
+                        ),
+                    };
+                    let group = heads / kv_heads;
+                    let mut want = vec![0f32; heads * n];
+                    for (h, att) in want.chunks_exact_mut(n).enumerate() {
+                        let query = Rows::new(&q[h * hs..], hs, hs, 1);
+                        kernels::attention_scores(
+                            isa,
+                            att,
+                            query,
+                            k.columns(h / group * hs, hs),
+                            scale,
+                        );
+                    }
+                    let mut got = vec![f32::NAN; heads * n];
+                    kernels::row_scores(isa, &mut got, &q, k, hs, scale);
+                    assert_same(&format!("row scores {what} f16 {f16_cache}"), &got, &want);
+
+                    let att = random_vec(&mut rng, heads * n);
+                    let mut want = vec![0f32; heads * hs];
+                    for (h, out) in want.chunks_exact_mut(hs).enumerate() {
+                        let values = v.columns(h / group * hs, hs);
+                        kernels::weighted_sum(isa, out, &att[h * n..][..n], values);
+                    }
+                    let mut got = vec![f32::NAN; heads * hs];
+                    kernels::row_weighted_sums(isa, &mut got, &att, v, hs);
+                    assert_same(&format!("row sums {what} f16 {f16_cache}"), &got, &want);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_kernels_match_scalar() {
     let mut rng = Rng::new(11);

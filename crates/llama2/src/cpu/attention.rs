@@ -4,9 +4,11 @@
 //! one row per running sequence of a server). A batch's attention is split
 //! into (segment, block of queries, heads) tasks that run across the team,
 //! one head per task, or every head of a decoded row when many sequences
-//! decode together: blocks of a prompt's queries (16 at AVX2, 32 at AVX-512) as
-//! whole-block products where the level has them
-//! (`kernels::attends_by_blocks`), else blocks of up to four in dot form.
+//! decode together (then in one pass down the row's cache rows,
+//! `kernels::row_scores`, rather than a strided pass per head): blocks of a
+//! prompt's queries (16 at AVX2, 32 at AVX-512) as whole-block products
+//! where the level has them (`kernels::attends_by_blocks`), else blocks of
+//! up to four in dot form.
 //!
 //! Both forms round every value as decoding one token does, so a prompt's
 //! attention is the same bits however it is batched: an int8 model's
@@ -300,10 +302,10 @@ pub(super) fn attend(
         * hs
         * 2;
     // Each task's outputs `[heads][rows][hs]` (a block of one head, or one
-    // row of every head), then (in dot form) its scores `[QUERY_BLOCK][span]`,
-    // reused head after head.
+    // row of every head), then its scores: `[QUERY_BLOCK][span]` in dot
+    // form, reused head after head, or a whole row's `[heads][span]`.
     let out_len = kernels::attention_block_queries(isa).max(c.n_heads) * hs;
-    let task_len = out_len + QUERY_BLOCK * span;
+    let task_len = out_len + QUERY_BLOCK.max(c.n_heads) * span;
     let scratch = grow_to(scratch, tasks.len() * task_len);
     let caches = &*caches;
     let scale = (hs as f32).sqrt();
@@ -324,6 +326,18 @@ pub(super) fn attend(
             attend_dots(isa, (o, att), (queries, keys, values), first, scale);
         }
     };
+    // Every head of one decoded row, in one pass down its cache rows.
+    let attend_row = |segment: usize, row: usize, (o, att): (&mut [f32], &mut [f32])| {
+        let seg = &segments[segment];
+        let n = seg.pos0 + row - seg.rows.start + 1;
+        let (keys, values) = caches[segment].head(layer, (0, kv), n);
+        let att = &mut att[..c.n_heads * n];
+        kernels::row_scores(isa, att, &inputs.q[row * d..][..d], keys, hs, scale);
+        for att in att.chunks_exact_mut(n) {
+            kernels::softmax(isa, att);
+        }
+        kernels::row_weighted_sums(isa, &mut o[..d], att, values, hs);
+    };
     let run = |i: usize, s: &mut [f32]| {
         let Task {
             segment,
@@ -331,6 +345,9 @@ pub(super) fn attend(
             heads,
         } = tasks[i].clone();
         let (o, att) = s.split_at_mut(out_len);
+        if rows.len() == 1 && heads.len() == c.n_heads {
+            return attend_row(segment, rows.start, (o, att));
+        }
         for (head, o) in heads.zip(o.chunks_exact_mut(rows.len() * hs)) {
             attend_head((segment, rows.clone(), head), (o, &mut *att));
         }

@@ -278,6 +278,13 @@ impl<'a, T> Rows<'a, T> {
     pub fn count(&self) -> usize {
         self.count
     }
+
+    /// Values `start..start + width` of every row (one head of whole cache
+    /// rows).
+    pub fn columns(&self, start: usize, width: usize) -> Self {
+        let data = self.data.get(start..).unwrap_or_default();
+        Rows::new(data, self.stride, width, self.count)
+    }
 }
 
 /// Keys or values of one head as a KV cache stores them.
@@ -301,6 +308,14 @@ impl KvRows<'_> {
         match self {
             KvRows::F32(r) => r.count(),
             KvRows::F16(r) => r.count(),
+        }
+    }
+
+    /// Values `start..start + width` of every row.
+    pub fn columns(&self, start: usize, width: usize) -> Self {
+        match self {
+            KvRows::F32(r) => KvRows::F32(r.columns(start, width)),
+            KvRows::F16(r) => KvRows::F16(r.columns(start, width)),
         }
     }
 
@@ -397,6 +412,73 @@ pub fn weighted_sum<'v>(isa: Isa, out: &mut [f32], att: &[f32], values: impl Int
             }
         })
     })
+}
+
+/// Every head's attention scores for one decoded row: `att[h * n + j] =
+/// (q_h · k_j) / scale`, for the queries `q` `[heads][hs]` and the `n`
+/// whole cache rows `keys` `[n][KV]`, query head `h` reading KV head `h /
+/// (heads / kv_heads)`. The bits `attention_scores` gives head by head;
+/// where the level has a kernel for it (heads of whole vectors), one pass
+/// down the rows in order, which the hardware prefetchers follow, where a
+/// head at a time reads a few lines every `KV` values.
+pub fn row_scores<'k>(
+    isa: Isa,
+    att: &mut [f32],
+    q: &[f32],
+    keys: impl Into<KvRows<'k>>,
+    hs: usize,
+    scale: f32,
+) {
+    let keys = keys.into();
+    let (heads, group) = row_heads(q.len(), keys.width(), hs);
+    let n = keys.count();
+    assert_eq!(att.len(), heads * n, "scores are [heads][keys]");
+    if simd::row_scores(isa, att, q, keys, hs, scale) {
+        return;
+    }
+    for (h, att) in att.chunks_exact_mut(n.max(1)).enumerate() {
+        let query = Rows::new(&q[h * hs..], hs, hs, 1);
+        attention_scores(isa, att, query, keys.columns(h / group * hs, hs), scale);
+    }
+}
+
+/// Every head's weighted sum of values for one decoded row: `out[h * hs..]
+/// [..hs] = sum over j of att[h * n + j] * v_j` (head `h`'s KV head of
+/// value row `j`), the bits `weighted_sum` gives head by head; as
+/// `row_scores`, one pass down the rows where the level has a kernel.
+pub fn row_weighted_sums<'v>(
+    isa: Isa,
+    out: &mut [f32],
+    att: &[f32],
+    values: impl Into<KvRows<'v>>,
+    hs: usize,
+) {
+    let values = values.into();
+    let (heads, group) = row_heads(out.len(), values.width(), hs);
+    let n = values.count();
+    assert_eq!(att.len(), heads * n, "scores are [heads][keys]");
+    if simd::row_weighted_sums(isa, out, att, values, hs) {
+        return;
+    }
+    let per_head = out.chunks_exact_mut(hs.max(1)).zip(att.chunks(n.max(1)));
+    for (h, (out, att)) in per_head.enumerate() {
+        weighted_sum(isa, out, &att[..n], values.columns(h / group * hs, hs));
+    }
+}
+
+/// Query heads and query heads per KV head of a row of `d` query values
+/// over cache rows of `kv` values, heads of `hs`.
+fn row_heads(d: usize, kv: usize, hs: usize) -> (usize, usize) {
+    assert!(
+        hs > 0 && d.is_multiple_of(hs) && kv.is_multiple_of(hs) && kv > 0,
+        "rows of {d} query and {kv} cache values are not heads of {hs}"
+    );
+    let (heads, kv_heads) = (d / hs, kv / hs);
+    assert!(
+        heads.is_multiple_of(kv_heads),
+        "{heads} query heads do not share {kv_heads} KV heads evenly"
+    );
+    (heads, heads / kv_heads)
 }
 
 /// Whether `isa` attends a block of `queries` consecutive queries of one

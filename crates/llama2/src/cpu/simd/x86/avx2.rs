@@ -189,6 +189,41 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
     out
 }
 
+/// `out[r] = w[r] · x[r]` over `cols` elements: `tile_f32`'s chain, sum
+/// and tail for each pair, so the bits `tile_f32` gives for it.
+///
+/// # Safety
+/// As `tile_f32`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_pairs<W: Wide, const R: usize>(
+    w: [*const W; R],
+    x: [*const f32; R],
+    cols: usize,
+) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut k = 0;
+    while k + 8 <= cols {
+        for r in 0..R {
+            acc[r] = _mm256_fmadd_ps(W::load8(w[r].add(k)), _mm256_loadu_ps(x[r].add(k)), acc[r]);
+        }
+        k += 8;
+    }
+    let mut out = if R == 8 {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), hsum8(std::array::from_fn(|r| acc[r])));
+        std::array::from_fn(|r| lanes[r])
+    } else {
+        std::array::from_fn(|r| hsum(acc[r]))
+    };
+    for i in k..cols {
+        for r in 0..R {
+            out[r] += W::get(w[r], i) * *x[r].add(i);
+        }
+    }
+    out
+}
+
 /// The batched f32 product tile: `R` weight rows against one block of 16
 /// tokens of `TokenBlocks`' layout, as outer products: per column, each
 /// row's weight is broadcast once and multiplied into both token vectors,
@@ -457,6 +492,88 @@ impl super::F32Tiles for Tiles256 {
     ) -> [[f32; T]; R] {
         tile_f32::<W, R, T>(w, x, cols)
     }
+
+    #[inline(always)]
+    unsafe fn pairs<W: super::KvElement, const R: usize>(
+        w: [*const W; R],
+        x: [*const f32; R],
+        cols: usize,
+    ) -> [f32; R] {
+        tile_pairs::<W, R>(w, x, cols)
+    }
+}
+
+/// `kernels::row_scores`: eight (key, head) pairs per tile, in row order.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `q` is `[heads][hs]`, each key row
+/// holds a whole number of heads of `hs` that `heads` shares evenly, and
+/// `att` holds `heads * n` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn row_scores<W: super::KvElement>(
+    att: &mut [f32],
+    q: &[f32],
+    keys: Rows<W>,
+    hs: usize,
+    scale: f32,
+) {
+    super::scores_by_pairs::<Tiles256, W, 8>(att, q, keys, hs, scale)
+}
+
+/// `kernels::row_weighted_sums` for heads of whole 8s (`RowPass`).
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `hs` is a multiple of 8, `out` is
+/// `[heads][hs]`, each value row holds a whole number of heads that
+/// `heads` shares evenly, and `att` is `[heads][n]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn row_weighted_sums<W: super::KvElement>(
+    out: &mut [f32],
+    att: &[f32],
+    values: Rows<W>,
+    hs: usize,
+) {
+    super::sums_by_row_blocks::<Sums256, W>(out, att, values, hs)
+}
+
+/// This level's pass of `sums_by_row_blocks`: at most 8 vectors, half
+/// the 16 registers.
+struct Sums256;
+
+impl super::RowSums for Sums256 {
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn pass<W: super::KvElement, const V: usize>(
+        p: &super::RowPass,
+        out: &mut [f32],
+        att: &[f32],
+        values: Rows<W>,
+    ) {
+        if V > 8 {
+            // Sixteen vectors would spill: two passes of eight.
+            let half = super::RowPass {
+                c: p.c + 64,
+                ..p.clone()
+            };
+            Self::pass::<W, 8>(p, out, att, values);
+            return Self::pass::<W, 8>(&half, out, att, values);
+        }
+        let o = out.as_mut_ptr().add(p.c);
+        let (scores, cols) = p.vectors::<V>(8, att, values.count());
+        let mut acc: [__m256; V] = std::array::from_fn(|i| _mm256_loadu_ps(o.add(8 * i)));
+        let (vp, stride) = (values.data().as_ptr(), values.stride());
+        for j in p.rows.clone() {
+            let row = vp.add(j * stride);
+            for i in 0..V {
+                let a = _mm256_set1_ps(*scores[i].add(j));
+                acc[i] = _mm256_fmadd_ps(a, W::load8(row.add(cols[i])), acc[i]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(8 * i), *acc);
+        }
+    }
 }
 
 /// For each of `T` queries: `out[t * hs..][..hs] = sum over j of
@@ -485,8 +602,13 @@ pub unsafe fn weighted_sum<W: Wide, const T: usize, const V: usize>(
         let m: [__m256i; V] = std::array::from_fn(|i| lanes(hs.saturating_sub(k + 8 * i)));
         // Whole passes load without masks (a masked load costs more on AMD).
         let whole = k + 8 * V <= hs;
+        let width = (8 * V).min(hs - k);
         let mut acc = [[_mm256_setzero_ps(); V]; T];
         for j in 0..n {
+            let ahead = j + super::PREFETCH_ROWS;
+            if ahead < n {
+                super::prefetch_rows((vp.wrapping_add(k), stride, width), ahead..ahead + 1);
+            }
             // Lanes past the row are never read; `wrapping_add` keeps the
             // address arithmetic defined when they run past `values`.
             let row = vp.wrapping_add(j * stride + k);

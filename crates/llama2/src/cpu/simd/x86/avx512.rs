@@ -165,6 +165,47 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
     out
 }
 
+/// `out[r] = w[r] · x[r]` over `cols` elements: `tile_f32`'s chain and
+/// reduction for each pair, so the bits `tile_f32` gives for it.
+///
+/// # Safety
+/// As `tile_f32`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn tile_pairs<W: Wide, const R: usize>(
+    w: [*const W; R],
+    x: [*const f32; R],
+    cols: usize,
+) -> [f32; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut k = 0;
+    while k + 16 <= cols {
+        for r in 0..R {
+            let wv = W::load16(w[r].add(k));
+            acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r].add(k)), acc[r]);
+        }
+        k += 16;
+    }
+    if k < cols {
+        let n = cols - k;
+        for r in 0..R {
+            let wv = W::load_part(w[r].add(k), n);
+            acc[r] = _mm512_fmadd_ps(wv, f32::load_part(x[r].add(k), n), acc[r]);
+        }
+    }
+    match R {
+        8 => {
+            let sums = sums8(std::array::from_fn(|r| acc[r]));
+            std::array::from_fn(|r| sums[r])
+        }
+        16 => {
+            let sums = sums16(std::array::from_fn(|r| acc[r]));
+            std::array::from_fn(|r| sums[r])
+        }
+        _ => std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r])),
+    }
+}
+
 /// The lane sums of eight vectors, each rounded as `_mm512_reduce_add_ps`
 /// rounds it: value `l + 8` added to value `l`, then `l + 4`, then `l + 2`,
 /// then the last pair, for all eight at once by shuffling two vectors'
@@ -445,48 +486,143 @@ impl super::F32Tiles for Tiles512 {
     ) -> [[f32; T]; R] {
         tile_f32::<W, R, T>(w, x, cols)
     }
+
+    #[inline(always)]
+    unsafe fn pairs<W: super::KvElement, const R: usize>(
+        w: [*const W; R],
+        x: [*const f32; R],
+        cols: usize,
+    ) -> [f32; R] {
+        tile_pairs::<W, R>(w, x, cols)
+    }
+}
+
+/// `kernels::row_scores`: sixteen (key, head) pairs per tile, in row order.
+///
+/// # Safety
+/// AVX-512F/BW/VL and F16C are available; `q` is `[heads][hs]`, each key
+/// row holds a whole number of heads of `hs` that `heads` shares evenly,
+/// and `att` holds `heads * n` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn row_scores<W: super::KvElement>(
+    att: &mut [f32],
+    q: &[f32],
+    keys: Rows<W>,
+    hs: usize,
+    scale: f32,
+) {
+    super::scores_by_pairs::<Tiles512, W, 16>(att, q, keys, hs, scale)
+}
+
+/// `kernels::row_weighted_sums` for heads of whole 16s (`RowPass`).
+///
+/// # Safety
+/// AVX-512F/BW/VL and F16C are available; `hs` is a multiple of 16, `out`
+/// is `[heads][hs]`, each value row holds a whole number of heads that
+/// `heads` shares evenly, and `att` is `[heads][n]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub unsafe fn row_weighted_sums<W: super::KvElement>(
+    out: &mut [f32],
+    att: &[f32],
+    values: Rows<W>,
+    hs: usize,
+) {
+    super::sums_by_row_blocks::<Sums512, W>(out, att, values, hs)
+}
+
+/// This level's pass of `sums_by_row_blocks`.
+struct Sums512;
+
+impl super::RowSums for Sums512 {
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    unsafe fn pass<W: super::KvElement, const V: usize>(
+        p: &super::RowPass,
+        out: &mut [f32],
+        att: &[f32],
+        values: Rows<W>,
+    ) {
+        let o = out.as_mut_ptr().add(p.c);
+        let (scores, cols) = p.vectors::<V>(16, att, values.count());
+        let mut acc: [__m512; V] = std::array::from_fn(|i| _mm512_loadu_ps(o.add(16 * i)));
+        let (vp, stride) = (values.data().as_ptr(), values.stride());
+        for j in p.rows.clone() {
+            let row = vp.add(j * stride);
+            for i in 0..V {
+                let a = _mm512_set1_ps(*scores[i].add(j));
+                acc[i] = _mm512_fmadd_ps(a, W::load16(row.add(cols[i])), acc[i]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.add(16 * i), *acc);
+        }
+    }
 }
 
 /// For each of `T` queries: `out[t * hs..][..hs] = sum over j of
 /// att[t * n + j] * values.row(j)`, in `j` order with the sums held in
-/// registers 64 values at a time, each loaded value row serving all `T`
-/// queries. The same fused multiply-adds in the same order as one `axpy`
-/// per key on a zeroed output, so bit-identical to it.
+/// registers `16 * V` values at a time, each loaded value row serving all
+/// `T` queries. The same fused multiply-adds in the same order as one
+/// `axpy` per key on a zeroed output, so bit-identical to it. One query
+/// wants `V` whole vectors of its head per pass (3 for heads of 48): a
+/// pass of four with the last masked off cost a masked load per key for
+/// nothing.
 ///
 /// # Safety
 /// AVX-512F/BW/VL and F16C are available; `out` holds `T * hs` values and
 /// `att` `T * n`, for the `n` rows of `hs` values in `values`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn weighted_sum<W: Wide, const T: usize>(out: &mut [f32], att: &[f32], values: Rows<W>) {
+pub unsafe fn weighted_sum<W: Wide, const T: usize, const V: usize>(
+    out: &mut [f32],
+    att: &[f32],
+    values: Rows<W>,
+) {
     let (hs, n) = (values.width(), values.count());
     let (vp, stride) = (values.data().as_ptr(), values.stride());
     let mut k = 0;
     while k < hs {
-        let m: [__mmask16; 4] = std::array::from_fn(|i| {
+        let m: [__mmask16; V] = std::array::from_fn(|i| {
             let left = hs.saturating_sub(k + 16 * i);
             mask16(left.min(16))
         });
-        let mut acc = [[_mm512_setzero_ps(); 4]; T];
+        // Whole passes load without masks (a masked load costs more on AMD).
+        let whole = k + 16 * V <= hs;
+        let width = (16 * V).min(hs - k);
+        let mut acc = [[_mm512_setzero_ps(); V]; T];
         for j in 0..n {
+            let ahead = j + super::PREFETCH_ROWS;
+            if ahead < n {
+                super::prefetch_rows((vp.wrapping_add(k), stride, width), ahead..ahead + 1);
+            }
             // Masked-off lanes are never read; `wrapping_add` keeps the
             // address arithmetic defined when they run past `values`.
             let row = vp.wrapping_add(j * stride + k);
-            let v: [__m512; 4] =
-                std::array::from_fn(|i| W::load_masked(row.wrapping_add(16 * i), m[i]));
+            let v: [__m512; V] = std::array::from_fn(|i| {
+                if whole {
+                    W::load16(row.add(16 * i))
+                } else {
+                    W::load_masked(row.wrapping_add(16 * i), m[i])
+                }
+            });
             for t in 0..T {
                 let a = _mm512_set1_ps(*att.get_unchecked(t * n + j));
-                for i in 0..4 {
+                for i in 0..V {
                     acc[t][i] = _mm512_fmadd_ps(a, v[i], acc[t][i]);
                 }
             }
         }
         for t in 0..T {
             let o = out.as_mut_ptr().add(t * hs);
-            for i in 0..4 {
-                _mm512_mask_storeu_ps(o.wrapping_add(k + 16 * i), m[i], acc[t][i]);
+            for i in 0..V {
+                if whole {
+                    _mm512_storeu_ps(o.add(k + 16 * i), acc[t][i]);
+                } else {
+                    _mm512_mask_storeu_ps(o.wrapping_add(k + 16 * i), m[i], acc[t][i]);
+                }
             }
         }
-        k += 64;
+        k += 16 * V;
     }
 }
 

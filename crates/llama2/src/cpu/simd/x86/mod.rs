@@ -109,6 +109,17 @@ trait F32Tiles {
         x: [*const f32; T],
         cols: usize,
     ) -> [[f32; T]; R];
+
+    /// `out[r] = w[r] · x[r]` over `cols` values, each pair rounded as
+    /// `tile` rounds it.
+    ///
+    /// # Safety
+    /// As `tile`.
+    unsafe fn pairs<W: KvElement, const R: usize>(
+        w: [*const W; R],
+        x: [*const f32; R],
+        cols: usize,
+    ) -> [f32; R];
 }
 
 /// What a KV cache stores (f32 or f16), loadable by both levels' tiles.
@@ -116,6 +127,39 @@ pub trait KvElement: avx2::Wide + avx512::Wide {}
 
 impl KvElement for f32 {}
 impl KvElement for f16 {}
+
+/// How many rows ahead of the one it reads a pass over a head's cached
+/// keys or values asks for its lines. A head's slice of a cache row is a
+/// few lines every `KV` values, a stride the hardware prefetchers do not
+/// follow, and once many sequences decode together their caches no longer
+/// stay in L2 between steps: without it the loads' stalls were half of
+/// the attention time of 16 stories15M sequences on a Zen 4 EPYC.
+const PREFETCH_ROWS: usize = 16;
+
+/// Asks the caches for the lines of rows `rows` of `(base, stride, len)`
+/// (`len` elements each, `stride` apart) ahead of their use. Prefetches
+/// never fault, so the addresses need not be in bounds.
+#[inline(always)]
+fn prefetch_rows<T>((base, stride, len): (*const T, usize, usize), rows: Range<usize>) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let bytes = len * std::mem::size_of::<T>();
+    if bytes == 0 {
+        return;
+    }
+    for r in rows {
+        let row = base.wrapping_add(r * stride) as *const i8;
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: a prefetch is a hint that reads nothing architecturally;
+            // SSE, which it needs, is part of x86-64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at)) };
+            at += 64;
+        }
+        // The row's last line, when it does not start on a line.
+        // SAFETY: as above.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(bytes - 1)) };
+    }
+}
 
 /// Attention scores of one head for `T` queries: `att[t * n + j] =
 /// (queries.row(t) · keys.row(j)) / scale` for the `n` keys, `R` keys per
@@ -137,6 +181,8 @@ unsafe fn scores_by_tiles<L: F32Tiles, W: KvElement, const R: usize, const T: us
     let (kp, stride) = (keys.data().as_ptr(), keys.stride());
     let mut j = 0;
     while j + R <= n {
+        let ahead = j + PREFETCH_ROWS;
+        prefetch_rows((kp, stride, hs), ahead..(ahead + R).min(n));
         let v = L::tile::<W, R, T>(std::array::from_fn(|r| kp.add((j + r) * stride)), q, hs);
         for (r, row) in v.iter().enumerate() {
             for (t, &s) in row.iter().enumerate() {
@@ -156,6 +202,236 @@ unsafe fn scores_by_tiles<L: F32Tiles, W: KvElement, const R: usize, const T: us
     // scalar `divss` per score cost a Zen 3 about as long as its dot).
     for a in att[..T * n].iter_mut() {
         *a /= scale;
+    }
+}
+
+/// `kernels::row_scores` by pairs: every (key, head) pair of the rows in
+/// order, `R` pairs per tile, each rounded as `tile` rounds it for one
+/// query and key, so the same bits as `scores_by_tiles` head by head.
+///
+/// # Safety
+/// `L`'s features are available; `q` is `[heads][hs]`, each key row holds
+/// `kv_heads * hs` values with `heads` a multiple of `kv_heads`, and `att`
+/// `heads * n`.
+#[inline(always)]
+unsafe fn scores_by_pairs<L: F32Tiles, W: KvElement, const R: usize>(
+    att: &mut [f32],
+    q: &[f32],
+    keys: Rows<W>,
+    hs: usize,
+    scale: f32,
+) {
+    let (n, heads) = (keys.count(), q.len() / hs);
+    let group = heads / (keys.width() / hs);
+    let (kp, stride, qp) = (keys.data().as_ptr(), keys.stride(), q.as_ptr());
+    let (mut w, mut x, mut at) = ([kp; R], [qp; R], [0; R]);
+    let mut filled = 0;
+    for j in 0..n {
+        let row = kp.add(j * stride);
+        for h in 0..heads {
+            // `h / group` without a division per pair when heads are not grouped.
+            let kv_head = if group == 1 { h } else { h / group };
+            (w[filled], x[filled]) = (row.add(kv_head * hs), qp.add(h * hs));
+            at[filled] = h * n + j;
+            filled += 1;
+            if filled == R {
+                let sums = L::pairs::<W, R>(w, x, hs);
+                for (&at, s) in at.iter().zip(sums) {
+                    *att.get_unchecked_mut(at) = s;
+                }
+                filled = 0;
+            }
+        }
+    }
+    for i in 0..filled {
+        *att.get_unchecked_mut(at[i]) = L::pairs::<W, 1>([w[i]], [x[i]], hs)[0];
+    }
+    for a in att[..heads * n].iter_mut() {
+        *a /= scale;
+    }
+}
+
+/// `kernels::row_scores` where the level has it: heads of whole vectors
+/// (the rows' tails would be a masked load per pair).
+pub fn row_scores(
+    isa: Isa,
+    att: &mut [f32],
+    q: &[f32],
+    keys: KvRows,
+    hs: usize,
+    scale: f32,
+) -> bool {
+    match keys {
+        KvRows::F32(keys) => row_scores_of(isa, att, q, keys, hs, scale),
+        KvRows::F16(keys) => row_scores_of(isa, att, q, keys, hs, scale),
+    }
+}
+
+fn row_scores_of<W: KvElement>(
+    isa: Isa,
+    att: &mut [f32],
+    q: &[f32],
+    keys: Rows<W>,
+    hs: usize,
+    scale: f32,
+) -> bool {
+    if !rows_fit(isa, hs) {
+        return false;
+    }
+    // SAFETY (both): the level was confirmed (the `Isa`); the caller
+    // checked the heads divide the rows and sized `att`; `Rows` guarantees
+    // the key rows are in bounds.
+    unsafe {
+        if wide(isa) {
+            avx512::row_scores(att, q, keys, hs, scale)
+        } else {
+            avx2::row_scores(att, q, keys, hs, scale)
+        }
+    }
+    true
+}
+
+/// `kernels::row_weighted_sums` where the level has it, as `row_scores`.
+pub fn row_weighted_sums(
+    isa: Isa,
+    out: &mut [f32],
+    att: &[f32],
+    values: KvRows,
+    hs: usize,
+) -> bool {
+    match values {
+        KvRows::F32(values) => row_sums_of(isa, out, att, values, hs),
+        KvRows::F16(values) => row_sums_of(isa, out, att, values, hs),
+    }
+}
+
+fn row_sums_of<W: KvElement>(
+    isa: Isa,
+    out: &mut [f32],
+    att: &[f32],
+    values: Rows<W>,
+    hs: usize,
+) -> bool {
+    if !rows_fit(isa, hs) {
+        return false;
+    }
+    // SAFETY (both): as in `row_scores_of`, for `out` `[heads][hs]`.
+    unsafe {
+        if wide(isa) {
+            avx512::row_weighted_sums(out, att, values, hs)
+        } else {
+            avx2::row_weighted_sums(out, att, values, hs)
+        }
+    }
+    true
+}
+
+/// Value rows `sums_by_row_blocks` takes per block: each block's rows are
+/// read once per pass over the columns, from L1 after the first.
+const ROW_BLOCK: usize = 16;
+
+/// A level's pass of `sums_by_row_blocks`.
+trait RowSums {
+    /// f32 values per vector.
+    const LANES: usize;
+
+    /// Adds value rows `p.rows` into `V` vectors of `out` from column `p.c`.
+    ///
+    /// # Safety
+    /// The level's features are available; as `sums_by_row_blocks`, with
+    /// `p.c + LANES * V` at most `out.len()`.
+    unsafe fn pass<W: KvElement, const V: usize>(
+        p: &RowPass,
+        out: &mut [f32],
+        att: &[f32],
+        values: Rows<W>,
+    );
+}
+
+/// `kernels::row_weighted_sums` by blocks of `ROW_BLOCK` value rows, in
+/// order, each swept in passes of up to 16 vectors of columns whose sums
+/// wait in `out` between blocks (stored and reloaded exactly): every
+/// output is one chain of fused multiply-adds in key order from zero, as
+/// `weighted_sum` makes it head by head, while the rows are read once, in
+/// order.
+///
+/// # Safety
+/// `L`'s features are available; `hs` is a multiple of `L::LANES`, `out`
+/// is `[heads][hs]`, each value row holds a whole number of heads that
+/// `heads` shares evenly, and `att` is `[heads][n]`.
+#[inline(always)]
+unsafe fn sums_by_row_blocks<L: RowSums, W: KvElement>(
+    out: &mut [f32],
+    att: &[f32],
+    values: Rows<W>,
+    hs: usize,
+) {
+    let (d, n) = (out.len(), values.count());
+    let group = d / hs / (values.width() / hs);
+    out.fill(0.0);
+    for j0 in (0..n).step_by(ROW_BLOCK) {
+        let mut p = RowPass {
+            rows: j0..(j0 + ROW_BLOCK).min(n),
+            c: 0,
+            hs,
+            group,
+        };
+        while p.c < d {
+            let v = match (d - p.c) / L::LANES {
+                16.. => 16,
+                8.. => 8,
+                4.. => 4,
+                2.. => 2,
+                _ => 1,
+            };
+            match v {
+                16 => L::pass::<W, 16>(&p, out, att, values),
+                8 => L::pass::<W, 8>(&p, out, att, values),
+                4 => L::pass::<W, 4>(&p, out, att, values),
+                2 => L::pass::<W, 2>(&p, out, att, values),
+                _ => L::pass::<W, 1>(&p, out, att, values),
+            }
+            p.c += v * L::LANES;
+        }
+    }
+}
+
+/// One pass of `sums_by_row_blocks`: value rows `rows`, output columns
+/// from `c`, heads of `hs`, `group` query heads per KV head.
+#[derive(Clone)]
+struct RowPass {
+    rows: Range<usize>,
+    c: usize,
+    hs: usize,
+    group: usize,
+}
+
+impl RowPass {
+    /// For each of `V` vectors of `lanes` columns from `c`: its head's
+    /// scores in `att` `[heads][n]`, and where its columns start in a
+    /// value row.
+    #[inline(always)]
+    fn vectors<const V: usize>(
+        &self,
+        lanes: usize,
+        att: &[f32],
+        n: usize,
+    ) -> ([*const f32; V], [usize; V]) {
+        let head = |i: usize| (self.c + lanes * i) / self.hs;
+        let scores = std::array::from_fn(|i| att[head(i) * n..].as_ptr());
+        let cols = std::array::from_fn(|i| {
+            head(i) / self.group * self.hs + (self.c + lanes * i) % self.hs
+        });
+        (scores, cols)
+    }
+}
+
+/// Whether `isa` has the whole-row attention kernels for heads of `hs`.
+fn rows_fit(isa: Isa, hs: usize) -> bool {
+    match float_level(isa) {
+        Level::Avx512 => hs.is_multiple_of(16),
+        Level::Avx2 => hs.is_multiple_of(8),
+        _ => false,
     }
 }
 
@@ -236,10 +512,14 @@ fn sum_of<W: KvElement>(isa: Isa, out: &mut [f32], att: &[f32], values: Rows<W>)
     // `att` were sized above.
     unsafe {
         match (queries, wide) {
-            (1, true) => avx512::weighted_sum::<W, 1>(out, att, values),
-            (2, true) => avx512::weighted_sum::<W, 2>(out, att, values),
-            (3, true) => avx512::weighted_sum::<W, 3>(out, att, values),
-            (4, true) => avx512::weighted_sum::<W, 4>(out, att, values),
+            (1, true) => match whole_passes(values.width(), [8, 6, 4]) {
+                6 => avx512::weighted_sum::<W, 1, 3>(out, att, values),
+                4 => avx512::weighted_sum::<W, 1, 2>(out, att, values),
+                _ => avx512::weighted_sum::<W, 1, 4>(out, att, values),
+            },
+            (2, true) => avx512::weighted_sum::<W, 2, 4>(out, att, values),
+            (3, true) => avx512::weighted_sum::<W, 3, 4>(out, att, values),
+            (4, true) => avx512::weighted_sum::<W, 4, 4>(out, att, values),
             (1, false) => match whole_passes(values.width(), [8, 6, 4]) {
                 6 => avx2::weighted_sum::<W, 1, 6>(out, att, values),
                 4 => avx2::weighted_sum::<W, 1, 4>(out, att, values),
