@@ -189,41 +189,6 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
     out
 }
 
-/// `out[r] = w[r] · x[r]` over `cols` elements: `tile_f32`'s chain, sum
-/// and tail for each pair, so the bits `tile_f32` gives for it.
-///
-/// # Safety
-/// As `tile_f32`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_pairs<W: Wide, const R: usize>(
-    w: [*const W; R],
-    x: [*const f32; R],
-    cols: usize,
-) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut k = 0;
-    while k + 8 <= cols {
-        for r in 0..R {
-            acc[r] = _mm256_fmadd_ps(W::load8(w[r].add(k)), _mm256_loadu_ps(x[r].add(k)), acc[r]);
-        }
-        k += 8;
-    }
-    let mut out = if R == 8 {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), hsum8(std::array::from_fn(|r| acc[r])));
-        std::array::from_fn(|r| lanes[r])
-    } else {
-        std::array::from_fn(|r| hsum(acc[r]))
-    };
-    for i in k..cols {
-        for r in 0..R {
-            out[r] += W::get(w[r], i) * *x[r].add(i);
-        }
-    }
-    out
-}
-
 /// The batched f32 product tile: `R` weight rows against one block of 16
 /// tokens of `TokenBlocks`' layout, as outer products: per column, each
 /// row's weight is broadcast once and multiplied into both token vectors,
@@ -492,18 +457,9 @@ impl super::F32Tiles for Tiles256 {
     ) -> [[f32; T]; R] {
         tile_f32::<W, R, T>(w, x, cols)
     }
-
-    #[inline(always)]
-    unsafe fn pairs<W: super::KvElement, const R: usize>(
-        w: [*const W; R],
-        x: [*const f32; R],
-        cols: usize,
-    ) -> [f32; R] {
-        tile_pairs::<W, R>(w, x, cols)
-    }
 }
 
-/// `kernels::row_scores`: eight (key, head) pairs per tile, in row order.
+/// `kernels::row_scores`: blocks of 8 rows, each scored head by head.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; `q` is `[heads][hs]`, each key row
@@ -517,7 +473,7 @@ pub unsafe fn row_scores<W: super::KvElement>(
     hs: usize,
     scale: f32,
 ) {
-    super::scores_by_pairs::<Tiles256, W, 8>(att, q, keys, hs, scale)
+    super::scores_by_row_blocks::<Tiles256, W, 8>(att, q, keys, hs, scale)
 }
 
 /// `kernels::row_weighted_sums` for heads of whole 8s (`RowPass`).

@@ -165,47 +165,6 @@ pub unsafe fn tile_f32<W: Wide, const R: usize, const T: usize>(
     out
 }
 
-/// `out[r] = w[r] · x[r]` over `cols` elements: `tile_f32`'s chain and
-/// reduction for each pair, so the bits `tile_f32` gives for it.
-///
-/// # Safety
-/// As `tile_f32`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn tile_pairs<W: Wide, const R: usize>(
-    w: [*const W; R],
-    x: [*const f32; R],
-    cols: usize,
-) -> [f32; R] {
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut k = 0;
-    while k + 16 <= cols {
-        for r in 0..R {
-            let wv = W::load16(w[r].add(k));
-            acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r].add(k)), acc[r]);
-        }
-        k += 16;
-    }
-    if k < cols {
-        let n = cols - k;
-        for r in 0..R {
-            let wv = W::load_part(w[r].add(k), n);
-            acc[r] = _mm512_fmadd_ps(wv, f32::load_part(x[r].add(k), n), acc[r]);
-        }
-    }
-    match R {
-        8 => {
-            let sums = sums8(std::array::from_fn(|r| acc[r]));
-            std::array::from_fn(|r| sums[r])
-        }
-        16 => {
-            let sums = sums16(std::array::from_fn(|r| acc[r]));
-            std::array::from_fn(|r| sums[r])
-        }
-        _ => std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r])),
-    }
-}
-
 /// The lane sums of eight vectors, each rounded as `_mm512_reduce_add_ps`
 /// rounds it: value `l + 8` added to value `l`, then `l + 4`, then `l + 2`,
 /// then the last pair, for all eight at once by shuffling two vectors'
@@ -486,18 +445,9 @@ impl super::F32Tiles for Tiles512 {
     ) -> [[f32; T]; R] {
         tile_f32::<W, R, T>(w, x, cols)
     }
-
-    #[inline(always)]
-    unsafe fn pairs<W: super::KvElement, const R: usize>(
-        w: [*const W; R],
-        x: [*const f32; R],
-        cols: usize,
-    ) -> [f32; R] {
-        tile_pairs::<W, R>(w, x, cols)
-    }
 }
 
-/// `kernels::row_scores`: sixteen (key, head) pairs per tile, in row order.
+/// `kernels::row_scores`: blocks of 16 rows, each scored head by head.
 ///
 /// # Safety
 /// AVX-512F/BW/VL and F16C are available; `q` is `[heads][hs]`, each key
@@ -511,7 +461,7 @@ pub unsafe fn row_scores<W: super::KvElement>(
     hs: usize,
     scale: f32,
 ) {
-    super::scores_by_pairs::<Tiles512, W, 16>(att, q, keys, hs, scale)
+    super::scores_by_row_blocks::<Tiles512, W, 16>(att, q, keys, hs, scale)
 }
 
 /// `kernels::row_weighted_sums` for heads of whole 16s (`RowPass`).

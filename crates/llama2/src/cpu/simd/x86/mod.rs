@@ -109,17 +109,6 @@ trait F32Tiles {
         x: [*const f32; T],
         cols: usize,
     ) -> [[f32; T]; R];
-
-    /// `out[r] = w[r] · x[r]` over `cols` values, each pair rounded as
-    /// `tile` rounds it.
-    ///
-    /// # Safety
-    /// As `tile`.
-    unsafe fn pairs<W: KvElement, const R: usize>(
-        w: [*const W; R],
-        x: [*const f32; R],
-        cols: usize,
-    ) -> [f32; R];
 }
 
 /// What a KV cache stores (f32 or f16), loadable by both levels' tiles.
@@ -205,16 +194,18 @@ unsafe fn scores_by_tiles<L: F32Tiles, W: KvElement, const R: usize, const T: us
     }
 }
 
-/// `kernels::row_scores` by pairs: every (key, head) pair of the rows in
-/// order, `R` pairs per tile, each rounded as `tile` rounds it for one
-/// query and key, so the same bits as `scores_by_tiles` head by head.
+/// `kernels::row_scores` by blocks of `R` cache rows, in order: each block
+/// is scored head after head with `tile` (`R` keys, one query), from L1
+/// after the first head, while the block `PREFETCH_ROWS` ahead is fetched.
+/// Every score is rounded as `scores_by_tiles` rounds it, so the same bits
+/// as head by head.
 ///
 /// # Safety
 /// `L`'s features are available; `q` is `[heads][hs]`, each key row holds
 /// `kv_heads * hs` values with `heads` a multiple of `kv_heads`, and `att`
 /// `heads * n`.
 #[inline(always)]
-unsafe fn scores_by_pairs<L: F32Tiles, W: KvElement, const R: usize>(
+unsafe fn scores_by_row_blocks<L: F32Tiles, W: KvElement, const R: usize>(
     att: &mut [f32],
     q: &[f32],
     keys: Rows<W>,
@@ -223,28 +214,30 @@ unsafe fn scores_by_pairs<L: F32Tiles, W: KvElement, const R: usize>(
 ) {
     let (n, heads) = (keys.count(), q.len() / hs);
     let group = heads / (keys.width() / hs);
-    let (kp, stride, qp) = (keys.data().as_ptr(), keys.stride(), q.as_ptr());
-    let (mut w, mut x, mut at) = ([kp; R], [qp; R], [0; R]);
-    let mut filled = 0;
-    for j in 0..n {
-        let row = kp.add(j * stride);
+    let (kp, stride) = (keys.data().as_ptr(), keys.stride());
+    let mut j = 0;
+    while j < n {
+        let full = j + R <= n;
         for h in 0..heads {
-            // `h / group` without a division per pair when heads are not grouped.
-            let kv_head = if group == 1 { h } else { h / group };
-            (w[filled], x[filled]) = (row.add(kv_head * hs), qp.add(h * hs));
-            at[filled] = h * n + j;
-            filled += 1;
-            if filled == R {
-                let sums = L::pairs::<W, R>(w, x, hs);
-                for (&at, s) in at.iter().zip(sums) {
-                    *att.get_unchecked_mut(at) = s;
+            // A share of the block ahead per head: asked for all at once,
+            // the prefetches wait on one another.
+            let ahead = |h: usize| (j + PREFETCH_ROWS + h * R / heads).min(n);
+            prefetch_rows((kp, stride, keys.width()), ahead(h)..ahead(h + 1));
+            let (key, query) = (kp.add(h / group * hs), [q.as_ptr().add(h * hs)]);
+            let out = att.as_mut_ptr().add(h * n + j);
+            if full {
+                let rows = std::array::from_fn(|r| key.add((j + r) * stride));
+                for (r, s) in L::tile::<W, R, 1>(rows, query, hs).iter().enumerate() {
+                    *out.add(r) = s[0];
                 }
-                filled = 0;
+            } else {
+                for r in 0..n - j {
+                    let row = [key.add((j + r) * stride)];
+                    *out.add(r) = L::tile::<W, 1, 1>(row, query, hs)[0][0];
+                }
             }
         }
-    }
-    for i in 0..filled {
-        *att.get_unchecked_mut(at[i]) = L::pairs::<W, 1>([w[i]], [x[i]], hs)[0];
+        j += R;
     }
     for a in att[..heads * n].iter_mut() {
         *a /= scale;
