@@ -228,6 +228,25 @@ pub trait Backend {
         Ok(all_finite(out))
     }
 
+    /// Whether buffers are host memory (the CPU), so that
+    /// `finite_in_place` can hand their values out: the model then returns
+    /// a batch's logits where the classifier wrote them, without a copy.
+    fn buffers_on_host(&self) -> bool {
+        false
+    }
+
+    /// The first `len` values of `src` in place, and whether every one is
+    /// finite, where `buffers_on_host`.
+    fn finite_in_place<'a>(
+        &mut self,
+        _src: &'a mut Self::Buffer,
+        _len: usize,
+    ) -> Result<(&'a mut [f32], bool)> {
+        Err(Error::Backend(
+            "this backend's buffers are not host memory: read them with read_finite".into(),
+        ))
+    }
+
     // ------------------------------------------------------------------
     // Fused ops: defaults chain the primitives above.
 

@@ -580,8 +580,21 @@ impl<B: Backend> LanguageModel for Transformer<B> {
             self.lengths[slot] = c.pos0 + c.tokens.len();
         }
         let v = self.config.vocab_size;
-        self.logits.resize(chunks.len() * v, 0.0);
         let last = |i: usize| chunks[i].pos0 + chunks[i].tokens.len() - 1;
+        let n = chunks.len() * v;
+        // A server step's logits are megabytes (16 sequences x 32000):
+        // where the backend's buffers are host memory they are handed out
+        // where the classifier wrote them.
+        if self.backend.buffers_on_host() {
+            let (logits, finite) = self.backend.finite_in_place(&mut self.state.logits, n)?;
+            if !finite {
+                for (i, row) in logits.chunks(v).enumerate() {
+                    check_logits(row, last(i))?;
+                }
+            }
+            return Ok(logits);
+        }
+        self.logits.resize(n, 0.0);
         read_logits(
             &mut self.backend,
             &self.state.logits,

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use llama2::checkpoint;
 use llama2::sampler::Sampler;
-use llama2::{CpuBackend, Transformer};
+use llama2::{CpuBackend, LanguageModel, Transformer};
 
 fn corrupt_each_header_byte(model: &str, header_bytes: usize) {
     let original = std::fs::read(model_path(model)).unwrap();
@@ -101,6 +101,29 @@ fn non_finite_values_are_errors_not_text() {
             "{err}"
         );
     }
+    // Batched sequences too (the CPU hands their logits out in place):
+    // the NaN is in the shared classifier's row of "Once" as well, so every
+    // sequence's logits hold it, and the first (at position 0) is named.
+    let mut model = cpu_model(&w);
+    let (a, b) = (model.new_sequence().unwrap(), model.new_sequence().unwrap());
+    let (bos, other) = ([1u32], [1u32, 300, once as u32]);
+    let chunks = [
+        llama2::Chunk {
+            sequence: a,
+            tokens: &bos,
+            pos0: 0,
+        },
+        llama2::Chunk {
+            sequence: b,
+            tokens: &other,
+            pos0: 0,
+        },
+    ];
+    let err = model.forward_batch(&chunks).unwrap_err();
+    assert!(
+        err.to_string().contains("non-finite logits at position 0"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -628,6 +628,27 @@ impl Backend for CpuBackend {
         self.read_finite(src, out).map(|_| ())
     }
 
+    fn buffers_on_host(&self) -> bool {
+        true
+    }
+
+    fn finite_in_place<'a>(
+        &mut self,
+        src: &'a mut Vec<f32>,
+        len: usize,
+    ) -> Result<(&'a mut [f32], bool)> {
+        // Checked in parts, as `read_finite` checks its copy.
+        let values = &mut src[..len];
+        let per = self.rows_per_task(len, 1);
+        let finite = AtomicBool::new(true);
+        self.team.for_each_chunk(values, per, |_, part| {
+            if !all_finite(part) {
+                finite.store(false, Ordering::Relaxed);
+            }
+        });
+        Ok((values, finite.into_inner()))
+    }
+
     fn read_finite(&mut self, src: &Vec<f32>, out: &mut [f32]) -> Result<bool> {
         // Split like an element-wise op: a server step's logits are
         // megabytes (16 sequences x 32000), which one thread copied and
