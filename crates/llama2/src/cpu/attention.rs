@@ -2,13 +2,14 @@
 //! with the sequence in blocks of `KV_BLOCK` positions, and rotary embedding
 //! plus causal attention for a batch of segments (one sequence's prompt, or
 //! one row per running sequence of a server). A batch's attention is split
-//! into (segment, block of queries, heads) tasks that run across the team,
-//! one head per task, or every head of a decoded row when many sequences
-//! decode together (then in one pass down the row's cache rows,
-//! `kernels::row_scores`, rather than a strided pass per head): blocks of a
-//! prompt's queries (16 at AVX2, 32 at AVX-512) as whole-block products
-//! where the level has them (`kernels::attends_by_blocks`), else blocks of
-//! up to four in dot form.
+//! into (segment, block of queries, heads) tasks that run across the team:
+//! a single row's heads in one pass down its cache rows
+//! (`kernels::row_scores`, rather than a strided pass per head), a
+//! thread's share of them per task, or all of them when many sequences
+//! decode together; blocks of a prompt's queries (16 at AVX2, 32 at
+//! AVX-512) one head per task, as whole-block products where the level
+//! has them (`kernels::attends_by_blocks`), else blocks of up to four in
+//! dot form.
 //!
 //! Both forms round every value as decoding one token does, so a prompt's
 //! attention is the same bits however it is batched: an int8 model's
@@ -39,11 +40,11 @@ use crate::error::{Error, Result};
 /// row is loaded once per block (the vector kernels' widest).
 const QUERY_BLOCK: usize = 4;
 /// Decoded rows per thread from which each row's attention is one task of
-/// all its heads rather than one task per head: the row's key and value
-/// rows are then read whole, one after the other, by one core, instead of
-/// a head's slice of each by every core (stories15M q8, 16 sequences on
-/// Zen 4: +10% per step). With fewer rows per-head tasks keep the threads
-/// even.
+/// all its heads rather than one task per thread's share of them: the
+/// row's key and value rows are then read whole, one after the other, by
+/// one core, instead of a slice of each by every core (stories15M q8, 16
+/// sequences on Zen 4: +10% per step). With fewer rows the shares keep the
+/// threads even.
 const WHOLE_ROWS_PER_THREAD: usize = 4;
 /// Positions a cache grows by at least: the unit a server counts KV memory
 /// in.
@@ -254,8 +255,9 @@ fn rotate(v: &mut [f32], f: &[(f32, f32)]) {
 // ----------------------------------------------------------------------------
 // Attention
 
-/// One task of a batch's attention: some heads (one, or all of a decoded
-/// row) of a block of consecutive rows of one segment, at most
+/// One task of a batch's attention: some heads (one of a prompt's block,
+/// a thread's share or all of a single row) of a block of consecutive
+/// rows of one segment, at most
 /// `kernels::attention_block_queries` attended by blocks or `QUERY_BLOCK`
 /// in dot form.
 #[derive(Clone)]
@@ -291,7 +293,7 @@ pub(super) fn attend(
         let rows = s.rows.start * kv..s.rows.end * kv;
         cache.store(layer, s.pos0, &inputs.k[rows.clone()], &inputs.v[rows])?;
     }
-    let tasks = tasks(segments, (c.n_heads, hs), isa, threads);
+    let tasks = tasks(segments, (c.n_heads, c.kv_group(), hs), isa, threads);
     let span = segments.iter().map(|s| s.pos0 + s.rows.len()).max();
     let span = span.unwrap_or(0);
     let work: usize = segments
@@ -326,17 +328,24 @@ pub(super) fn attend(
             attend_dots(isa, (o, att), (queries, keys, values), first, scale);
         }
     };
-    // Every head of one decoded row, in one pass down its cache rows.
-    let attend_row = |segment: usize, row: usize, (o, att): (&mut [f32], &mut [f32])| {
+    // Heads `heads` (whole KV groups) of one row, in one pass down its
+    // cache rows.
+    let attend_row = |(segment, row): (usize, usize),
+                      heads: std::ops::Range<usize>,
+                      (o, att): (&mut [f32], &mut [f32])| {
         let seg = &segments[segment];
         let n = seg.pos0 + row - seg.rows.start + 1;
-        let (keys, values) = caches[segment].head(layer, (0, kv), n);
-        let att = &mut att[..c.n_heads * n];
-        kernels::row_scores(isa, att, &inputs.q[row * d..][..d], keys, hs, scale);
+        let kv_heads = heads.start / c.kv_group()..heads.end.div_ceil(c.kv_group());
+        let kv_cols = (kv_heads.start * hs, kv_heads.len() * hs);
+        let (keys, values) = caches[segment].head(layer, kv_cols, n);
+        let width = heads.len() * hs;
+        let att = &mut att[..heads.len() * n];
+        let q = &inputs.q[row * d + heads.start * hs..][..width];
+        kernels::row_scores(isa, att, q, keys, hs, scale);
         for att in att.chunks_exact_mut(n) {
             kernels::softmax(isa, att);
         }
-        kernels::row_weighted_sums(isa, &mut o[..d], att, values, hs);
+        kernels::row_weighted_sums(isa, &mut o[..width], att, values, hs);
     };
     let run = |i: usize, s: &mut [f32]| {
         let Task {
@@ -345,8 +354,8 @@ pub(super) fn attend(
             heads,
         } = tasks[i].clone();
         let (o, att) = s.split_at_mut(out_len);
-        if rows.len() == 1 && heads.len() == c.n_heads {
-            return attend_row(segment, rows.start, (o, att));
+        if rows.len() == 1 {
+            return attend_row((segment, rows.start), heads, (o, att));
         }
         for (head, o) in heads.zip(o.chunks_exact_mut(rows.len() * hs)) {
             attend_head((segment, rows.clone(), head), (o, &mut *att));
@@ -455,10 +464,19 @@ fn attend_dots(
 }
 
 /// The tasks of a batch, those that see the most keys first so the cheap
-/// ones even out the end.
-fn tasks(segments: &[Segment], (heads, hs): (usize, usize), isa: Isa, threads: usize) -> Vec<Task> {
+/// ones even out the end. A single row's heads go in `threads` shares of
+/// whole KV groups (all of them with enough decoded rows), each attended
+/// in one pass down its slice of the cache rows; a block of a prompt's
+/// queries takes one head.
+fn tasks(
+    segments: &[Segment],
+    (heads, group, hs): (usize, usize, usize),
+    isa: Isa,
+    threads: usize,
+) -> Vec<Task> {
     let decoded = segments.iter().filter(|s| s.rows.len() == 1).count();
     let whole_rows = decoded >= WHOLE_ROWS_PER_THREAD * threads;
+    let share = heads.div_ceil(threads.max(1)).next_multiple_of(group);
     let mut blocks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
     for (i, s) in segments.iter().enumerate() {
         let mut start = s.rows.start;
@@ -478,14 +496,15 @@ fn tasks(segments: &[Segment], (heads, hs): (usize, usize), isa: Isa, threads: u
     blocks
         .into_iter()
         .flat_map(|(_, segment, rows)| {
-            let step = match whole_rows && rows.len() == 1 {
-                true => heads,
-                false => 1,
+            let step = match (rows.len(), whole_rows) {
+                (1, true) => heads,
+                (1, false) => share,
+                _ => 1,
             };
             (0..heads).step_by(step).map(move |head| Task {
                 segment,
                 rows: rows.clone(),
-                heads: head..head + step,
+                heads: head..(head + step).min(heads),
             })
         })
         .collect()
