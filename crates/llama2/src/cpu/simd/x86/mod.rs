@@ -245,7 +245,7 @@ unsafe fn scores_by_row_blocks<L: F32Tiles, W: KvElement, const R: usize>(
 }
 
 /// `kernels::row_scores` where the level has it: heads of whole vectors
-/// (the rows' tails would be a masked load per pair).
+/// (`rows_fit`), as the value sums want them.
 pub fn row_scores(
     isa: Isa,
     att: &mut [f32],
@@ -419,7 +419,9 @@ impl RowPass {
     }
 }
 
-/// Whether `isa` has the whole-row attention kernels for heads of `hs`.
+/// Whether `isa` has the whole-row attention kernels for heads of `hs`:
+/// heads of whole vectors, so each vector of a value sum lies in one head
+/// and takes one broadcast score.
 fn rows_fit(isa: Isa, hs: usize) -> bool {
     match float_level(isa) {
         Level::Avx512 => hs.is_multiple_of(16),
@@ -505,6 +507,8 @@ fn sum_of<W: KvElement>(isa: Isa, out: &mut [f32], att: &[f32], values: Rows<W>)
     // `att` were sized above.
     unsafe {
         match (queries, wide) {
+            // `whole_passes` counts AVX2's vectors of 8: 6 of them are 3 of
+            // AVX-512's.
             (1, true) => match whole_passes(values.width(), [8, 6, 4]) {
                 6 => avx512::weighted_sum::<W, 1, 3>(out, att, values),
                 4 => avx512::weighted_sum::<W, 1, 2>(out, att, values),
