@@ -468,7 +468,13 @@ fn read_logits<B: Backend>(
     if backend.read_finite(src, out)? {
         return Ok(());
     }
-    for (i, row) in out.chunks(v).enumerate() {
+    check_rows(out, v, position)
+}
+
+/// `check_logits` for each row of `v` logits in `logits`, row `i` at
+/// `position(i)`.
+fn check_rows(logits: &[f32], v: usize, position: impl Fn(usize) -> usize) -> Result<()> {
+    for (i, row) in logits.chunks(v).enumerate() {
         check_logits(row, position(i))?;
     }
     Ok(())
@@ -588,9 +594,7 @@ impl<B: Backend> LanguageModel for Transformer<B> {
         if self.backend.buffers_on_host() {
             let (logits, finite) = self.backend.finite_in_place(&mut self.state.logits, n)?;
             if !finite {
-                for (i, row) in logits.chunks(v).enumerate() {
-                    check_logits(row, last(i))?;
-                }
+                check_rows(logits, v, last)?;
             }
             return Ok(logits);
         }

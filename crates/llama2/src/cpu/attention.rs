@@ -304,8 +304,8 @@ pub(super) fn attend(
         * hs
         * 2;
     // Each task's outputs `[heads][rows][hs]` (a block of one head, or one
-    // row of every head), then its scores: `[QUERY_BLOCK][span]` in dot
-    // form, reused head after head, or a whole row's `[heads][span]`.
+    // row of some or all heads), then its scores: `[QUERY_BLOCK][span]` in dot
+    // form, reused head after head, or a row's `[heads][span]`.
     let out_len = kernels::attention_block_queries(isa).max(c.n_heads) * hs;
     let task_len = out_len + QUERY_BLOCK.max(c.n_heads) * span;
     let scratch = grow_to(scratch, tasks.len() * task_len);
