@@ -68,8 +68,12 @@ pub fn cpu_backend(args: &DeviceArgs, dtype: Option<DType>) -> Result<CpuBackend
              or --exact"
         );
     }
-    let backend = CpuBackend::with_isa(args.threads, dtype, cpu_isa(args)?)?;
-    Ok(backend.with_kv_dtype(kv))
+    let backend = CpuBackend::with_isa(args.threads, dtype, cpu_isa(args)?)?.with_kv_dtype(kv);
+    Ok(if args.mmap {
+        backend.with_weights_in_place()
+    } else {
+        backend
+    })
 }
 
 /// Loads `weights` onto the device `args` asks for.

@@ -314,3 +314,16 @@ fn f16_kv_cache_keeps_the_greedy_story_and_is_refused_with_exact() {
     assert_eq!(bad.code, Some(2), "{}", bad.stderr);
     assert!(bad.stderr.contains("expected f32 or f16"), "{}", bad.stderr);
 }
+
+/// `--mmap` reads the float weights from the file's map instead of a copy
+/// in huge pages: the same story, fp32 and int8 (always repacked).
+#[test]
+fn weights_read_in_place_give_the_same_story() {
+    let r = stories(&["-t", "0", "-n", "200", "--mmap"]);
+    assert_eq!(r.ok(), format!("{GOLDEN_FP32}\n"));
+    let r = stories_model(
+        "stories260K_q8_gs4.bin",
+        &["-t", "0", "-n", "200", "--mmap"],
+    );
+    assert_eq!(r.ok(), format!("{GOLDEN_Q8}\n"));
+}

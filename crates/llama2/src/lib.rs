@@ -8,6 +8,7 @@
 //! | `checkpoint/`      | reading every model format; writing llama2.c, HF, GGUF  |
 //! | `files/`           | opening inputs: regular files only, sizes bounded, maps |
 //! | `tensor.rs`        | weight storage: f32, f16, bf16, Q8_0; mmap-backed       |
+//! | `arena/`           | huge-page memory the CPU backend copies weights into    |
 //! | `quant.rs`         | Q8_0 quantization                                       |
 //! | `tokenizer.rs`     | BPE encode/decode, UTF-8-safe output, finding tokenizers|
 //! | `sentencepiece.rs` | `tokenizer.model`: reading, conversion to tokenizer.bin |
@@ -27,6 +28,7 @@
 //! It deliberately knows nothing of CUDA (crate `llama2-cuda`) or of command
 //! lines (crate `llama2-cli`).
 
+pub mod arena;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;

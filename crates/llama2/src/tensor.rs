@@ -11,8 +11,10 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 
-/// A read-only array of `T`: a window of a mapped file, or an owned vector.
-/// Clones are cheap (reference counted) in both cases.
+use crate::arena::Region;
+
+/// A read-only array of `T`: a window of a mapped file, an owned vector, or
+/// a region of huge pages (`arena`). Clones are cheap (reference counted) in all cases.
 #[derive(Clone)]
 pub enum Storage<T: Pod> {
     /// `len` elements starting at byte `offset` of `map`; `offset` is
@@ -23,6 +25,8 @@ pub enum Storage<T: Pod> {
         len: usize,
     },
     Owned(Arc<Vec<T>>),
+    /// A region of the CPU backend's huge pages (`arena`).
+    Resident(Region),
 }
 
 impl<T: Pod> Storage<T> {
@@ -45,6 +49,11 @@ impl<T: Pod> Storage<T> {
     pub fn owned(data: Vec<T>) -> Self {
         Storage::Owned(Arc::new(data))
     }
+
+    /// Whether the array lies in the CPU backend's huge pages (`arena`).
+    pub fn is_resident(&self) -> bool {
+        matches!(self, Storage::Resident(_))
+    }
 }
 
 impl<T: Pod> Deref for Storage<T> {
@@ -55,6 +64,7 @@ impl<T: Pod> Deref for Storage<T> {
                 bytemuck::cast_slice(&map[*offset..*offset + len * std::mem::size_of::<T>()])
             }
             Storage::Owned(v) => v,
+            Storage::Resident(region) => bytemuck::cast_slice(region.bytes()),
         }
     }
 }

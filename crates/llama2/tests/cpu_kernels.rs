@@ -8,10 +8,12 @@
 //! the group size. `scripts/test-aarch64.sh` runs them for NEON under qemu.
 
 use half::f16;
+use llama2::arena::Arena;
 use llama2::cpu::kernels::{self, Isa, Level, Prepared, Q8Acts, Rows, TokenBlocks};
 use llama2::cpu::packed::{self, CpuMatrix};
 use llama2::cpu::reference;
 use llama2::sampler::Rng;
+use llama2::tensor::MatrixData;
 use llama2::{
     Backend, Config, CpuBackend, DType, HostMatrix, LanguageModel, ModelWeights, Transformer,
 };
@@ -726,7 +728,7 @@ fn packed_q8_products_match_reference() {
                 // Up to 19 blocks of 16 rows: decoding's 8-block tiles too.
                 let rows = 1 + below(&mut rng, 300);
                 let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
-                let packed = CpuMatrix::new(isa, w.clone());
+                let packed = CpuMatrix::new(isa, w.clone(), &mut arena());
                 let CpuMatrix::PackedQ8(p) = &packed else {
                     continue;
                 };
@@ -742,6 +744,50 @@ fn packed_q8_products_match_reference() {
                 let split = below(&mut rng, rows + 1);
                 let out = packed_product_split(isa, p, &x, n, split);
                 assert_q8_reference(&format!("{what} split {split}"), &w, &x, n, &out);
+            }
+        }
+    }
+}
+
+/// An arena as the backend's, with no limit on copies.
+fn arena() -> Arena {
+    Arena::with_budget(usize::MAX)
+}
+
+/// Float matrices are copied into the arena's huge pages while its budget
+/// lasts and read in place after; Q8_0 is repacked there. Every copy gives
+/// the same products as the source.
+#[test]
+fn matrices_move_into_huge_pages_within_the_budget() {
+    let mut rng = Rng::new(9);
+    for isa in Isa::all() {
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8] {
+            let w = matrix(&mut rng, 70, 64, dtype, 32);
+            let copied = CpuMatrix::new(isa, w.clone(), &mut arena());
+            let kept = CpuMatrix::new(isa, w.clone(), &mut Arena::with_budget(0));
+            let resident = |m: &CpuMatrix| match m {
+                CpuMatrix::PackedQ8(p) => p.q.is_resident() && p.s.is_resident(),
+                CpuMatrix::Host(h) => match &h.data {
+                    MatrixData::F32(s) => s.is_resident(),
+                    MatrixData::F16(s) => s.is_resident(),
+                    MatrixData::BF16(s) => s.is_resident(),
+                    MatrixData::Q8(d) => d.q.is_resident(),
+                },
+            };
+            let what = format!("{dtype:?} at {isa:?}");
+            let packed = matches!(copied, CpuMatrix::PackedQ8(_));
+            assert!(resident(&copied), "{what} not copied");
+            assert!(packed || !resident(&kept), "{what} copied past the budget");
+            let x = random_vec(&mut rng, 3 * 64);
+            if let (CpuMatrix::Host(a), CpuMatrix::Host(b)) = (&copied, &kept) {
+                assert_same(&what, &product(isa, a, &x, 3), &product(isa, b, &x, 3));
+            }
+            for r in [0, 69] {
+                assert_same(
+                    &format!("{what} row {r}"),
+                    &copied.row_f32(r),
+                    &w.row_f32(r),
+                );
             }
         }
     }
@@ -763,7 +809,7 @@ fn q8_weight_minus_128_matches_reference() {
     q[17 * cols + 3] = i8::MIN;
     d.q = llama2::tensor::Storage::Owned(std::sync::Arc::new(q));
     for isa in Isa::all() {
-        let m = CpuMatrix::new(isa, w.clone());
+        let m = CpuMatrix::new(isa, w.clone(), &mut arena());
         if isa.level() == Level::Avx2 {
             assert!(matches!(m, CpuMatrix::Host(_)), "AVX2 packed a -128");
         }
@@ -800,7 +846,7 @@ fn amx_q8_products_match_reference() {
         for _ in 0..4 {
             let (rows, n) = (1 + below(&mut rng, 100), 2 + below(&mut rng, 80));
             let w = matrix(&mut rng, rows, cols, DType::Q8, gs);
-            let CpuMatrix::PackedQ8(p) = CpuMatrix::new(isa, w.clone()) else {
+            let CpuMatrix::PackedQ8(p) = CpuMatrix::new(isa, w.clone(), &mut arena()) else {
                 panic!("the AMX level packs Q8_0 with groups of {gs}");
             };
             let x = random_vec(&mut rng, n * cols);

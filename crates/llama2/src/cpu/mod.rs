@@ -16,6 +16,7 @@ mod team;
 pub use attention::{CpuKvCache, KV_BLOCK};
 use attention::{Inputs, RopeTable};
 
+use crate::arena::Arena;
 use crate::backend::{all_finite, Backend, KvDtype, Segment};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -56,6 +57,14 @@ const CPU_BATCH: usize = 256;
 /// or more of the batch.
 const MAX_SEQUENCES: usize = 64;
 
+/// The most bytes of float weights copied out of their file's map into
+/// huge pages: half the machine's memory. Past it (a model too large to
+/// hold twice, as page cache and as copy, comfortably) they are read from
+/// the map in place; where the memory is unknown, always.
+fn copy_budget() -> usize {
+    crate::files::physical_memory().map_or(0, |bytes| (bytes / 2).min(usize::MAX as u64) as usize)
+}
+
 /// Host-memory backend.
 pub struct CpuBackend {
     team: Team,
@@ -81,6 +90,8 @@ pub struct CpuBackend {
     norm_eps: f32,
     /// How new KV caches store keys and values.
     kv_dtype: KvDtype,
+    /// Huge-page memory the matrices are repacked or copied into.
+    arena: Arena,
 }
 
 impl CpuBackend {
@@ -122,6 +133,7 @@ impl CpuBackend {
             rope: RopeTable::default(),
             norm_eps: crate::config::LLAMA2C_NORM_EPS,
             kv_dtype: KvDtype::F32,
+            arena: Arena::with_budget(copy_budget()),
         })
     }
 
@@ -129,6 +141,15 @@ impl CpuBackend {
     /// (f32 unless set: llama2.c's arithmetic).
     pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
         self.kv_dtype = dtype;
+        self
+    }
+
+    /// Makes matrices loaded from now on that need no repacking stay where
+    /// they are (a file's map) instead of being copied into huge pages:
+    /// zero copies and memory shared with other processes mapping the same
+    /// file, at the cost of slower decode (docs/PERF.md).
+    pub fn with_weights_in_place(mut self) -> Self {
+        self.arena = Arena::with_budget(0);
         self
     }
 
@@ -429,7 +450,7 @@ impl Backend for CpuBackend {
             Some(dt) => m.convert(dt, crate::quant::group_size_for(m.cols))?,
             None => m.clone(),
         };
-        Ok(CpuMatrix::new(self.isa, m))
+        Ok(CpuMatrix::new(self.isa, m, &mut self.arena))
     }
 
     fn step(

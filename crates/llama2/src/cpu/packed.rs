@@ -10,9 +10,12 @@
 
 use std::ops::Range;
 
+use bytemuck::Pod;
+
 use super::kernels::{Isa, Q8Acts};
 use super::simd;
-use crate::tensor::{HostMatrix, MatrixData, Q8Data};
+use crate::arena::Arena;
+use crate::tensor::{HostMatrix, MatrixData, Q8Data, Storage};
 
 /// Rows interleaved in one packed block.
 pub const BLOCK_ROWS: usize = 16;
@@ -27,12 +30,15 @@ pub enum CpuMatrix {
 }
 
 impl CpuMatrix {
-    /// `m` in the layout `isa`'s kernels read fastest.
-    pub fn new(isa: Isa, m: HostMatrix) -> CpuMatrix {
+    /// `m` in the layout `isa`'s kernels read fastest, in `arena`'s huge
+    /// pages: Q8_0 repacked there, other types copied there while the
+    /// arena's budget lasts (else read where they are, usually the file's
+    /// map).
+    pub fn new(isa: Isa, m: HostMatrix, arena: &mut Arena) -> CpuMatrix {
         match (&m.data, simd::q8_bytes(isa)) {
-            (MatrixData::Q8(d), Some(bytes)) => PackedQ8::new(d, m.rows, m.cols, bytes)
+            (MatrixData::Q8(d), Some(bytes)) => PackedQ8::new(d, m.rows, m.cols, bytes, arena)
                 .map_or(CpuMatrix::Host(m), CpuMatrix::PackedQ8),
-            _ => CpuMatrix::Host(m),
+            _ => CpuMatrix::Host(resident(m, arena)),
         }
     }
 
@@ -71,6 +77,33 @@ impl CpuMatrix {
     }
 }
 
+/// `m` with its values copied into `arena` if the budget allows.
+fn resident(m: HostMatrix, arena: &mut Arena) -> HostMatrix {
+    fn copy<T: Pod>(s: &Storage<T>, arena: &mut Arena) -> Option<Storage<T>> {
+        if s.is_resident() {
+            return None;
+        }
+        arena.copy(s)
+    }
+    let data = match &m.data {
+        MatrixData::F32(s) => copy(s, arena).map(MatrixData::F32),
+        MatrixData::F16(s) => copy(s, arena).map(MatrixData::F16),
+        MatrixData::BF16(s) => copy(s, arena).map(MatrixData::BF16),
+        MatrixData::Q8(d) => copy(&d.q, arena).and_then(|q| {
+            let scales = copy(&d.scales, arena)?;
+            Some(MatrixData::Q8(Q8Data {
+                q,
+                scales,
+                ..d.clone()
+            }))
+        }),
+    };
+    match data {
+        Some(data) => HostMatrix { data, ..m },
+        None => m,
+    }
+}
+
 /// How a packed byte holds its int8 weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Q8Bytes {
@@ -103,17 +136,24 @@ pub struct PackedQ8 {
     pub cols: usize,
     pub gs: usize,
     pub bytes: Q8Bytes,
-    /// Values encoded as `bytes` says, `[block][cols / 4][16 rows][4]`.
-    pub q: Vec<u8>,
+    /// Values encoded as `bytes` says, `[block][cols / 4][16 rows][4]`, in
+    /// huge pages (decode streams all of it per token).
+    pub q: Storage<u8>,
     /// Scales `[block][groups][16 rows]`.
-    pub s: Vec<f32>,
+    pub s: Storage<f32>,
 }
 
 impl PackedQ8 {
-    /// Repacks `d` (a `[rows][cols]` matrix); `None` when groups straddle
+    /// Repacks `d` (a `[rows][cols]` matrix) into `arena`; `None` when groups straddle
     /// rows or are not a multiple of 4 long, or when `bytes` cannot hold a
     /// value of `d`.
-    pub fn new(d: &Q8Data, rows: usize, cols: usize, bytes: Q8Bytes) -> Option<PackedQ8> {
+    pub fn new(
+        d: &Q8Data,
+        rows: usize,
+        cols: usize,
+        bytes: Q8Bytes,
+        arena: &mut Arena,
+    ) -> Option<PackedQ8> {
         let gs = d.group_size;
         if gs == 0 || !gs.is_multiple_of(4) || !cols.is_multiple_of(gs) {
             return None;
@@ -124,22 +164,28 @@ impl PackedQ8 {
         let mask = bytes.mask();
         let groups = cols / gs;
         let blocks = rows.div_ceil(BLOCK_ROWS);
-        let mut q = vec![mask; blocks * BLOCK_ROWS * cols];
-        let mut s = vec![0f32; blocks * BLOCK_ROWS * groups];
-        for row in 0..rows {
-            let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
-            let src = &d.q[row * cols..(row + 1) * cols];
-            let block = &mut q[b * BLOCK_ROWS * cols..(b + 1) * BLOCK_ROWS * cols];
-            for (k4, v) in src.chunks_exact(4).enumerate() {
-                let at = (k4 * BLOCK_ROWS + r) * 4;
-                for (o, &x) in block[at..at + 4].iter_mut().zip(v) {
-                    *o = (x as u8) ^ mask;
+        let q = arena.alloc(blocks * BLOCK_ROWS * cols, |q: &mut [u8]| {
+            q.fill(mask);
+            for row in 0..rows {
+                let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
+                let src = &d.q[row * cols..(row + 1) * cols];
+                let block = &mut q[b * BLOCK_ROWS * cols..(b + 1) * BLOCK_ROWS * cols];
+                for (k4, v) in src.chunks_exact(4).enumerate() {
+                    let at = (k4 * BLOCK_ROWS + r) * 4;
+                    for (o, &x) in block[at..at + 4].iter_mut().zip(v) {
+                        *o = (x as u8) ^ mask;
+                    }
                 }
             }
-            for g in 0..groups {
-                s[(b * groups + g) * BLOCK_ROWS + r] = d.scales[row * groups + g];
+        });
+        let s = arena.alloc(blocks * BLOCK_ROWS * groups, |s: &mut [f32]| {
+            for row in 0..rows {
+                let (b, r) = (row / BLOCK_ROWS, row % BLOCK_ROWS);
+                for g in 0..groups {
+                    s[(b * groups + g) * BLOCK_ROWS + r] = d.scales[row * groups + g];
+                }
             }
-        }
+        });
         Some(PackedQ8 {
             rows,
             cols,
