@@ -32,8 +32,10 @@ default, llama2.c's); say so when you quote such numbers.
 It also times the fp32 "wall" unless --no-wall: scripts/products-only.c,
 compiled with gcc -O3 -march=native -fopenmp, which does nothing per token
 but the matrix-vector products of the same v0 file (AVX-512, spinning
-OpenMP threads). No fp32 engine can decode much faster than that on the
-machine, so "ours / products only" is our share of what is reachable.
+OpenMP threads), reading a copy of it in transparent huge pages as our CPU
+backend reads its weights. No fp32 engine can decode much faster than that
+on the machine, so "ours / products only" is our share of what is
+reachable.
 
 Decoding is greedy everywhere (llama2.c `-t 0`): with sampling, llama2.c's
 top-p sort over 32000 tokens dominates and hides the forward pass.
