@@ -1,12 +1,14 @@
-//! The CPU backend's weight matrices: the checkpoint's `HostMatrix` as is,
-//! or Q8_0 weights repacked at upload for the vector products. The packed
-//! layout interleaves 16 rows four bytes at a time, so one 64-byte load
-//! feeds AVX-512's `vpdpbusd` with four columns of 16 rows (two 32-byte
-//! loads feed AVX2's `vpmaddubsw`) and each lane accumulates one row's
-//! exact group dot: no horizontal add tree per group.
+//! The CPU backend's weight matrices: the checkpoint's `HostMatrix` (copied
+//! into huge pages where it can be), or Q8_0 weights repacked at upload for
+//! the vector products. The packed layout interleaves 16 rows four bytes
+//! at a time, so one 64-byte load feeds AVX-512's `vpdpbusd` with four
+//! columns of 16 rows (two 32-byte loads feed AVX2's `vpmaddubsw`) and
+//! each lane accumulates one row's exact group dot: no horizontal add tree
+//! per group.
 //!
-//! This file owns the layout (packing, reading rows back); the tiles that
-//! read it live in `simd/`.
+//! This file owns the layout (packing, reading rows back) and what goes
+//! into the backend's huge pages (`arena`); the tiles that read it live in
+//! `simd/`.
 
 use std::ops::Range;
 
@@ -144,9 +146,9 @@ pub struct PackedQ8 {
 }
 
 impl PackedQ8 {
-    /// Repacks `d` (a `[rows][cols]` matrix) into `arena`; `None` when groups straddle
-    /// rows or are not a multiple of 4 long, or when `bytes` cannot hold a
-    /// value of `d`.
+    /// Repacks `d` (a `[rows][cols]` matrix) into `arena`; `None` when
+    /// groups straddle rows or are not a multiple of 4 long, or when
+    /// `bytes` cannot hold a value of `d`.
     pub fn new(
         d: &Q8Data,
         rows: usize,
