@@ -178,8 +178,9 @@ pub struct DeviceArgs {
     /// llama2.c does, instead of copying them into huge pages at load (the
     /// CPU's default while they fit in half the machine's memory): no copy,
     /// and the pages are shared with other processes mapping the same
-    /// file, but decode is slower (about 1.15x on stories110M f32, less
-    /// on smaller models). Q8_0 is always repacked. CPU only.
+    /// file, but f32 decode of models larger than the caches is slower
+    /// (1.2-1.3x on the stories models on a Zen 4). Q8_0 is always
+    /// repacked. CPU only.
     #[arg(long)]
     pub mmap: bool,
 }
