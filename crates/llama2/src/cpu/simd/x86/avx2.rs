@@ -1053,26 +1053,26 @@ impl Dot4 for Vnni {
 }
 
 /// A tile over the packed Q8_0 layout with signed bytes (`Q8Bytes::Signed`):
-/// `B` consecutive blocks of 16 rows against tokens `t0..t0 + T`. Result
-/// `[b][t]` holds the 16 rows of block `b` for token `t0 + t`, bit-identical
-/// to `kernels::dot_q8`: each lane's group dot is exact in int32 (see
-/// `SignTrick`), and the f32 terms are formed and added in group order as
-/// the reference does.
+/// one block of 16 rows against tokens `t0..t0 + T` (decoding reads one
+/// block at a time, `q8_packed_rows256`). Result `[t]` holds the block's 16
+/// rows for token `t0 + t`, bit-identical to `kernels::dot_q8`: each lane's
+/// group dot is exact in int32 (see `SignTrick`), and the f32 terms are
+/// formed and added in group order as the reference does.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `q` and `s` point at block `b0` of a
+/// AVX2, FMA and F16C are available; `q` and `s` point at a block of a
 /// packed matrix with `cols` columns in groups of `gs` (a multiple of 4
-/// dividing `cols`), whose bytes hold no -128, and `B` blocks from there
-/// exist; tokens `t0..t0 + T` are in range of `x`.
+/// dividing `cols`), whose bytes hold no -128; tokens `t0..t0 + T` are in
+/// range of `x`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
+pub unsafe fn tile_q8_packed<const T: usize>(
     q: *const u8,
     s: *const f32,
     dims: (usize, usize),
     x: &Q8Tokens,
     t0: usize,
-) -> [[[f32; 16]; T]; B] {
-    tile_q8::<SignTrick, B, T>(q, s, dims, x, t0)
+) -> [[f32; 16]; T] {
+    tile_q8::<SignTrick, T>(q, s, dims, x, t0)
 }
 
 /// `tile_q8_packed` on AVX-VNNI, for offset bytes (`Q8Bytes::Offset`).
@@ -1081,14 +1081,14 @@ pub unsafe fn tile_q8_packed<const B: usize, const T: usize>(
 /// As `tile_q8_packed`, with AVX-VNNI available too and the bytes offset
 /// (any value allowed).
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub unsafe fn tile_q8_vnni<const B: usize, const T: usize>(
+pub unsafe fn tile_q8_vnni<const T: usize>(
     q: *const u8,
     s: *const f32,
     dims: (usize, usize),
     x: &Q8Tokens,
     t0: usize,
-) -> [[[f32; 16]; T]; B] {
-    tile_q8::<Vnni, B, T>(q, s, dims, x, t0)
+) -> [[f32; 16]; T] {
+    tile_q8::<Vnni, T>(q, s, dims, x, t0)
 }
 
 /// The body of both tiles, inlined into each so that it is compiled with
@@ -1097,31 +1097,27 @@ pub unsafe fn tile_q8_vnni<const B: usize, const T: usize>(
 /// # Safety
 /// As the tile that calls it.
 #[inline(always)]
-unsafe fn tile_q8<D: Dot4, const B: usize, const T: usize>(
+unsafe fn tile_q8<D: Dot4, const T: usize>(
     q: *const u8,
     s: *const f32,
     (cols, gs): (usize, usize),
     x: &Q8Tokens,
     t0: usize,
-) -> [[[f32; 16]; T]; B] {
+) -> [[f32; 16]; T] {
     let groups = cols / gs;
     let xq = x.xq.as_ptr();
-    let mut f = [[[_mm256_setzero_ps(); 2]; T]; B];
+    let mut f = [[_mm256_setzero_ps(); 2]; T];
     for g in 0..groups {
-        let mut a = [[[_mm256_setzero_si256(); 2]; T]; B];
+        let mut a = [[_mm256_setzero_si256(); 2]; T];
         for k in (g * gs..(g + 1) * gs).step_by(4) {
-            let w: [[__m256i; 2]; B] = std::array::from_fn(|b| {
-                let p = q.add(b * cols * 16 + k * 16) as *const __m256i;
-                [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))]
-            });
+            let p = q.add(k * 16) as *const __m256i;
+            let w = [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))];
             for t in 0..T {
                 let at = xq.add((t0 + t) * cols + k) as *const i32;
                 let xv = _mm256_set1_epi32(std::ptr::read_unaligned(at));
                 let ax = _mm256_abs_epi8(xv);
-                for b in 0..B {
-                    for h in 0..2 {
-                        a[b][t][h] = D::dot4(a[b][t][h], w[b][h], xv, ax);
-                    }
+                for h in 0..2 {
+                    a[t][h] = D::dot4(a[t][h], w[h], xv, ax);
                 }
             }
         }
@@ -1129,22 +1125,18 @@ unsafe fn tile_q8<D: Dot4, const B: usize, const T: usize>(
             let at = g * x.tokens + t0 + t;
             let xs = _mm256_set1_ps(x.xs_t[at]);
             let xc = _mm256_set1_epi32(if D::OFFSET { x.xc_t[at] } else { 0 });
-            for b in 0..B {
-                for h in 0..2 {
-                    let ws = _mm256_loadu_ps(s.add((b * groups + g) * 16 + 8 * h));
-                    let ints = _mm256_cvtepi32_ps(_mm256_sub_epi32(a[b][t][h], xc));
-                    let term = _mm256_mul_ps(_mm256_mul_ps(ints, ws), xs);
-                    f[b][t][h] = _mm256_add_ps(f[b][t][h], term);
-                }
+            for h in 0..2 {
+                let ws = _mm256_loadu_ps(s.add(g * 16 + 8 * h));
+                let ints = _mm256_cvtepi32_ps(_mm256_sub_epi32(a[t][h], xc));
+                let term = _mm256_mul_ps(_mm256_mul_ps(ints, ws), xs);
+                f[t][h] = _mm256_add_ps(f[t][h], term);
             }
         }
     }
-    let mut out = [[[0f32; 16]; T]; B];
-    for b in 0..B {
-        for t in 0..T {
-            _mm256_storeu_ps(out[b][t].as_mut_ptr(), f[b][t][0]);
-            _mm256_storeu_ps(out[b][t].as_mut_ptr().add(8), f[b][t][1]);
-        }
+    let mut out = [[0f32; 16]; T];
+    for t in 0..T {
+        _mm256_storeu_ps(out[t].as_mut_ptr(), f[t][0]);
+        _mm256_storeu_ps(out[t].as_mut_ptr().add(8), f[t][1]);
     }
     out
 }

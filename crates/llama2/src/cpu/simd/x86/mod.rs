@@ -1337,15 +1337,15 @@ fn q8_packed_rows256(
             // SAFETY: AVX2 was confirmed (caller's `Isa`), and AVX-VNNI
             // when `vnni`; the bytes are as that tile wants them (the `Isa`
             // packed them); block `b` exists; token 0 exists.
-            let v = unsafe { tile256::<1, 1>(vnni, q, s, dims, x, 0) };
-            store(b, 0, v.as_flattened(), 1);
+            let v = unsafe { tile256::<1>(vnni, q, s, dims, x, 0) };
+            store(b, 0, &v, 1);
             continue;
         }
         for t0 in (0..n).step_by(4) {
             // SAFETY: as for one token; tokens `t0..t0 + 4` exist since
             // `x.tokens` is a multiple of 4 at least `n`.
-            let v = unsafe { tile256::<1, 4>(vnni, q, s, dims, x, t0) };
-            store(b, t0, v.as_flattened(), 4);
+            let v = unsafe { tile256::<4>(vnni, q, s, dims, x, t0) };
+            store(b, t0, &v, 4);
         }
     }
 }
@@ -1356,18 +1356,18 @@ fn q8_packed_rows256(
 /// # Safety
 /// As `avx2::tile_q8_packed`, with AVX-VNNI available and offset bytes
 /// when `vnni`.
-unsafe fn tile256<const B: usize, const T: usize>(
+unsafe fn tile256<const T: usize>(
     vnni: bool,
     q: *const u8,
     s: *const f32,
     dims: (usize, usize),
     x: &Q8Tokens,
     t0: usize,
-) -> [[[f32; BLOCK_ROWS]; T]; B] {
+) -> [[f32; BLOCK_ROWS]; T] {
     if vnni {
-        avx2::tile_q8_vnni::<B, T>(q, s, dims, x, t0)
+        avx2::tile_q8_vnni::<T>(q, s, dims, x, t0)
     } else {
-        avx2::tile_q8_packed::<B, T>(q, s, dims, x, t0)
+        avx2::tile_q8_packed::<T>(q, s, dims, x, t0)
     }
 }
 
