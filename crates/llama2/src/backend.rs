@@ -131,9 +131,10 @@ pub trait Backend {
     /// A zeroed activation buffer of `len` f32 values.
     fn buffer(&mut self, len: usize) -> Result<Self::Buffer>;
     /// Zeroed key/value caches of one sequence for `config`, with room for
-    /// `positions` positions. A backend whose caches can grow (the CPU's)
-    /// grows them as attention writes further; one whose cannot allocates
-    /// the whole context whatever `positions` says.
+    /// `positions` positions. A backend whose caches take memory only as
+    /// they fill (the CPU's reserves the whole context and is given pages
+    /// as attention writes them) may ignore `positions`; one whose cannot
+    /// grow allocates the whole context whatever `positions` says.
     fn kv_cache(&mut self, config: &Config, positions: usize) -> Result<Self::KvCache>;
 
     /// Runs one forward step over `tokens`, whose rows form `segments`.

@@ -122,73 +122,53 @@ fn attention_kernels_on_f16_rows_match_their_f32_widening() {
     }
 }
 
-/// One decoded row's attention over every head at once (`row_scores`,
-/// `row_weighted_sums`: one pass down the cache rows) gives at every level
-/// the bits of the head-by-head kernels, for f32 and f16 caches, grouped
-/// KV heads, and heads the vector kernels do not take (which fall back).
+/// Scoring and summing up to four queries together (a decoded row's query
+/// heads that share one KV head, and a prompt's blocks in dot form) gives
+/// at every level the bits of one query at a time, for f32 and f16 caches
+/// and heads the vector kernels do not take whole: a row's attention is
+/// then the same bits however its heads are grouped.
 #[test]
-fn row_attention_kernels_match_head_by_head() {
+fn attention_queries_together_match_one_at_a_time() {
     let mut rng = Rng::new(13);
-    let shapes = [
-        (6, 6, 48),
-        (8, 8, 64),
-        (12, 12, 64),
-        (8, 2, 64),
-        (4, 4, 16),
-        (20, 20, 16),
-        (8, 8, 8),
-        (4, 4, 24),
-        (2, 1, 128),
-        (4, 2, 7),
-    ];
     for isa in Isa::all() {
-        for (heads, kv_heads, hs) in shapes {
+        for hs in [7, 8, 16, 24, 48, 64, 128] {
             for n in [1, 3, 16, 17, 40] {
-                let kv = kv_heads * hs;
-                let stride = kv + below(&mut rng, 2) * 8;
-                let len = (n - 1) * stride + kv;
+                let stride = hs + below(&mut rng, 2) * 8;
+                let len = (n - 1) * stride + hs;
                 let (keys, values) = (random_vec(&mut rng, len), random_vec(&mut rng, len));
                 let half = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
                 let (keys16, values16) = (half(&keys), half(&values));
-                let q = random_vec(&mut rng, heads * hs);
                 let scale = (hs as f32).sqrt();
-                let what = format!("{isa:?} heads {heads}/{kv_heads} of {hs}, {n} rows");
-                for f16_cache in [false, true] {
+                for (t, f16_cache) in (1..=4).flat_map(|t| [(t, false), (t, true)]) {
+                    let what = format!("{isa:?} {t} queries of {hs}, {n} rows, f16 {f16_cache}");
                     let (k, v): (kernels::KvRows, kernels::KvRows) = match f16_cache {
                         false => (
-                            Rows::new(&keys, stride, kv, n).into(),
-                            Rows::new(&values, stride, kv, n).into(),
+                            Rows::new(&keys, stride, hs, n).into(),
+                            Rows::new(&values, stride, hs, n).into(),
                         ),
                         true => (
-                            Rows::new(&keys16, stride, kv, n).into(),
-                            Rows::new(&values16, stride, kv, n).into(),
+                            Rows::new(&keys16, stride, hs, n).into(),
+                            Rows::new(&values16, stride, hs, n).into(),
                         ),
                     };
-                    let group = heads / kv_heads;
-                    let mut want = vec![0f32; heads * n];
-                    for (h, att) in want.chunks_exact_mut(n).enumerate() {
-                        let query = Rows::new(&q[h * hs..], hs, hs, 1);
-                        kernels::attention_scores(
-                            isa,
-                            att,
-                            query,
-                            k.columns(h / group * hs, hs),
-                            scale,
-                        );
+                    let q = random_vec(&mut rng, t * hs);
+                    let mut want = vec![0f32; t * n];
+                    for (i, att) in want.chunks_exact_mut(n).enumerate() {
+                        let query = Rows::new(&q[i * hs..], hs, hs, 1);
+                        kernels::attention_scores(isa, att, query, k, scale);
                     }
-                    let mut got = vec![f32::NAN; heads * n];
-                    kernels::row_scores(isa, &mut got, &q, k, hs, scale);
-                    assert_same(&format!("row scores {what} f16 {f16_cache}"), &got, &want);
+                    let mut got = vec![f32::NAN; t * n];
+                    kernels::attention_scores(isa, &mut got, Rows::new(&q, hs, hs, t), k, scale);
+                    assert_same(&format!("scores {what}"), &got, &want);
 
-                    let att = random_vec(&mut rng, heads * n);
-                    let mut want = vec![0f32; heads * hs];
-                    for (h, out) in want.chunks_exact_mut(hs).enumerate() {
-                        let values = v.columns(h / group * hs, hs);
-                        kernels::weighted_sum(isa, out, &att[h * n..][..n], values);
+                    let att = random_vec(&mut rng, t * n);
+                    let mut want = vec![0f32; t * hs];
+                    for (i, out) in want.chunks_exact_mut(hs).enumerate() {
+                        kernels::weighted_sum(isa, out, &att[i * n..][..n], v);
                     }
-                    let mut got = vec![f32::NAN; heads * hs];
-                    kernels::row_weighted_sums(isa, &mut got, &att, v, hs);
-                    assert_same(&format!("row sums {what} f16 {f16_cache}"), &got, &want);
+                    let mut got = vec![f32::NAN; t * hs];
+                    kernels::weighted_sum(isa, &mut got, &att, v);
+                    assert_same(&format!("sums {what}"), &got, &want);
                 }
             }
         }

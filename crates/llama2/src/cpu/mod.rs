@@ -479,8 +479,8 @@ impl Backend for CpuBackend {
         Ok(vec![0.0; len])
     }
 
-    fn kv_cache(&mut self, c: &Config, positions: usize) -> Result<CpuKvCache> {
-        CpuKvCache::new(c, positions, self.kv_dtype)
+    fn kv_cache(&mut self, c: &Config, _positions: usize) -> Result<CpuKvCache> {
+        CpuKvCache::new(c, self.kv_dtype)
     }
 
     fn embed(&mut self, out: &mut Vec<f32>, table: &CpuMatrix, tokens: &[u32]) -> Result<()> {

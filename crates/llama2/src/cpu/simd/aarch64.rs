@@ -117,14 +117,6 @@ pub fn weighted_sum(_: Isa, _: &mut [f32], _: &[f32], _: KvRows) -> bool {
     false
 }
 
-pub fn row_scores(_: Isa, _: &mut [f32], _: &[f32], _: KvRows, _: usize, _: f32) -> bool {
-    false
-}
-
-pub fn row_weighted_sums(_: Isa, _: &mut [f32], _: &[f32], _: KvRows, _: usize) -> bool {
-    false
-}
-
 pub fn softmax(_: Isa, _: &mut [f32]) -> bool {
     false
 }

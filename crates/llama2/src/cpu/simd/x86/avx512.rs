@@ -447,69 +447,6 @@ impl super::F32Tiles for Tiles512 {
     }
 }
 
-/// `kernels::row_scores`: blocks of 16 rows, each scored head by head.
-///
-/// # Safety
-/// AVX-512F/BW/VL and F16C are available; `q` is `[heads][hs]`, each key
-/// row holds a whole number of heads of `hs` that `heads` shares evenly,
-/// and `att` holds `heads * n` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn row_scores<W: super::KvElement>(
-    att: &mut [f32],
-    q: &[f32],
-    keys: Rows<W>,
-    hs: usize,
-    scale: f32,
-) {
-    super::scores_by_row_blocks::<Tiles512, W, 16>(att, q, keys, hs, scale)
-}
-
-/// `kernels::row_weighted_sums` for heads of whole 16s (`RowPass`).
-///
-/// # Safety
-/// AVX-512F/BW/VL and F16C are available; `hs` is a multiple of 16, `out`
-/// is `[heads][hs]`, each value row holds a whole number of heads that
-/// `heads` shares evenly, and `att` is `[heads][n]`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub unsafe fn row_weighted_sums<W: super::KvElement>(
-    out: &mut [f32],
-    att: &[f32],
-    values: Rows<W>,
-    hs: usize,
-) {
-    super::sums_by_row_blocks::<Sums512, W>(out, att, values, hs)
-}
-
-/// This level's pass of `sums_by_row_blocks`.
-struct Sums512;
-
-impl super::RowSums for Sums512 {
-    const LANES: usize = 16;
-
-    #[inline(always)]
-    unsafe fn pass<W: super::KvElement, const V: usize>(
-        p: &super::RowPass,
-        out: &mut [f32],
-        att: &[f32],
-        values: Rows<W>,
-    ) {
-        let o = out.as_mut_ptr().add(p.c);
-        let (scores, cols) = p.vectors::<V>(16, att, values.count());
-        let mut acc: [__m512; V] = std::array::from_fn(|i| _mm512_loadu_ps(o.add(16 * i)));
-        let (vp, stride) = (values.data().as_ptr(), values.stride());
-        for j in p.rows.clone() {
-            let row = vp.add(j * stride);
-            for i in 0..V {
-                let a = _mm512_set1_ps(*scores[i].add(j));
-                acc[i] = _mm512_fmadd_ps(a, W::load16(row.add(cols[i])), acc[i]);
-            }
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(o.add(16 * i), *acc);
-        }
-    }
-}
-
 /// For each of `T` queries: `out[t * hs..][..hs] = sum over j of
 /// att[t * n + j] * values.row(j)`, in `j` order with the sums held in
 /// registers `16 * V` values at a time, each loaded value row serving all
