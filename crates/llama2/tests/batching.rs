@@ -188,18 +188,24 @@ fn batched_sequences_match_each_alone_f16_cache() {
     }
 }
 
-/// Heads of 16 sharing KV heads in pairs (stories260K's are 8, which the
-/// AVX-512 level attends head by head): decoded rows attended whole, in
-/// one pass down their cache rows, at every level. Int8 products are
+/// Grouped KV heads, decoded rows attended whole or in shares at every
+/// level: heads of 16 sharing KV heads in pairs, and heads of 8 sharing
+/// them by eights, more query heads than one pass scores together (4), so
+/// a group's queries go in two passes over its keys. Int8 products are
 /// exact and attention rounds as one sequence's does, so the logits must
 /// be the same bits alone or batched, for either cache.
 #[test]
 fn whole_rows_of_grouped_heads_batch_exactly() {
-    let c = Config::llama2c(64, 96, 2, 4, 2, 512, 64, true);
-    let w = llama2::synth::random_weights(&c, DType::Q8, 7);
-    for isa in Isa::all() {
-        for kv in [KvDtype::F32, KvDtype::F16] {
-            assert_same_as_alone_with(&w, (isa, kv), 2, f32::MIN_POSITIVE);
+    let shapes = [
+        Config::llama2c(64, 96, 2, 4, 2, 512, 64, true),
+        Config::llama2c(128, 96, 2, 16, 2, 512, 64, true),
+    ];
+    for c in shapes {
+        let w = llama2::synth::random_weights(&c, DType::Q8, 7);
+        for isa in Isa::all() {
+            for kv in [KvDtype::F32, KvDtype::F16] {
+                assert_same_as_alone_with(&w, (isa, kv), 2, f32::MIN_POSITIVE);
+            }
         }
     }
 }

@@ -938,12 +938,22 @@ fn prompt_attention_is_the_same_bits_as_one_position_at_a_time() {
 
 #[test]
 fn backend_rmsnorm_rope_attention_match_reference() {
-    let c = small_config();
+    // The second shape's 16 heads share 2 KV heads: more query heads per
+    // KV head than a decoded row scores in one pass.
+    for c in [
+        small_config(),
+        Config::llama2c(128, 100, 2, 16, 2, 67, 80, true),
+    ] {
+        assert_rmsnorm_rope_attention(&c);
+    }
+}
+
+fn assert_rmsnorm_rope_attention(c: &Config) {
     let (d, kv) = (c.dim, c.kv_dim());
     let mut rng = Rng::new(5);
     for isa in Isa::all() {
         let mut b = CpuBackend::with_isa(2, None, isa).unwrap();
-        b.prepare(&c).unwrap();
+        b.prepare(c).unwrap();
         let rows = 5;
         assert_backend_rmsnorm(&mut b, &mut rng, rows, d);
 
@@ -953,7 +963,7 @@ fn backend_rmsnorm_rope_attention_match_reference() {
             random_vec(&mut rng, rows * kv),
         );
         let (mut wq, mut wk) = (q.clone(), k.clone());
-        b.rope(&mut q, &mut k, rows, pos0, &c).unwrap();
+        b.rope(&mut q, &mut k, rows, pos0, c).unwrap();
         for r in 0..rows {
             reference::rope(
                 &mut wq[r * d..(r + 1) * d],
@@ -966,17 +976,25 @@ fn backend_rmsnorm_rope_attention_match_reference() {
         assert_close(&format!("rope k {isa:?}"), &k, &wk, 1e-6);
 
         // Fill positions 0..pos0 one token at a time, then a batch of `rows`.
-        let mut cache = b.kv_cache(&c, c.seq_len).unwrap();
+        let mut cache = b.kv_cache(c, c.seq_len).unwrap();
         let (mut keys, mut values) = (vec![0f32; c.seq_len * kv], vec![0f32; c.seq_len * kv]);
         let mut out = b.buffer(c.seq_len * d).unwrap();
-        // The last batch is long enough to be attended by blocks.
-        for (pos, n) in [(0, 1), (1, pos0 - 1), (pos0, rows), (pos0 + rows, 21)] {
+        // The fourth batch is long enough to be attended by blocks; the
+        // last is one decoded row over all of them.
+        let batches = [
+            (0, 1),
+            (1, pos0 - 1),
+            (pos0, rows),
+            (pos0 + rows, 21),
+            (33, 1),
+        ];
+        for (pos, n) in batches {
             let (q, k, v) = (
                 random_vec(&mut rng, n * d),
                 random_vec(&mut rng, n * kv),
                 random_vec(&mut rng, n * kv),
             );
-            b.attention(&mut out, &q, &k, &v, &mut cache, 1, n, pos, &c)
+            b.attention(&mut out, &q, &k, &v, &mut cache, 1, n, pos, c)
                 .unwrap();
             keys[pos * kv..(pos + n) * kv].copy_from_slice(&k);
             values[pos * kv..(pos + n) * kv].copy_from_slice(&v);
@@ -988,7 +1006,7 @@ fn backend_rmsnorm_rope_attention_match_reference() {
                     &keys,
                     &values,
                     pos + r,
-                    &c,
+                    c,
                 );
                 let what = format!("attention {isa:?} pos {}", pos + r);
                 assert_close(&what, &out[r * d..(r + 1) * d], &want, 1e-5);
