@@ -186,27 +186,30 @@ impl CpuKvCache {
         Ok(())
     }
 
-    /// One head's keys and values of `layer` at positions `0..n`: the
-    /// head whose values start `kv_off` into each position's `KV`.
-    fn head(&self, layer: usize, kv_off: usize, n: usize) -> (KvRows<'_>, KvRows<'_>) {
+    /// KV head `h`'s keys and values of `layer` at positions `0..n`.
+    fn head(&self, layer: usize, h: usize, n: usize) -> (KvRows<'_>, KvRows<'_>) {
         let l = self.layout;
-        let (k, v) = (
-            l.run(layer, 0, kv_off / l.hs),
-            l.run(layer, 1, kv_off / l.hs),
-        );
+        let runs = (l.run(layer, 0, h), l.run(layer, 1, h));
         match &self.values {
-            Values::F32(s) => {
-                let all = s.values();
-                let rows = |at: usize| Rows::new(&all[at..], l.hs, l.hs, n).into();
-                (rows(k), rows(v))
-            }
-            Values::F16(s) => {
-                let all = s.values();
-                let rows = |at: usize| Rows::new(&all[at..], l.hs, l.hs, n).into();
-                (rows(k), rows(v))
-            }
+            Values::F32(s) => runs_from(s.values(), runs, l.hs, n),
+            Values::F16(s) => runs_from(s.values(), runs, l.hs, n),
         }
     }
+}
+
+/// The first `n` rows of `hs` values of the runs starting at `k` and `v`
+/// in `all`.
+fn runs_from<'a, T>(
+    all: &'a [T],
+    (k, v): (usize, usize),
+    hs: usize,
+    n: usize,
+) -> (KvRows<'a>, KvRows<'a>)
+where
+    Rows<'a, T>: Into<KvRows<'a>>,
+{
+    let rows = |at: usize| Rows::new(&all[at..], hs, hs, n).into();
+    (rows(k), rows(v))
 }
 
 // ----------------------------------------------------------------------------
@@ -349,9 +352,8 @@ pub(super) fn attend(
         // they were not there.
         let first = seg.pos0 + rows.start - seg.rows.start;
         let n = first + rows.len();
-        let kv_off = (head / c.kv_group()) * hs;
         let queries = Rows::new(&inputs.q[rows.start * d + head * hs..], d, hs, rows.len());
-        let (keys, values) = caches[segment].head(layer, kv_off, n);
+        let (keys, values) = caches[segment].head(layer, head / c.kv_group(), n);
         if rows.len() > QUERY_BLOCK {
             attend_block(isa, o, (queries, keys, values), first, scale);
         } else {
@@ -370,7 +372,7 @@ pub(super) fn attend(
         let mut h = heads.start;
         while h < heads.end {
             let count = (group - h % group).min(QUERY_BLOCK).min(heads.end - h);
-            let (keys, values) = caches[segment].head(layer, h / group * hs, n);
+            let (keys, values) = caches[segment].head(layer, h / group, n);
             let queries = Rows::new(&inputs.q[row * d + h * hs..], hs, hs, count);
             let att = &mut att[..count * n];
             kernels::attention_scores(isa, att, queries, keys, scale);
